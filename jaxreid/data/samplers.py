@@ -1,0 +1,114 @@
+"""Deterministic, resumable samplers of training-batch indices.
+
+An epoch's batches are a pure function of (seed, epoch), so a run restored at
+(epoch, step) continues with exactly the batches the uninterrupted run would
+have seen: `epoch_batches(epoch)[step:]`. Batches are global (all processes,
+all devices); each process feeds its own slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch])
+
+
+class ShuffleSampler:
+    """Plain shuffle: every image once per epoch, incomplete last batch dropped."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0):
+        if batch_size <= 0 or num_items < batch_size:
+            raise ValueError(
+                f"batch size {batch_size} needs at least that many items, got {num_items}"
+            )
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(steps, batch_size) int32 indices of epoch `epoch`."""
+        order = _epoch_rng(self.seed, epoch).permutation(self.num_items)
+        steps = len(self)
+        return order[: steps * self.batch_size].reshape(steps, self.batch_size).astype(np.int32)
+
+
+class IdentitySampler:
+    """P identities x K images per batch, by (pseudo-)label.
+
+    Labels < 0 (outliers) are never sampled. Within an identity the K images
+    are drawn round-robin over its cameras (a camera repeats only when the
+    identity has fewer than K cameras); identities with fewer than K images
+    repeat images. An epoch covers every identity `ceil(images/K)` times and
+    has `num_steps` batches (all identities once per pass by default).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        cameras: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        seed: int = 0,
+        num_steps: int | None = None,
+    ):
+        if batch_size % num_instances:
+            raise ValueError(
+                f"batch size {batch_size} must be a multiple of num_instances {num_instances}"
+            )
+        self.labels = np.asarray(labels)
+        self.cameras = np.asarray(cameras)
+        self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
+        self.ids_per_batch = batch_size // num_instances
+        self.identities = np.unique(self.labels[self.labels >= 0])
+        if len(self.identities) < self.ids_per_batch:
+            raise ValueError(
+                f"{len(self.identities)} (pseudo-)identities but a batch needs "
+                f"{self.ids_per_batch} ({batch_size} / {num_instances}); lower the batch size "
+                "or num_instances"
+            )
+        self.members = {int(p): np.flatnonzero(self.labels == p) for p in self.identities}
+        self.num_steps = num_steps or max(1, len(self.identities) // self.ids_per_batch)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def _draw_instances(self, rng: np.random.Generator, pid: int) -> np.ndarray:
+        members = rng.permutation(self.members[pid])
+        by_camera: dict[int, list[int]] = {}
+        for i in members:
+            by_camera.setdefault(int(self.cameras[i]), []).append(int(i))
+        queues = [by_camera[c] for c in rng.permutation(sorted(by_camera))]
+        chosen: list[int] = []
+        # Round-robin over cameras: prefers different cameras, uses every image
+        # before repeating one.
+        while len(chosen) < self.num_instances:
+            for queue in queues:
+                if queue and len(chosen) < self.num_instances:
+                    chosen.append(queue.pop(0))
+            if not any(queues):
+                chosen += list(rng.choice(members, self.num_instances - len(chosen)))
+        return np.asarray(chosen, dtype=np.int32)
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(num_steps, batch_size) int32 indices of epoch `epoch`."""
+        rng = _epoch_rng(self.seed, epoch)
+        batches = []
+        order: list[int] = []
+        while len(batches) < self.num_steps:
+            chosen: list[int] = []
+            deferred: list[int] = []
+            # Distinct identities per batch; an id met twice across the
+            # boundary of two passes waits for the next batch.
+            while len(chosen) < self.ids_per_batch:
+                if not order:
+                    order = [int(p) for p in rng.permutation(self.identities)]
+                pid = order.pop(0)
+                (deferred if pid in chosen else chosen).append(pid)
+            order = deferred + order
+            batches.append(np.concatenate([self._draw_instances(rng, p) for p in chosen]))
+        return np.stack(batches).astype(np.int32)
