@@ -1,0 +1,256 @@
+"""`python -m jaxreid.evaluate --features F.npz`: metrics of saved features.
+
+F.npz holds query_features (Q, D), gallery_features (G, D), query_pids,
+gallery_pids, query_cams, gallery_cams (1-d integers) and, for
+`--distance scl`, query_stripes / gallery_stripes (N, P, D/P).
+
+Distances: cosine (default) L2-normalises the features first; euclidean and
+scl use them as stored (models output L2-normalised features); `--rerank`
+L2-normalises the global features and applies k-reciprocal re-ranking
+(jaxreid.kreciprocal), which builds its own distance, so it goes with the
+default `--distance cosine` only.
+
+Bad input ends with one line on stderr naming the file and the fix, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxreid.evaluate.distances import (
+    DEFAULT_MAX_BLOCK_BYTES,
+    cosine_distance,
+    euclidean_distance,
+    l2_normalize,
+    scl_distance,
+)
+from jaxreid.evaluate.metrics import evaluate_ranking
+
+REQUIRED_KEYS = (
+    "query_features",
+    "gallery_features",
+    "query_pids",
+    "gallery_pids",
+    "query_cams",
+    "gallery_cams",
+)
+STRIPE_KEYS = ("query_stripes", "gallery_stripes")
+JSON_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_queries", "num_valid_queries")
+
+
+class InputError(Exception):
+    """A problem with the user's input, reported as one line (no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m jaxreid.evaluate",
+        description="mAP / CMC (Market-1501 protocol) of saved query and gallery features.",
+    )
+    p.add_argument("--features", required=True, help="npz with query_/gallery_ arrays")
+    p.add_argument("--distance", choices=("cosine", "euclidean", "scl"), default="cosine")
+    p.add_argument("--lam-g", type=float, default=0.5, help="scl: weight of the global term")
+    p.add_argument("--lam-c", type=float, default=0.05, help="scl: same-camera penalty")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    p.add_argument("--k1", type=int, default=20)
+    p.add_argument("--k2", type=int, default=6)
+    p.add_argument("--lambda-value", type=float, default=0.3)
+    p.add_argument("--max-rank", type=int, default=10, help="length of the CMC curve")
+    p.add_argument("--max-block-bytes", type=int, default=DEFAULT_MAX_BLOCK_BYTES)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def load_features(path: str, need_stripes: bool) -> dict[str, np.ndarray]:
+    """Reads and validates the npz; raises InputError with a one-line reason."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file; pass the .npz written at feature extraction")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; pass the .npz file inside it")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(
+            f"{path}: not a readable .npz archive ({type(e).__name__}); write it with numpy.savez"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(
+            f"{path}: holds a single .npy array, not an .npz; write it with numpy.savez"
+        )
+    with archive:
+        wanted = REQUIRED_KEYS + (STRIPE_KEYS if need_stripes else ())
+        missing = [k for k in wanted if k not in archive.files]
+        if missing:
+            if need_stripes and set(missing) <= set(STRIPE_KEYS):
+                raise InputError(
+                    f"{path}: --distance scl needs {', '.join(missing)} (N, P, D/P); "
+                    "save the stripe features or use --distance cosine"
+                )
+            raise InputError(
+                f"{path}: missing keys {', '.join(missing)}; the npz needs "
+                f"{', '.join(REQUIRED_KEYS)}"
+            )
+        try:
+            data = {k: archive[k] for k in wanted}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise InputError(
+                f"{path}: an array cannot be read ({e}); re-save with numpy.savez"
+            ) from None
+    _validate(path, data, need_stripes)
+    return data
+
+
+def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> None:
+    feature_ndims = {"query_features": 2, "gallery_features": 2}
+    if need_stripes:
+        feature_ndims |= {"query_stripes": 3, "gallery_stripes": 3}
+    for key, ndim in feature_ndims.items():
+        a = data[key]
+        if a.ndim != ndim:
+            raise InputError(f"{path}: {key} must be {ndim}-d, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InputError(f"{path}: {key} must be floating point, got {a.dtype}")
+    for key in REQUIRED_KEYS[2:]:
+        a = data[key]
+        if a.ndim != 1:
+            raise InputError(f"{path}: {key} must be 1-d, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"{path}: {key} must be integers, got {a.dtype}")
+    for side in ("query", "gallery"):
+        keys = [f"{side}_features", f"{side}_pids", f"{side}_cams"]
+        keys += [f"{side}_stripes"] if need_stripes else []
+        lengths = {k: len(data[k]) for k in keys}
+        if len(set(lengths.values())) != 1:
+            listed = ", ".join(f"{k}={n}" for k, n in lengths.items())
+            raise InputError(
+                f"{path}: {side} arrays differ in length ({listed}); one row per image"
+            )
+    feature_keys = ("features", "stripes") if need_stripes else ("features",)
+    for name in feature_keys:
+        q, g = data[f"query_{name}"], data[f"gallery_{name}"]
+        if q.shape[1:] != g.shape[1:]:
+            raise InputError(
+                f"{path}: query_{name} {q.shape} and gallery_{name} {g.shape} differ in "
+                "feature shape; extract both with the same model"
+            )
+    for key in feature_ndims:
+        a = data[key]
+        bad_rows = int((~np.isfinite(a.reshape(len(a), -1))).any(axis=1).sum())
+        if bad_rows:
+            raise InputError(
+                f"{path}: {key} has {bad_rows} of {len(a)} rows with NaN/inf; "
+                "re-extract (check the model for divergence)"
+            )
+    for side in ("query", "gallery"):
+        if len(data[f"{side}_features"]) == 0:
+            raise InputError(f"{path}: no {side} rows; the npz needs at least one of each")
+
+
+def _rerank_fn():
+    try:
+        from jaxreid import kreciprocal
+    except ImportError:
+        kreciprocal = None
+    fn = getattr(kreciprocal, "k_reciprocal_rerank", None)
+    if fn is None:
+        raise InputError(
+            "--rerank: jaxreid.kreciprocal.k_reciprocal_rerank is not available in this "
+            "installation; run without --rerank"
+        )
+    return fn
+
+
+def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray:
+    qf, gf = data["query_features"], data["gallery_features"]
+    if args.rerank:
+        rerank = _rerank_fn()
+        return np.asarray(
+            rerank(
+                l2_normalize(qf),
+                l2_normalize(gf),
+                k1=args.k1,
+                k2=args.k2,
+                lambda_value=args.lambda_value,
+            ),
+            dtype=np.float32,
+        )
+    if args.distance == "cosine":
+        return cosine_distance(qf, gf, max_block_bytes=args.max_block_bytes)
+    if args.distance == "euclidean":
+        return euclidean_distance(qf, gf, max_block_bytes=args.max_block_bytes)
+    return scl_distance(
+        qf,
+        gf,
+        data["query_stripes"],
+        data["gallery_stripes"],
+        data["query_cams"],
+        data["gallery_cams"],
+        lam_g=args.lam_g,
+        lam_c=args.lam_c,
+        max_block_bytes=args.max_block_bytes,
+    )
+
+
+def _table(path: str, args: argparse.Namespace, result: dict) -> str:
+    method = (
+        f"re-ranked (k1={args.k1}, k2={args.k2}, lambda={args.lambda_value})"
+        if args.rerank
+        else args.distance
+    )
+    if args.distance == "scl" and not args.rerank:
+        method += f" (lam_g={args.lam_g}, lam_c={args.lam_c})"
+    lines = [
+        f"{path}: {result['num_queries']} queries, distance {method}",
+        f"  {'metric':<8} {'value':>7}",
+    ]
+    for label, key in (
+        ("mAP", "mAP"),
+        ("rank-1", "rank1"),
+        ("rank-5", "rank5"),
+        ("rank-10", "rank10"),
+    ):
+        lines.append(f"  {label:<8} {100 * result[key]:6.2f}%")
+    lines.append(f"  valid queries: {result['num_valid_queries']} / {result['num_queries']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = "python -m jaxreid.evaluate"
+    try:
+        if args.rerank and args.distance != "cosine":
+            raise InputError(
+                f"{args.features}: --rerank builds its own distance from the global "
+                f"features; drop --distance {args.distance} or --rerank"
+            )
+        data = load_features(args.features, need_stripes=args.distance == "scl")
+        distmat = compute_distance(args, data)
+        result = evaluate_ranking(
+            distmat,
+            data["query_pids"],
+            data["gallery_pids"],
+            data["query_cams"],
+            data["gallery_cams"],
+            max_rank=args.max_rank,
+            max_block_bytes=args.max_block_bytes,
+        )
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: result[k] for k in JSON_KEYS}))
+    else:
+        print(_table(args.features, args, result))
+    return 0
