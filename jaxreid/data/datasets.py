@@ -15,6 +15,8 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from jaxreid.utils import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # Market-1501 / DukeMTMC-reID / CUHK03-as-Market names: "0002_c1s1_000451_03.jpg",
@@ -26,7 +28,7 @@ _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 _MSMT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A user-fixable problem with a dataset: the message is one line naming
     the file or folder and the fix."""
 
@@ -279,8 +281,11 @@ def detect_format(root: str) -> str:
 def _read_synthetic(root: str) -> ReidDataset:
     from jaxreid.data import synthetic
 
-    if not os.path.isdir(os.path.join(root, "bounding_box_train")):
+    try:
+        # Idempotent: returns at once when the folder holds the same set.
         synthetic.generate(root, **synthetic.DEFAULT_SYNTHETIC)
+    except (FileExistsError, ValueError) as e:
+        raise DataError(f"synthetic set at {root!r}: {e}") from e
     return read_market_layout(root, kind="synthetic")
 
 
