@@ -1,79 +1,54 @@
-"""Raw-pixel baseline features of a Market-layout folder, in the evaluate CLI's npz format.
+"""Raw-pixel baseline features of a dataset, in the evaluate CLI's npz format.
 
-Each query / gallery crop is resized to 64x128 (W x H), flattened to a float
-vector and L2-normalised. The mAP of these features is the floor any learned
-model must beat by a wide margin:
+Each query / gallery crop is decoded at 128x64 (H x W) by the project's
+reader and decoder, flattened to a float vector and L2-normalised. The mAP of
+these features is the floor any learned model must beat by a wide margin:
 
     python benchmarks/raw_pixel_features.py --root ../shared/data/cuhk03 \
         --out /tmp/cuhk03_raw.npz
     python -m jaxreid.evaluate --features /tmp/cuhk03_raw.npz --json
-
-`read_split` is a stand-in for the dataset reader of jaxreid.data; swap it for
-that reader's query / gallery records (path, pid, camera) when convenient.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import os
-import re
 import sys
 import time
 
 import numpy as np
 
-SIZE = (64, 128)  # (width, height), as PIL.Image.resize wants it
-# Market-1501 names: PPPP_cC..., pid -1 for junk, 0000 for distractors.
-_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+from jaxreid.data import DataError, load_dataset
+from jaxreid.data.images import decode_split
 
 
-def read_split(folder: str) -> list[tuple[str, int, int]]:
-    """(path, pid, 0-based camera) of every image in `folder`, junk (pid -1) dropped."""
-    records = []
-    paths = sorted(glob.glob(os.path.join(folder, "*.jpg")))
-    paths += sorted(glob.glob(os.path.join(folder, "*.png")))
-    for path in paths:
-        match = _NAME.match(os.path.basename(path))
-        if match is None:
-            raise ValueError(f"{path}: name does not follow PPPP_cC_...; not a Market layout")
-        pid, camera = int(match.group(1)), int(match.group(2)) - 1
-        if pid != -1:
-            records.append((path, pid, camera))
-    if not records:
-        raise ValueError(f"{folder}: no *.jpg or *.png images")
-    return records
-
-
-def pixel_features(paths: list[str]) -> np.ndarray:
-    """(N, 64 * 128 * 3) float32, each row L2-normalised."""
-    from PIL import Image
-
-    features = np.empty((len(paths), SIZE[0] * SIZE[1] * 3), np.float32)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB").resize(SIZE, Image.BILINEAR))
-        features[i] = pixels.reshape(-1)
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, H * W * 3) float32, each row L2-normalised."""
+    features = images.reshape(len(images), -1).astype(np.float32)
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     return features
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="../shared/data/cuhk03", help="Market-layout folder")
+    parser.add_argument("--root", default="../shared/data/cuhk03", help="dataset folder")
+    parser.add_argument("--format", default="auto", help="dataset layout (default: detect)")
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--out", required=True, help="npz to write")
     args = parser.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.root, "query")):
-        print(f"error: {args.root}: no query/ folder; pass a Market-layout root", file=sys.stderr)
-        return 2
     start = time.perf_counter()
-    arrays = {}
-    for side, folder in (("query", "query"), ("gallery", "bounding_box_test")):
-        records = read_split(os.path.join(args.root, folder))
-        arrays[f"{side}_features"] = pixel_features([r[0] for r in records])
-        arrays[f"{side}_pids"] = np.array([r[1] for r in records], np.int64)
-        arrays[f"{side}_cams"] = np.array([r[2] for r in records], np.int64)
-        arrays[f"{side}_paths"] = np.array([r[0] for r in records])
+    try:
+        dataset = load_dataset(args.format, args.root)
+        arrays = {}
+        for side in ("query", "gallery"):
+            split = decode_split(dataset.split(side), args.height, args.width, desc=side)
+            arrays[f"{side}_features"] = pixel_features(split.images)
+            arrays[f"{side}_pids"] = split.pids
+            arrays[f"{side}_cams"] = split.cameras
+            arrays[f"{side}_paths"] = np.array(split.paths)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     np.savez(args.out, **arrays)
     print(
         f"wrote {args.out}: {len(arrays['query_pids'])} queries, "
