@@ -6,6 +6,11 @@ import os
 import platform
 
 
+class UserError(Exception):
+    """A problem the user can fix (bad input, wrong checkpoint): entry points
+    print its one-line message and exit with status 2, without a traceback."""
+
+
 def machine_description() -> str:
     """One line naming the CPU, cores, memory, accelerators and jax version."""
     import jax

@@ -1,0 +1,7 @@
+"""SCL on DukeMTMC-reID with the paper's configuration (see configs/market.py)."""
+
+from jaxreid.config_base import scl_paper_config
+
+
+def get_config():
+    return scl_paper_config("dukemtmc", "~/datasets/dukemtmc-reid")

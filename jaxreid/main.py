@@ -1,0 +1,217 @@
+"""The one entry point.
+
+    python -m jaxreid.main --config=configs/synthetic.py --workdir=/tmp/w
+    python -m jaxreid.main --config=configs/cuhk03.py --workdir=/tmp/c --mode=eval
+    python -m jaxreid.main --config=configs/market.py --config.data.root=/data/market
+
+Every config value can be overridden on the command line
+(`--config.train.epochs=2`). The workdir receives `log.txt`, `results.json`,
+`metrics.jsonl`, TensorBoard summaries and checkpoints; running the same
+command again resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (log, results, checkpoints).")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval"], "Overrides config.mode.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_logging(workdir: str) -> logging.Logger:
+    logger = logging.getLogger("jaxreid")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (
+        logging.FileHandler(os.path.join(workdir, "log.txt")),
+        logging.StreamHandler(sys.stdout),
+    ):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def load_data(config, log):
+    """Reads the dataset and decodes the three splits once (cached)."""
+    from jaxreid.data import load_dataset
+    from jaxreid.data.images import decode_split
+    from jaxreid.train import Data
+
+    dataset = load_dataset(config.data.dataset, config.data.root)
+    cache = os.path.expanduser(config.data.cache_dir) if config.data.cache_dir else None
+    splits = {}
+    for split in ("train", "query", "gallery"):
+        splits[split] = decode_split(
+            dataset.split(split),
+            config.data.height,
+            config.data.width,
+            cache_dir=cache,
+            max_bad_fraction=config.data.max_bad_fraction,
+            desc=f"{dataset.name}-{split}",
+        )
+    counts = ", ".join(f"{s} {len(d.records):,}" for s, d in splits.items())
+    log(f"dataset {dataset.name} at {dataset.root}: {counts} images")
+    return Data(**splits)
+
+
+def run_eval(config, workdir: str, data, log) -> dict:
+    """--mode=eval: a checkpoint (or the initial model) on query/gallery."""
+    import jax
+    from flax import nnx
+
+    from jaxreid import models
+    from jaxreid.train import evaluate_model, format_metrics
+
+    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    graphdef, params, batch_stats = models.split_model(model)
+    source = "initial model"
+    path = config.eval.checkpoint or os.path.join(workdir, "checkpoints", "latest")
+    if os.path.isdir(path):
+        import orbax.checkpoint as ocp
+
+        with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+            step = manager.latest_step()
+            if step is not None:
+                restored = manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
+                )["state"]
+                params = _match(params, restored["params"], "params", path)
+                batch_stats = _match(batch_stats, restored["batch_stats"], "batch_stats", path)
+                source = f"checkpoint {path} step {step}"
+    elif config.eval.checkpoint:
+        from jaxreid.utils import UserError
+
+        raise UserError(
+            f"checkpoint folder {path!r} does not exist; check --config.eval.checkpoint"
+        )
+    log(f"evaluating the {source}")
+    results = evaluate_model(config, graphdef, params, batch_stats, data)
+    log(format_metrics("evaluation", results))
+    if config.eval.plots:
+        _write_plots(config, graphdef, params, batch_stats, data, workdir, log)
+    del jax
+    return {"eval": results, "source": source}
+
+
+def _match(template, restored, name: str, path: str):
+    """Restored arrays must have the model's tree and shapes; one error lists all."""
+    import jax
+    import numpy as np
+
+    flat_t = dict(jax.tree_util.tree_flatten_with_path(template)[0])
+    flat_r = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+    problems = [f"missing {jax.tree_util.keystr(k)}" for k in flat_t if k not in flat_r]
+    problems += [
+        f"{jax.tree_util.keystr(k)}: checkpoint {np.shape(flat_r[k])} vs model {np.shape(v)}"
+        for k, v in flat_t.items()
+        if k in flat_r and np.shape(flat_r[k]) != np.shape(v)
+    ]
+    if problems:
+        from jaxreid.utils import UserError
+
+        raise UserError(
+            f"checkpoint {path} does not fit the configured model ({name}): "
+            + "; ".join(problems[:20])
+            + " -- use the config the checkpoint was trained with"
+        )
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(template), [flat_r[k] for k in flat_t]
+    )
+
+
+def _write_plots(config, graphdef, params, batch_stats, data, workdir, log) -> None:
+    import numpy as np
+
+    from jaxreid import evaluate
+    from jaxreid.evaluate import plots
+    from jaxreid.train import extract
+
+    q = extract(graphdef, params, batch_stats, data.query.images, config.eval.batch_size)
+    g = extract(graphdef, params, batch_stats, data.gallery.images, config.eval.batch_size)
+    distance = evaluate.cosine_distance(q["global"], g["global"])
+    rng = np.random.default_rng(config.seed)
+    count = min(config.eval.num_plot_queries, len(data.query.records))
+    chosen = np.sort(rng.choice(len(data.query.records), count, replace=False))
+    grid = os.path.join(workdir, "ranked_lists.png")
+    plots.ranked_list_grid(
+        distance,
+        data.query.paths,
+        data.gallery.paths,
+        data.query.pids,
+        data.gallery.pids,
+        data.query.cameras,
+        data.gallery.cameras,
+        chosen,
+        grid,
+    )
+    metrics = evaluate.evaluate_ranking(
+        distance,
+        data.query.pids,
+        data.gallery.pids,
+        data.query.cameras,
+        data.gallery.cameras,
+        max_rank=50,
+    )
+    curve = os.path.join(workdir, "cmc.png")
+    plots.cmc_curve_plot({"global cosine": metrics["cmc"]}, curve)
+    log(f"wrote {grid} and {curve}")
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    mode = _MODE.value or config.mode
+    logger = _setup_logging(workdir)
+    log = logger.info
+    # Libraries (orbax, clu) log through absl at INFO; keep the console for ours.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+    from jaxreid.utils import UserError, machine_description
+
+    started = time.time()
+    log(f"jaxreid {mode}: {machine_description()}")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    try:
+        data = load_data(config, log)
+        if mode == "eval":
+            results = run_eval(config, workdir, data, log)
+        else:
+            from jaxreid.train import TrainingInterrupted, train_and_evaluate
+
+            try:
+                results = train_and_evaluate(config, workdir, data, log)
+            except TrainingInterrupted as e:
+                log(str(e))
+                sys.exit(130)
+    except (UserError, FloatingPointError) as e:
+        log(f"error: {e}")
+        sys.exit(2)
+    results.update(
+        mode=mode,
+        config=json.loads(config.to_json_best_effort()),
+        machine=machine_description(),
+        wall_time_s=time.time() - started,
+    )
+    path = os.path.join(workdir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,481 @@
+"""Training state, the compiled train step, the epoch loop, checkpoints.
+
+One `jax.jit` function per step (donated state): uint8 batch -> augment ->
+model -> method loss (SCL: selection against the banks) -> gradients -> optax
+-> memory update. Data parallel over every local device through a
+`Mesh(("data",))`: the batch indices (and so the batch) are sharded, params,
+optimizer state and memory are replicated. Batch norm statistics come from
+fixed groups of `bn_group_size` samples, so the result does not depend on the
+number of devices. Nothing returns to the host inside an epoch except the
+metrics logged every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxreid import augment, evaluate, models
+from jaxreid.data.images import DecodedSplit
+from jaxreid.data.samplers import ShuffleSampler
+from jaxreid.methods import Method, get_method
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    memory: Any
+    rng: jax.Array  # raw uint32 key (checkpointable as a plain array)
+    # First step whose loss was NaN/inf (-1: none). Such a step leaves the
+    # state unchanged, so nothing corrupt is ever saved.
+    nonfinite_step: jax.Array
+
+
+@dataclasses.dataclass
+class Data:
+    train: DecodedSplit
+    query: DecodedSplit
+    gallery: DecodedSplit
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """SGD (Nesterov) or Adam with coupled weight decay (added to the gradient,
+    as torch's `weight_decay`, biases included) and a per-step schedule."""
+    o = config.optimizer
+    if o.schedule == "constant":
+        lr = o.lr
+    elif o.schedule == "step":
+        lr = optax.exponential_decay(
+            o.lr, o.step_epochs * steps_per_epoch, o.step_factor, staircase=True
+        )
+    elif o.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(o.lr, config.train.epochs * steps_per_epoch)
+    else:
+        raise ValueError(f"unknown schedule {o.schedule!r}: constant | step | cosine")
+    if o.name == "sgd":
+        base = optax.sgd(lr, momentum=o.momentum, nesterov=o.nesterov)
+    elif o.name == "adam":
+        base = optax.adam(lr)
+    else:
+        raise ValueError(f"unknown optimizer {o.name!r}: sgd | adam")
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), base)
+
+
+def eval_apply_fn(graphdef) -> Callable:
+    """(variables, float images) -> outputs in eval mode, for extraction."""
+
+    def apply(variables, images):
+        outputs, _ = models.apply_model(
+            graphdef, variables["params"], variables["batch_stats"], images, train=False
+        )
+        return outputs
+
+    return apply
+
+
+def extract(graphdef, params, batch_stats, images: np.ndarray, batch_size: int, flip=False):
+    return evaluate.extract_features(
+        eval_apply_fn(graphdef),
+        images,
+        batch_size,
+        flip=flip,
+        params={"params": params, "batch_stats": batch_stats},
+    )
+
+
+def evaluate_model(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, data: Data
+) -> dict[str, Any]:
+    """Plain protocol (global cosine) and, for models with stripes, the SCL
+    distance; returns {"plain": metrics, "scl": metrics} (no arrays)."""
+    q = extract(
+        graphdef, params, batch_stats, data.query.images, config.eval.batch_size, config.eval.flip
+    )
+    g = extract(
+        graphdef, params, batch_stats, data.gallery.images, config.eval.batch_size, config.eval.flip
+    )
+    labels = (data.query.pids, data.gallery.pids, data.query.cameras, data.gallery.cameras)
+    results = {}
+    if config.eval.rerank:
+        from jaxreid.kreciprocal import k_reciprocal_rerank
+
+        distance = k_reciprocal_rerank(q["global"], g["global"])
+    else:
+        distance = evaluate.cosine_distance(q["global"], g["global"])
+    results["plain"] = evaluate.evaluate_ranking(distance, *labels)
+    if "stripes" in q:
+        distance = evaluate.scl_distance(
+            q["global"],
+            g["global"],
+            q["stripes"],
+            g["stripes"],
+            data.query.cameras,
+            data.gallery.cameras,
+            lam_g=config.method.lam_g,
+            lam_c=config.method.lam_c,
+        )
+        results["scl"] = evaluate.evaluate_ranking(distance, *labels)
+    for metrics in results.values():
+        metrics.pop("cmc", None)
+    return {name: {k: float(v) for k, v in m.items()} for name, m in results.items()}
+
+
+def format_metrics(title: str, results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{title}:", f"  {'distance':<8} {'mAP':>6} {'rank1':>6} {'rank5':>6} {'rank10':>6}"]
+    for name, m in results.items():
+        lines.append(
+            f"  {name:<8} {100 * m['mAP']:6.1f} {100 * m['rank1']:6.1f} "
+            f"{100 * m['rank5']:6.1f} {100 * m['rank10']:6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef,
+    tx,
+    method: Method,
+    mesh: Mesh,
+    warmup: bool,
+) -> Callable:
+    """The compiled step: (state, train images, batch indices) -> (state, metrics)."""
+    options = augment.AugmentOptions.from_config(config.augment)
+    replicated = NamedSharding(mesh, P())
+
+    def step_fn(state: TrainState, images: jax.Array, indices: jax.Array):
+        key = jax.random.wrap_key_data(state.rng)
+        key = jax.random.fold_in(key, state.step)
+        k_aug, k_method = jax.random.split(key)
+        batch = augment.augment_batch(k_aug, images[indices], options)
+        cams = _cameras_of(state.memory)[indices]
+
+        def loss_fn(params):
+            outputs, new_stats = models.apply_model(
+                graphdef, params, state.batch_stats, batch, train=True
+            )
+            value, aux, metrics = method.loss(
+                outputs, state.memory, indices, cams, k_method, warmup
+            )
+            return value, (new_stats, outputs, aux, metrics)
+
+        (loss, (new_stats, outputs, aux, metrics)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_memory = method.update_memory(state.memory, outputs, indices, aux, warmup)
+        finite = jnp.isfinite(loss)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            memory=new_memory,
+        )
+        # A non-finite loss keeps the old state and records the step.
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        kept = kept.replace(
+            step=state.step + 1,
+            nonfinite_step=jnp.where(
+                (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+            ),
+        )
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return kept, metrics
+
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        out_shardings=(replicated, replicated),
+    )
+
+
+def _cameras_of(memory) -> jax.Array:
+    return memory.cameras
+
+
+# --------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpoints:
+    """orbax managers for the latest state (for resume) and the best one (by
+    plain mAP), each with a JSON sidecar holding the loop's history."""
+
+    def __init__(self, workdir: str, keep: int = 1):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "best"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        )
+
+    def save(self, manager, state: TrainState, meta: dict) -> None:
+        ocp = self._ocp
+        step = int(state.step)
+        if manager.latest_step() == step:
+            return
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        manager.wait_until_finished()
+
+    def restore(self, manager, abstract_state: TrainState, step: int | None = None):
+        ocp = self._ocp
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None, None
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+# --------------------------------------------------------------------------
+# Metrics output
+
+
+class MetricWriter:
+    """JSON lines always; TensorBoard through clu when its writers import
+    (they need TensorFlow, so they stay optional)."""
+
+    def __init__(self, workdir: str):
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.clu = None
+        if jax.process_index() == 0:
+            try:
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+                from clu import metric_writers
+
+                self.clu = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except Exception as e:  # noqa: BLE001 -- any import problem means "no TensorBoard"
+                logging.warning("TensorBoard summaries off (%s); metrics.jsonl only", e)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.clu is not None:
+            self.clu.write_scalars(step, scalars)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.clu is not None:
+            self.clu.flush()
+            self.clu.close()
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: saving a checkpoint at the next step", file=sys.stderr)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingInterrupted(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------
+# The loop
+
+
+def _host_key(seed: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def initial_state(config, model, tx, method: Method, data: Data, mesh: Mesh):
+    graphdef, params, batch_stats = models.split_model(model)
+    features = extract(graphdef, params, batch_stats, data.train.images, config.eval.batch_size)
+    memory = method.init_memory({k: features[k] for k in method.feature_keys}, data.train.cameras)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        memory=memory,
+        rng=jnp.asarray(_host_key(config.seed + 1)),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+    return graphdef, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def _put_batch(indices: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Global batch indices -> a sharded array; each process feeds its slice."""
+    sharding = NamedSharding(mesh, P("data"))
+    per_process = len(indices) // jax.process_count()
+    start = jax.process_index() * per_process
+    local = indices[start : start + per_process]
+    return jax.make_array_from_process_local_data(sharding, local, (len(indices),))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, data: Data, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Trains `config.method` and returns the results dict of results.json."""
+    start_time = time.time()
+    mesh = make_mesh()
+    n_dev = len(jax.devices())
+    batch_size = config.train.batch_size
+    if batch_size % n_dev:
+        raise ValueError(f"batch size {batch_size} is not a multiple of {n_dev} devices")
+    method = get_method(config)
+    sampler = ShuffleSampler(len(data.train.records), batch_size, seed=config.seed)
+    steps_per_epoch = config.train.steps_per_epoch or len(sampler)
+    steps_per_epoch = min(steps_per_epoch, len(sampler))
+    total_steps = steps_per_epoch * config.train.epochs
+    tx = make_optimizer(config, steps_per_epoch)
+
+    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    graphdef, state = initial_state(config, model, tx, method, data, mesh)
+    del model
+    checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    meta: dict[str, Any] = {"history": [], "best_map": -1.0, "initial": None}
+    restored, restored_meta = checkpoints.restore(checkpoints.latest, state)
+    if restored is not None:
+        state = jax.device_put(restored, NamedSharding(mesh, P()))
+        meta = restored_meta
+        log(f"resumed from step {int(state.step)} of {total_steps}")
+    if meta["initial"] is None:
+        meta["initial"] = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
+    log(format_metrics("before training", meta["initial"]))
+
+    images = jax.device_put(data.train.images, NamedSharding(mesh, P()))
+    steps = {
+        warm: make_train_step(config, graphdef, tx, method, mesh, warm) for warm in (True, False)
+    }
+    writer = MetricWriter(workdir)
+    stop = _StopRequest()
+    from tqdm.auto import tqdm
+
+    try:
+        step = int(state.step)
+        first_step = step
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            warmup = epoch < config.method.warmup_epochs
+            batches = sampler.epoch_batches(epoch)[:steps_per_epoch]
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=in_epoch,
+                desc=f"epoch {epoch + 1}",
+                unit="step",
+                disable=None,
+                file=sys.stderr,
+            )
+            tick, tick_step = time.time(), step
+            for i in range(in_epoch, steps_per_epoch):
+                budget = config.train.stop_after_steps
+                if stop.requested or (budget and step - first_step >= budget):
+                    _check_finite(state, checkpoints)
+                    checkpoints.save(checkpoints.latest, state, meta)
+                    raise TrainingInterrupted(
+                        f"stopped at step {step}; run the same command to resume"
+                    )
+                state, metrics = steps[warmup](state, images, _put_batch(batches[i], mesh))
+                step += 1
+                last = i == steps_per_epoch - 1
+                if step % config.train.log_every == 0 or last:
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    _check_finite(state, checkpoints)
+                    rate = (step - tick_step) * batch_size / max(time.time() - tick, 1e-9)
+                    scalars["images_per_s"] = rate
+                    writer.write(step, {**scalars, "epoch": epoch})
+                    log(
+                        f"step {step}/{total_steps} epoch {epoch + 1} loss {scalars['loss']:.4f}"
+                        f" {rate:.1f} img/s"
+                    )
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{rate:.1f}")
+                    tick, tick_step = time.time(), step
+                bar.update(1)
+                if step % config.train.checkpoint_every_steps == 0 and not last:
+                    _check_finite(state, checkpoints)
+                    checkpoints.save(checkpoints.latest, state, meta)
+            bar.close()
+            epoch += 1
+            if epoch % config.train.eval_every == 0 or step == total_steps:
+                result = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
+                meta["history"].append({"epoch": epoch, "step": step, **result})
+                writer.write(
+                    step, {f"eval/{d}/{k}": v for d, m in result.items() for k, v in m.items()}
+                )
+                log(format_metrics(f"epoch {epoch}", result))
+                if result["plain"]["mAP"] > meta["best_map"]:
+                    meta["best_map"] = result["plain"]["mAP"]
+                    checkpoints.save(checkpoints.best, state, meta)
+            checkpoints.save(checkpoints.latest, state, meta)
+    finally:
+        stop.restore()
+        writer.close()
+        checkpoints.close()
+
+    final = meta["history"][-1] if meta["history"] else None
+    return {
+        "initial": meta["initial"],
+        "final": {k: v for k, v in final.items() if k not in ("epoch", "step")} if final else None,
+        "history": meta["history"],
+        "steps": total_steps,
+        "train_wall_time_s": time.time() - start_time,
+    }
+
+
+def _check_finite(state: TrainState, checkpoints: Checkpoints) -> None:
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+        latest = checkpoints.latest.latest_step()
+        raise FloatingPointError(
+            f"the loss became NaN or inf at step {bad}; that step and the ones after it "
+            f"were not applied and nothing was saved after them (last checkpoint: step "
+            f"{latest}). Lower the learning rate or check the data."
+        )
