@@ -5,8 +5,13 @@ A method is (init_memory, loss, update_memory):
   init_memory(features, cameras, config)            host, before training
   loss(outputs, memory, indices, cameras, rng, warmup) -> (loss, aux, metrics)
                                                     inside the compiled step
-  update_memory(memory, outputs, indices, aux, warmup) -> memory
+  update_memory(memory, outputs, indices, aux, warmup, after, enabled) -> memory
                                                     inside the compiled step
+
+`after` is a pytree the memory writes must wait for (the step's gradients:
+the backward pass reads the memory), which lets XLA update the donated
+memory in place; `enabled` (traced bool) skips every write, e.g. when the
+loss is not finite.
 
 `outputs` are the model's outputs for the augmented batch; `aux` carries what
 the update needs from the loss (e.g. SCL's candidate lists). The memory is a
@@ -60,6 +65,7 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
                 lam_c=m.lam_c,
                 block_size=m.selection_block,
                 use_approx=m.approx_topk,
+                unit_rows=True,  # bank rows are unit norm: skip recomputing norms
             )
         value, metrics = losses.scl_loss_terms(
             g,
@@ -75,7 +81,7 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
         )
         return value, candidates, metrics
 
-    def update_memory(banks, outputs, indices, candidates, warmup: bool):
+    def update_memory(banks, outputs, indices, candidates, warmup: bool, after, enabled):
         return memory.update_banks(
             banks,
             indices,
@@ -85,6 +91,8 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
             k=m.k,
             warmup=warmup,
             mode=m.mixture_update,
+            after=after,
+            enabled=enabled,
         )
 
     return Method("scl", init_memory, loss, update_memory, ("global", "stripes"))

@@ -169,7 +169,7 @@ def make_train_step(
         key = jax.random.fold_in(key, state.step)
         k_aug, k_method = jax.random.split(key)
         batch = augment.augment_batch(k_aug, images[indices], options)
-        cams = _cameras_of(state.memory)[indices]
+        cams = state.memory.cameras[indices]
 
         def loss_fn(params):
             outputs, new_stats = models.apply_model(
@@ -185,35 +185,33 @@ def make_train_step(
         )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_memory = method.update_memory(state.memory, outputs, indices, aux, warmup)
+        # A non-finite loss keeps the old state and records the step.
         finite = jnp.isfinite(loss)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_memory = method.update_memory(
+            state.memory, outputs, indices, aux, warmup, after=grads, enabled=finite
+        )
         new_state = state.replace(
             step=state.step + 1,
-            params=params,
-            batch_stats=new_stats,
-            opt_state=opt_state,
+            params=keep(params, state.params),
+            batch_stats=keep(new_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
             memory=new_memory,
-        )
-        # A non-finite loss keeps the old state and records the step.
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        kept = kept.replace(
-            step=state.step + 1,
             nonfinite_step=jnp.where(
                 (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
             ),
         )
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
-        return kept, metrics
+        return new_state, metrics
 
     return jax.jit(
         step_fn,
         donate_argnums=(0,),
         out_shardings=(replicated, replicated),
     )
-
-
-def _cameras_of(memory) -> jax.Array:
-    return memory.cameras
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""SCL step cost without the model: selection + loss (fwd + bwd) + bank updates.
+
+Compares with the released PyTorch code on a 2-core CPU (scl-method.md): 0.42 s
+per step at batch 8 (selection 0.12 s + contrastive loss fwd + bwd 0.30 s),
+N = 12,936 bank rows, D = 2048, P = 8, k = 7, n = 500. Target: >= 5x faster.
+
+    python benchmarks/scl_step.py                      # batches 8 and 32, N = 12,936
+    python benchmarks/scl_step.py --scaling 100000x2048,1000000x256 --repeats 3
+
+Every function is compiled once (plain jax.jit) and timed after two warm-up
+calls with `block_until_ready`; the table gives the median and [min-max] of
+`--repeats` calls. "step" is one compiled function doing all three parts, with
+the banks donated (updated in place), as the train step does. `--scaling`
+times selection alone at larger N (rows x D, P = 8) where memory allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxreid import losses, memory, selection
+from jaxreid.utils import machine_description
+
+RELEASE_SECONDS = {"selection": 0.12, "loss": 0.30, "total": 0.42}  # batch 8, same CPU
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def random_banks(
+    rng: jax.Array, num_rows: int, dim: int, stripes: int, dtype: str = "float32"
+) -> memory.SCLBanks:
+    k_g, k_l, k_m, k_c = jax.random.split(rng, 4)
+    g = _unit(jax.random.normal(k_g, (num_rows, dim)))
+    st = _unit(jax.random.normal(k_l, (num_rows, stripes, dim // stripes)))
+    banks = memory.init_banks(g, st, jax.random.randint(k_c, (num_rows,), 0, 6), dtype=dtype)
+    # A bank past the first epoch: non-zero mixture rows.
+    mixture = _unit(jax.random.normal(k_m, (num_rows, dim))).astype(dtype)
+    return banks.replace(mixture_bank=mixture)
+
+
+def random_batch(rng: jax.Array, banks: memory.SCLBanks, batch: int):
+    k_i, k_g, k_l = jax.random.split(rng, 3)
+    n, d = banks.global_bank.shape
+    p, _, dp = banks.local_bank.shape
+    idx = jax.random.choice(k_i, n, (batch,), replace=False).astype(jnp.int32)
+    g = _unit(banks.global_bank[idx] + 0.5 * jax.random.normal(k_g, (batch, d)) / d**0.5)
+    st = jnp.transpose(banks.local_bank[:, idx], (1, 0, 2))
+    st = _unit(st + 0.5 * jax.random.normal(k_l, (batch, p, dp)) / dp**0.5)
+    return idx, banks.cameras[idx], g, st
+
+
+def time_calls(fn, args, repeats: int, feed_back: bool = False) -> list[float]:
+    """Seconds per call; with feed_back the first argument is replaced by the output's first."""
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+        if feed_back:
+            args = (out[0], *args[1:])
+    return times
+
+
+def fmt(times: list[float]) -> str:
+    return f"{1e3 * statistics.median(times):.1f} [{1e3 * min(times):.1f}-{1e3 * max(times):.1f}]"
+
+
+def bench_batch(args, banks: memory.SCLBanks, batch: int) -> dict[str, list[float]]:
+    idx, cams, g, st = random_batch(jax.random.key(batch), banks, batch)
+    select = functools.partial(
+        selection.select_candidates,
+        k=args.k,
+        n=args.n,
+        lam_g=0.5,
+        lam_c=0.05,
+        block_size=args.block_size,
+        use_approx=args.approx,
+        unit_rows=args.unit_rows,
+    )
+    loss = functools.partial(losses.scl_loss, k=args.k, lam_t=0.5, lam_p=0.5, alpha=1.75)
+    loss_grad = jax.value_and_grad(
+        lambda g, st, m, c: loss(g, st.reshape(g.shape[0], -1), m, c), argnums=(0, 1)
+    )
+    update = functools.partial(memory.update_banks, k=args.k, mode=args.mode)
+
+    def step(banks, idx, cams, g, st):
+        cand = select(g, st, idx, cams, banks)
+        value, grads = loss_grad(g, st, banks.mixture_bank, cand)
+        # after=grads: the writes wait for every read of M, so the banks stay in place.
+        return update(banks, idx, g, st, cand, after=grads), value, grads
+
+    cand = jax.jit(select)(g, st, idx, cams, banks)
+    results = {
+        "selection": time_calls(jax.jit(select), (g, st, idx, cams, banks), args.repeats),
+        "loss": time_calls(jax.jit(loss_grad), (g, st, banks.mixture_bank, cand), args.repeats),
+    }
+    banks_copy = jax.tree.map(jnp.copy, banks)
+    results["updates"] = time_calls(
+        jax.jit(lambda b, i, g, st, c: (update(b, i, g, st, c),), donate_argnums=0),
+        (banks_copy, idx, g, st, cand),
+        args.repeats,
+        feed_back=True,
+    )
+    banks_copy = jax.tree.map(jnp.copy, banks)
+    results["step"] = time_calls(
+        jax.jit(step, donate_argnums=0),
+        (banks_copy, idx, cams, g, st),
+        args.repeats,
+        feed_back=True,
+    )
+    return results
+
+
+def bench_scaling(args, rows: int, dim: int, batch: int) -> list[float]:
+    banks = random_banks(jax.random.key(rows), rows, dim, args.stripes, args.bank_dtype)
+    banks = banks.replace(mixture_bank=jnp.zeros((1, dim)))  # not used: free its memory
+    idx, cams, g, st = random_batch(jax.random.key(1), banks, batch)
+    select = jax.jit(
+        functools.partial(
+            selection.select_candidates,
+            k=args.k,
+            n=args.n,
+            block_size=args.block_size,
+            use_approx=args.approx,
+            unit_rows=args.unit_rows,
+        )
+    )
+    return time_calls(select, (g, st, idx, cams, banks), args.repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-rows", type=int, default=12936)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--stripes", type=int, default=8)
+    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="bank rows per selection block (default: automatic)",
+    )
+    parser.add_argument("--mode", default="vectorized", choices=["vectorized", "sequential"])
+    parser.add_argument(
+        "--unit-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="selection takes bank rows as unit-norm (as the train step)",
+    )
+    parser.add_argument(
+        "--bank-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16 is for accelerators: XLA:CPU upcasts bf16 scatters",
+    )
+    parser.add_argument("--approx", action="store_true", help="lax.approx_min_k selection")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--scaling", default="", help="selection only at ROWSxDIM[,ROWSxDIM...], e.g. 100000x2048"
+    )
+    parser.add_argument("--scaling-batch", type=int, default=8)
+    parser.add_argument(
+        "--max-bank-gib",
+        type=float,
+        default=6.0,
+        help="skip scaling points whose G + L banks exceed this",
+    )
+    args = parser.parse_args()
+
+    print(
+        f"# SCL step without the model: N = {args.num_rows:,}, D = {args.dim}, "
+        f"P = {args.stripes}, k = {args.k}, n = {args.n}, block = {args.block_size or 'auto'}, "
+        f"updates = {args.mode}{', approx top-k' if args.approx else ''}"
+    )
+    print(machine_description())
+    print()
+    banks = random_banks(jax.random.key(0), args.num_rows, args.dim, args.stripes, args.bank_dtype)
+    print(
+        "| batch | selection ms | loss fwd+bwd ms | bank updates ms | one compiled step ms "
+        "| release (PyTorch) ms | speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        res = bench_batch(args, banks, batch)
+        if batch == 8:
+            release = f"{1e3 * RELEASE_SECONDS['total']:.0f} (sel 120 + loss 300, no updates)"
+            speedup = f"{RELEASE_SECONDS['total'] / statistics.median(res['step']):.1f}x"
+        else:
+            release, speedup = "n/a", "n/a"
+        print(
+            f"| {batch} | {fmt(res['selection'])} | {fmt(res['loss'])} | "
+            f"{fmt(res['updates'])} | {fmt(res['step'])} | {release} | {speedup} |",
+            flush=True,
+        )
+    del banks
+
+    if args.scaling:
+        print()
+        print(f"Selection only, batch {args.scaling_batch}, P = {args.stripes}:")
+        print()
+        print("| bank rows | D | G + L GiB | selection ms |")
+        print("|---|---|---|---|")
+        for point in args.scaling.split(","):
+            rows, dim = (int(v) for v in point.lower().split("x"))
+            gib = 2 * rows * dim * jnp.dtype(args.bank_dtype).itemsize / 2**30
+            if gib > args.max_bank_gib:
+                print(f"| {rows:,} | {dim} | {gib:.1f} | skipped (> --max-bank-gib) |")
+                continue
+            times = bench_scaling(args, rows, dim, args.scaling_batch)
+            print(f"| {rows:,} | {dim} | {gib:.2f} | {fmt(times)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
