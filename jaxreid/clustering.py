@@ -1,0 +1,156 @@
+"""Pseudo-labels for the clustering family: kNN -> sparse k-reciprocal Jaccard -> DBSCAN.
+
+`dbscan` reproduces scikit-learn's `DBSCAN(metric="precomputed")` on a symmetric distance:
+a point is its own neighbour and counts in `min_samples`; neighbours are pairs with distance
+<= eps (negative distances clipped to 0); clusters are the connected components of the core
+points; a border point (not core, within eps of a core point) joins the cluster with the lowest
+label among the cores that reach it, which is the first cluster scikit-learn's scan in index
+order reaches it with; clusters are numbered 0..C-1 in the order of their lowest core index
+(scikit-learn's order); outliers are -1. It works on the sparse Jaccard matrix of
+`jaxreid.kreciprocal.jaccard_distance`, where pairs not stored have distance 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse import csgraph
+
+from jaxreid import kreciprocal
+
+logger = logging.getLogger(__name__)
+
+
+def default_cluster_config():
+    """Defaults of the public cluster-contrast recipe (ml_collections.ConfigDict).
+
+    Fields: k1, k2 (k-reciprocal sizes), eps, min_samples (DBSCAN), knn_backend ("faiss" |
+    "jax"), knn_block_size (0 = from the memory budget), giant_cluster_fraction (warn when one
+    cluster holds more than this fraction of the points).
+    """
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        k1=30, k2=6, eps=0.6, min_samples=4, knn_backend="faiss", knn_block_size=0,
+        giant_cluster_fraction=0.5))
+
+
+def dbscan(sparse_distance: sp.spmatrix | np.ndarray, eps: float, min_samples: int) -> np.ndarray:
+    """DBSCAN labels (int64, -1 = outlier) from a precomputed distance (see module doc).
+
+    `sparse_distance`: (N, N) scipy sparse matrix whose missing entries mean distance 1 (the
+    Jaccard convention), or a dense array. Expected symmetric; an asymmetric input is read by
+    rows for the neighbour counts and core points are linked when either direction is <= eps.
+    """
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    n = sparse_distance.shape[0]
+    if sparse_distance.shape != (n, n):
+        raise ValueError(f"need a square distance matrix, got {sparse_distance.shape}")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if eps >= 1.0 and sp.issparse(sparse_distance):
+        # Every missing pair (distance 1) is a neighbour: all points are neighbours of all.
+        return np.zeros(n, np.int64) if n >= min_samples else np.full(n, -1, np.int64)
+    if sp.issparse(sparse_distance):
+        coo = sp.coo_matrix(sparse_distance)
+        close = np.maximum(coo.data, 0.0) <= eps
+        rows, cols = coo.row[close], coo.col[close]
+    else:
+        rows, cols = np.nonzero(np.maximum(np.asarray(sparse_distance), 0.0) <= eps)
+    diagonal = np.arange(n)
+    # Boolean neighbourhood graph, each point its own neighbour; duplicates merge in tocsr.
+    graph = sp.coo_matrix(
+        (np.ones(len(rows) + n, np.int8),
+         (np.concatenate([rows, diagonal]), np.concatenate([cols, diagonal]))),
+        shape=(n, n)).tocsr()
+    graph.data[:] = 1
+    is_core = np.diff(graph.indptr) >= min_samples
+    labels = np.full(n, -1, np.int64)
+    core = np.flatnonzero(is_core)
+    if len(core) == 0:
+        return labels
+    num_components, component = csgraph.connected_components(
+        graph[core][:, core], directed=True, connection="weak")
+    # Number clusters by their lowest core index, as scikit-learn's scan does.
+    first = np.full(num_components, n)
+    np.minimum.at(first, component, core)
+    rank = np.empty(num_components, np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(num_components)
+    labels[core] = rank[component]
+    # Border points: the lowest cluster label among the core points that have them within eps.
+    g = graph.tocoo()
+    reach = is_core[g.row] & ~is_core[g.col]
+    border_label = np.full(n, num_components, np.int64)
+    np.minimum.at(border_label, g.col[reach], labels[g.row[reach]])
+    is_border = border_label < num_components
+    labels[is_border] = border_label[is_border]
+    return labels
+
+
+def pseudo_label_stats(labels: np.ndarray) -> dict[str, Any]:
+    """Cluster counts and sizes of a labelling (-1 = outlier), as plain Python numbers."""
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
+    sizes = sizes[sizes > 0]
+    num_outliers = int((labels < 0).sum())
+    return {
+        "num_samples": int(labels.size),
+        "num_clusters": int(len(sizes)),
+        "num_clustered": int(labels.size - num_outliers),
+        "num_outliers": num_outliers,
+        "outlier_fraction": float(num_outliers / labels.size) if labels.size else 0.0,
+        "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        "smallest_cluster": int(sizes.min()) if len(sizes) else 0,
+        "mean_cluster_size": float(sizes.mean()) if len(sizes) else 0.0,
+        "median_cluster_size": float(np.median(sizes)) if len(sizes) else 0.0,
+    }
+
+
+def cluster_features(features: np.ndarray, config: Any = None) -> np.ndarray:
+    """Pseudo-labels of (N, D) features: kNN -> Jaccard (k1, k2) -> DBSCAN (eps, min_samples).
+
+    `config`: a ConfigDict or mapping with the fields of `default_cluster_config()` (missing
+    fields take the defaults). Returns int64 labels, clusters 0..C-1 in order of their lowest
+    core index, -1 = outlier. Degenerate results (all outliers, one giant cluster, N < k1) are
+    logged as warnings and returned as they are.
+    """
+    params = dict(default_cluster_config())
+    if config is not None:
+        if isinstance(config, Mapping) or hasattr(config, "get"):  # dict, ConfigDict
+            params.update({k: config.get(k, v) for k, v in params.items()})
+        else:  # any object with attributes
+            params.update({k: getattr(config, k, v) for k, v in params.items()})
+    features = np.asarray(features, dtype=np.float32)
+    n = len(features)
+    if n == 0:
+        logger.warning("cluster_features: no features; returning no labels")
+        return np.zeros(0, np.int64)
+    start = time.perf_counter()
+    eps = float(params["eps"])
+    distance = kreciprocal.jaccard_distance(
+        features, k1=int(params["k1"]), k2=int(params["k2"]), backend=params["knn_backend"],
+        max_distance=eps if eps < 1.0 else None,
+        knn_block_size=int(params["knn_block_size"]) or None)
+    jaccard_seconds = time.perf_counter() - start
+    labels = dbscan(distance, eps, int(params["min_samples"]))
+    stats = pseudo_label_stats(labels)
+    logger.info(
+        "cluster_features: N=%d -> %d clusters, %d outliers (%.1f%%), largest %d; "
+        "jaccard %.2fs, dbscan %.2fs", n, stats["num_clusters"], stats["num_outliers"],
+        100 * stats["outlier_fraction"], stats["largest_cluster"], jaccard_seconds,
+        time.perf_counter() - start - jaccard_seconds)
+    if stats["num_clusters"] == 0:
+        logger.warning("cluster_features: every one of the %d points is an outlier "
+                       "(eps=%g, min_samples=%d)", n, eps, params["min_samples"])
+    elif stats["largest_cluster"] > params["giant_cluster_fraction"] * n:
+        logger.warning("cluster_features: one cluster holds %d of %d points (eps=%g)",
+                       stats["largest_cluster"], n, eps)
+    return labels

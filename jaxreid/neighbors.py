@@ -1,0 +1,276 @@
+"""Exact k-nearest neighbours by inner product: FAISS on the host, or matmul + top-k in JAX.
+
+Conventions shared by both backends (so the k-reciprocal code downstream sees the same lists):
+
+- Features are expected L2-normalised; the score is the inner product, i.e. cosine similarity.
+  Results are `(similarities, indices)`, both `(num_queries, k)`, similarities DEcreasing along a
+  row (float32), indices int64. Convert with `squared_euclidean = 2 - 2 * similarity`.
+- `knn(features, k)` (every point against all points) puts the point itself first in its own row,
+  whatever the floating point says (a duplicate vector never displaces it).
+- Ties are ordered by increasing database index. "Tie" means equal up to `tie_tolerance`: each
+  backend fetches `k + extra_candidates` candidates in float32; rows where two neighbouring
+  candidates among the first k + 1 differ by <= `tie_tolerance` have their candidate
+  similarities recomputed in float64 on the host and are re-sorted by (similarity desc, index
+  asc). Float32 rounding differs between FAISS and XLA by far less than the tolerance, so both
+  backends return the same neighbour sets and the same order (exact duplicates included), unless
+  a group of ties extends beyond the `k + extra_candidates` candidates fetched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("faiss", "jax")
+
+
+def knn(
+    features: np.ndarray,
+    k: int,
+    backend: str = "faiss",
+    *,
+    block_size: int | None = None,
+    memory_budget_bytes: int = 256 * 2**20,
+    extra_candidates: int = 8,
+    tie_tolerance: float = 1e-5,
+    symmetric: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours of every row of `features` among all rows, itself first.
+
+    Args:
+      features: (N, D) float array, L2-normalised.
+      k: neighbours per row including the point itself; clipped to N.
+      backend: "faiss" (host; GPU index when faiss-gpu sees a GPU) or "jax" (default device).
+      block_size: rows per JAX block; default from `memory_budget_bytes`.
+      memory_budget_bytes: bound on the float32 similarity blocks of the JAX backend.
+      extra_candidates: candidates fetched beyond k to order ties consistently.
+      tie_tolerance: similarity gap under which neighbours count as tied (see module doc).
+      symmetric: JAX backend only: compute each (block_i, block_j) similarity block once for
+        i <= j and use it for the rows of both blocks (S_ji = S_ij^T), half the matmul work.
+        False runs the query-block path of `knn_query` (block x N similarities).
+
+    Returns:
+      (similarities (N, k) float32, indices (N, k) int64), row i starting with (|x_i|^2, i).
+    """
+    mode = "symmetric" if symmetric else "self"
+    return _search(features, features, k, backend, mode, block_size, memory_budget_bytes,
+                   extra_candidates, tie_tolerance)
+
+
+def knn_query(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    backend: str = "faiss",
+    *,
+    block_size: int | None = None,
+    memory_budget_bytes: int = 256 * 2**20,
+    extra_candidates: int = 8,
+    tie_tolerance: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows of `database` for every query (query-vs-gallery; no self convention).
+
+    Same arguments and return convention as `knn`; k is clipped to len(database).
+    """
+    return _search(queries, database, k, backend, "query", block_size, memory_budget_bytes,
+                   extra_candidates, tie_tolerance)
+
+
+def _search(queries, database, k, backend, mode, block_size, memory_budget_bytes,
+            extra_candidates, tie_tolerance):
+    self_first = mode != "query"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"need (Q, D) and (N, D) arrays, got {queries.shape}, {database.shape}")
+    num_queries, num_database = len(queries), len(database)
+    k = min(int(k), num_database)
+    if k <= 0 or num_queries == 0:
+        return np.zeros((num_queries, 0), np.float32), np.zeros((num_queries, 0), np.int64)
+    num_candidates = min(k + max(int(extra_candidates), 0), num_database)
+    start = time.perf_counter()
+    if backend == "faiss":
+        sims, idx = _faiss_search(queries, database, num_candidates)
+    elif mode == "symmetric":
+        sims, idx = _jax_symmetric_search(database, num_candidates, block_size,
+                                          memory_budget_bytes)
+    else:
+        sims, idx = _jax_search(queries, database, num_candidates, self_first, block_size,
+                                memory_budget_bytes)
+    sims, idx = _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance)
+    logger.debug("knn %s: %d x %d, k=%d in %.2fs", backend, num_queries, num_database, k,
+                 time.perf_counter() - start)
+    return sims, idx
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "backend='faiss' needs the faiss package: `pip install faiss-cpu` (or faiss-gpu), "
+            "or use backend='jax'"
+        ) from e
+    return faiss
+
+
+def _faiss_search(queries, database, num_candidates):
+    faiss = _import_faiss()
+    if faiss.get_num_gpus() > 0:
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), database.shape[1])
+        index.add(database)
+        sims, idx = index.search(queries, num_candidates)
+    else:
+        # IndexFlatIP's exact search without building the index, which would copy the database.
+        sims, idx = faiss.knn(queries, database, num_candidates,
+                              metric=faiss.METRIC_INNER_PRODUCT)
+    return sims, idx.astype(np.int64)
+
+
+def _default_block_size(num_queries, num_database, memory_budget_bytes):
+    # Two (block x N) float32 buffers live at once: the similarities and top_k's work copy.
+    rows = max(8, int(memory_budget_bytes) // (8 * max(num_database, 1)))
+    rows = min(rows, 8192, num_queries)
+    return max(1, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "self_first"))
+def _block_top_k(query_block, database, offset, k, self_first):
+    sims = jnp.dot(query_block, database.T, precision=jax.lax.Precision.HIGHEST)
+    if self_first:
+        rows = offset + jnp.arange(query_block.shape[0])
+        is_self = rows[:, None] == jnp.arange(database.shape[0])[None, :]
+        sims = jnp.where(is_self, jnp.inf, sims)
+    return jax.lax.top_k(sims, k)
+
+
+def _jax_search(queries, database, num_candidates, self_first, block_size, memory_budget_bytes):
+    num_queries = len(queries)
+    block = block_size or _default_block_size(num_queries, len(database), memory_budget_bytes)
+    block = min(int(block), num_queries)
+    database_device = jnp.asarray(database)
+    outputs = []
+    for start in range(0, num_queries, block):
+        # The last block is zero-padded to the same shape: `_block_top_k` compiles once.
+        outputs.append(_block_top_k(_padded_block(queries, start, block), database_device,
+                                    jnp.int32(start), num_candidates, self_first))
+    sims = np.concatenate([np.asarray(s) for s, _ in outputs])[:num_queries]
+    idx = np.concatenate([np.asarray(i) for _, i in outputs])[:num_queries].astype(np.int64)
+    return sims, idx
+
+
+def _padded_block(array, start, size):
+    """array[start:start + size] on the device, zero rows appended up to `size` rows."""
+    part = array[start:start + size]
+    if len(part) < size:
+        part = np.concatenate([part, np.zeros((size - len(part), array.shape[1]), array.dtype)])
+    return jnp.asarray(part)
+
+
+def _merge_top_k(best, candidates, k):
+    """Top k of two (B, k) candidate lists; on equal values `best` (earlier blocks) wins."""
+    sims = jnp.concatenate([best[0], candidates[0]], axis=1)
+    idx = jnp.concatenate([best[1], candidates[1]], axis=1)
+    top, pos = jax.lax.top_k(sims, k)
+    return top, jnp.take_along_axis(idx, pos, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _pair_top_k(x_i, x_j, best_i, best_j, block_i, block_j, num_valid, k):
+    """One similarity block S = X_i X_j^T updates the running top k of both blocks' rows."""
+    size = x_i.shape[0]
+    rows = block_i * size + jnp.arange(size)
+    cols = block_j * size + jnp.arange(size)
+    sims = jnp.dot(x_i, x_j.T, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.where(rows[:, None] == cols[None, :], jnp.inf, sims)  # self first
+    by_row = jnp.where(cols[None, :] < num_valid, sims, -jnp.inf)
+    top, pos = jax.lax.top_k(by_row, k)
+    new_i = _merge_top_k(best_i, (top, cols[pos]), k)
+    # On the diagonal block the rows above already saw every column.
+    by_col = jnp.where((rows[None, :] < num_valid) & (block_i != block_j), sims.T, -jnp.inf)
+    top, pos = jax.lax.top_k(by_col, k)
+    new_j = _merge_top_k(best_j, (top, rows[pos]), k)
+    return new_i, new_j
+
+
+def _jax_symmetric_search(features, num_candidates, block_size, memory_budget_bytes):
+    n, dim = features.shape
+    if block_size:
+        block = int(block_size)
+    else:
+        # S, its two masked copies and top_k's work copy: ~4 (block x block) float32 buffers.
+        block = min(max(int(np.sqrt(memory_budget_bytes / 16)), 256), 8192)
+    # Equal blocks that cover n with little padding (multiples of 8 rows).
+    num_blocks = -(-n // max(block, 1))
+    rows_per_block = -(-n // num_blocks)
+    block = max(-(-rows_per_block // 8) * 8, num_candidates)
+    num_blocks = -(-n // block)
+    blocks = [_padded_block(features, b * block, block) for b in range(num_blocks)]
+    empty = (jnp.full((block, num_candidates), -jnp.inf, jnp.float32),
+             jnp.full((block, num_candidates), -1, jnp.int32))
+    best = [empty] * num_blocks
+    # Row block r receives column blocks in increasing order, so ties keep the lower index.
+    for i in range(num_blocks):
+        for j in range(i, num_blocks):
+            new_i, new_j = _pair_top_k(blocks[i], blocks[j], best[i], best[j], jnp.int32(i),
+                                       jnp.int32(j), jnp.int32(n), num_candidates)
+            best[i] = new_i
+            if j != i:
+                best[j] = new_j
+    sims = np.concatenate([np.asarray(s) for s, _ in best])[:n]
+    idx = np.concatenate([np.asarray(i) for _, i in best])[:n].astype(np.int64)
+    return sims, idx
+
+
+def _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance):
+    """Self first, ties by index, near-ties resolved in float64; keeps the first k."""
+    sims = np.array(sims, dtype=np.float32)
+    idx = np.array(idx, dtype=np.int64)
+    rows = np.arange(len(queries))
+    if self_first:
+        is_self = idx == rows[:, None]
+        # A point missing from its own candidates (only possible with many duplicates)
+        # replaces its last candidate.
+        missing = ~is_self.any(axis=1)
+        idx[missing, -1] = rows[missing]
+        is_self[missing, -1] = True
+        sims[is_self] = np.inf
+    order = np.lexsort((idx, -sims), axis=1)
+    sims = np.take_along_axis(sims, order, axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    # Near-ties among the first k + 1 candidates decide sets and prefixes: recompute exactly.
+    head = sims[:, : k + 1]
+    gaps = head[:, :-1] - head[:, 1:]
+    tied = np.flatnonzero((gaps <= tie_tolerance).any(axis=1))
+    logger.debug("knn: %d of %d rows with near-ties re-ranked in float64", len(tied), len(idx))
+    if len(tied):
+        exact = _exact_similarities(queries, tied, database, idx[tied])
+        if self_first:
+            exact[idx[tied] == tied[:, None]] = np.inf
+        order = np.lexsort((idx[tied], -exact), axis=1)
+        idx[tied] = np.take_along_axis(idx[tied], order, axis=1)
+        sims[tied] = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+    sims, idx = sims[:, :k], idx[:, :k]
+    if self_first:
+        sims[:, 0] = _exact_similarities(queries, rows, database, rows[:, None])[:, 0]
+    return np.ascontiguousarray(sims), np.ascontiguousarray(idx)
+
+
+def _exact_similarities(queries, query_rows, database, idx, max_elements=2**21):
+    """float64 <queries[query_rows[r]], database[idx[r, c]]>, in chunks of bounded memory."""
+    out = np.empty(idx.shape, np.float64)
+    step = max(1, max_elements // (idx.shape[1] * queries.shape[1]))
+    for s in range(0, len(idx), step):
+        q = queries[query_rows[s:s + step]].astype(np.float64)
+        out[s:s + step] = np.einsum("qd,qmd->qm", q,
+                                    database[idx[s:s + step]].astype(np.float64))
+    return out
