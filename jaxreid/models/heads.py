@@ -1,0 +1,127 @@
+"""Embedding heads on top of a (B, h, w, C) feature map.
+
+SCLHead follows scl-method.md: global = pool -> Linear(C, D) -> BatchNorm1d ->
+L2-normalise; stripes = P horizontal stripes, each average-pooled -> its own
+Linear(C, D/P) -> its own BatchNorm1d -> L2-normalise. The P stripe Linears are
+stored stacked as one (P, C, D/P) kernel and the P BatchNorm1d as one norm with
+feature shape (P, D/P): the same maths as P separate layers, one einsum instead
+of P small matmuls.
+
+BNNeckHead is the usual re-id BN neck: pool -> [Linear(C, D)] -> BatchNorm
+without bias; "global" is the BN output in training and its L2-normalised value
+in eval.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxreid.models.layers import (
+    GhostBatchNorm,
+    he_normal_fan_out,
+    host_zeros,
+    kaiming_fan_out,
+    l2_normalize,
+    make_pool,
+    stripe_pool,
+)
+
+# He-normal fan-out for the stacked (P, C, D/P) stripe kernel: fan_out = D/P.
+_stripe_kernel_init = he_normal_fan_out(batch_axis=(0,))
+
+
+def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_dim,
+        out_dim,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kaiming_fan_out,
+        bias_init=host_zeros,
+        rngs=rngs,
+    )
+
+
+class SCLHead(nnx.Module):
+    """Outputs "global" (B, D) and "stripes" (B, P, D/P), both unit norm, and
+    "pre_bn" (B, D), the global Linear output before its BatchNorm.
+
+    The global branch uses `pooling` (avg or GeM); stripes are always averaged, as
+    the method specifies. Stripe rows follow `layers.stripe_bins` (torch's
+    AdaptiveAvgPool2d((P, 1)) bins when P does not divide the map height).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        embed_dim: int,
+        num_stripes: int,
+        pooling: str,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        bn_group_size: int = 0,
+    ):
+        if num_stripes < 1 or embed_dim % num_stripes:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be a positive multiple of num_stripes "
+                f"({num_stripes})"
+            )
+        self.num_stripes = num_stripes
+        self.dtype = dtype
+        stripe_dim = embed_dim // num_stripes
+        self.pool = make_pool(pooling)
+        self.global_fc = _linear(in_features, embed_dim, dtype, rngs)
+        self.global_bn = GhostBatchNorm(embed_dim, group_size=bn_group_size)
+        self.stripe_kernel = nnx.Param(
+            _stripe_kernel_init(rngs.params(), (num_stripes, in_features, stripe_dim), jnp.float32)
+        )
+        self.stripe_bias = nnx.Param(host_zeros(None, (num_stripes, stripe_dim)))
+        self.stripe_bn = GhostBatchNorm((num_stripes, stripe_dim), group_size=bn_group_size)
+
+    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
+        pre_bn = self.global_fc(self.pool(feature_map).astype(self.dtype))
+        global_embedding = l2_normalize(self.global_bn(pre_bn, train).astype(jnp.float32))
+        stripes = stripe_pool(feature_map, self.num_stripes).astype(self.dtype)
+        local = jnp.einsum("bpc,pcd->bpd", stripes, self.stripe_kernel[...].astype(self.dtype))
+        local = local + self.stripe_bias[...].astype(self.dtype)
+        local = l2_normalize(self.stripe_bn(local, train).astype(jnp.float32))
+        return {"global": global_embedding, "stripes": local, "pre_bn": pre_bn}
+
+
+class BNNeckHead(nnx.Module):
+    """pool -> optional Linear(C, embed_dim) -> BatchNorm (no bias).
+
+    embed_dim 0 or equal to C means no projection (D = C). Outputs "pre_bn" (the
+    feature entering the BN, (B, D)) and "global" (BN output; L2-normalised in
+    eval only, so training losses see the raw BN-neck feature).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        embed_dim: int,
+        pooling: str,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        bn_group_size: int = 0,
+    ):
+        self.dtype = dtype
+        self.pool = make_pool(pooling)
+        if embed_dim and embed_dim != in_features:
+            self.projection = _linear(in_features, embed_dim, dtype, rngs)
+            dim = embed_dim
+        else:
+            self.projection = None
+            dim = in_features
+        self.bn = GhostBatchNorm(dim, group_size=bn_group_size, use_bias=False)
+
+    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
+        pre_bn = self.pool(feature_map)
+        if self.projection is not None:
+            pre_bn = self.projection(pre_bn.astype(self.dtype))
+        neck = self.bn(pre_bn, train).astype(jnp.float32)
+        return {"global": neck if train else l2_normalize(neck), "pre_bn": pre_bn}

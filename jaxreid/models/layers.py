@@ -1,0 +1,370 @@
+"""Building blocks shared by the backbones and heads: ghost batch norm, instance
+norm, IBN-a, pooling (average / GeM / horizontal stripes) and L2 normalisation.
+
+All normalisation statistics are computed in float32 whatever the compute dtype,
+and every norm layer casts its output back to its input dtype, so a bfloat16
+network stays bfloat16 between layers while the statistics stay exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# torch's BatchNorm momentum 0.1 (running = 0.9 * running + 0.1 * batch), i.e. flax
+# momentum 0.9. Same value for every norm layer of every model.
+BN_MOMENTUM = 0.1
+
+
+def _host_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    """std * N(0, 1) drawn with numpy (PCG64 seeded from the jax key's data).
+
+    Why: eager jax.random draws compile one XLA program per distinct shape, which
+    made building a ResNet-50 take > 10 s on a 2-core CPU; numpy needs no
+    compilation. Under tracing (jit / eval_shape) the same numpy draw runs as a
+    pure_callback, so a given key gives the same weights either way.
+    """
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    out_dtype = np.dtype(dtype)
+
+    def sample(key_data) -> np.ndarray:
+        rng = np.random.default_rng(np.asarray(key_data, np.uint32).ravel())
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(out_dtype)
+
+    try:
+        host_data = np.asarray(data)
+    except jax.errors.TracerArrayConversionError:
+        return jax.pure_callback(sample, jax.ShapeDtypeStruct(shape, out_dtype), data)
+    return jnp.asarray(sample(host_data))
+
+
+def he_normal_fan_out(in_axis: int = -2, out_axis: int = -1, batch_axis: Sequence[int] = ()):
+    """torch's kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out)
+    with fan_out = out features x receptive field (batch axes excluded)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        shape = tuple(shape)
+        skip = {a % len(shape) for a in (in_axis, out_axis, *batch_axis)}
+        receptive = math.prod(d for a, d in enumerate(shape) if a not in skip)
+        return _host_normal(key, shape, math.sqrt(2.0 / (shape[out_axis] * receptive)), dtype)
+
+    return init
+
+
+def host_zeros(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """Zeros without an XLA compile per shape (see _host_normal)."""
+    del key
+    return jnp.asarray(np.zeros(tuple(shape), np.dtype(dtype)))
+
+
+def _filled(shape: tuple[int, ...], value: float) -> jax.Array:
+    return jnp.asarray(np.full(shape, value, np.float32))
+
+
+kaiming_fan_out = he_normal_fan_out()
+
+
+class GhostBatchNorm(nnx.Module):
+    """Batch norm whose training statistics come from fixed groups of samples.
+
+    In training the batch (axis 0) is cut into consecutive groups of `group_size`
+    samples (0 = the whole batch) and each group is normalised with its own mean
+    and biased variance over the samples and every axis between the batch axis and
+    the feature axes. The result therefore depends only on the group size, never
+    on how many devices the batch is sharded over.
+
+    Running statistics (used in eval) follow torch: running = (1 - m) * running +
+    m * batch with m = 0.1, where the batch mean is the mean over groups of the
+    group means and the batch variance is the mean over groups of the UNBIASED
+    group variances (n / (n - 1) with n = elements per channel in a group), as
+    torch's running_var. With one group this is exactly torch's BatchNorm; with
+    several it estimates the within-group variance that training normalises with.
+
+    `feature_shape` is the trailing shape that gets its own statistics: (C,) for an
+    (B, H, W, C) map or (B, C) vector; (P, D) for P independent BatchNorm1d layers
+    applied to (B, P, D) stripes.
+    """
+
+    def __init__(
+        self,
+        feature_shape: int | Sequence[int],
+        *,
+        group_size: int = 0,
+        epsilon: float = 1e-5,
+        use_bias: bool = True,
+    ):
+        if isinstance(feature_shape, int):
+            feature_shape = (feature_shape,)
+        self.feature_shape = tuple(int(d) for d in feature_shape)
+        self.group_size = int(group_size)
+        self.epsilon = float(epsilon)
+        self.scale = nnx.Param(_filled(self.feature_shape, 1.0))
+        # BN-neck layers have no bias (the torch recipe freezes it at zero).
+        self.bias = nnx.Param(_filled(self.feature_shape, 0.0)) if use_bias else None
+        self.mean = nnx.BatchStat(_filled(self.feature_shape, 0.0))
+        self.var = nnx.BatchStat(_filled(self.feature_shape, 1.0))
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        nfeat = len(self.feature_shape)
+        if x.shape[x.ndim - nfeat :] != self.feature_shape:
+            raise ValueError(f"expected trailing shape {self.feature_shape}, got {x.shape}")
+        x32 = x.astype(jnp.float32)
+        if train:
+            batch = x.shape[0]
+            group = self.group_size or batch
+            if batch % group:
+                raise ValueError(
+                    f"batch size {batch} is not divisible by bn_group_size {group}"
+                )
+            grouped = x32.reshape((batch // group, group) + x.shape[1:])
+            axes = tuple(range(1, grouped.ndim - nfeat))
+            mean = grouped.mean(axes, keepdims=True)
+            var = jnp.square(grouped - mean).mean(axes, keepdims=True)
+            y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            n = math.prod(grouped.shape[a] for a in axes)
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            stats_shape = (batch // group,) + self.feature_shape
+            batch_mean = mean.reshape(stats_shape).mean(0)
+            batch_var = unbiased.reshape(stats_shape).mean(0)
+            m = BN_MOMENTUM
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(batch_mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(batch_var)
+        else:
+            y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
+        y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class InstanceNorm(nnx.Module):
+    """Affine instance norm of (B, H, W, C): torch InstanceNorm2d(affine=True),
+    always instance statistics (no running stats), biased variance."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5):
+        self.epsilon = float(epsilon)
+        self.scale = nnx.Param(_filled((num_features,), 1.0))
+        self.bias = nnx.Param(_filled((num_features,), 0.0))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean((1, 2), keepdims=True)
+        var = jnp.square(x32 - mean).mean((1, 2), keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class IBN(nnx.Module):
+    """IBN-a norm (Pan et al., IBN-Net): the first `num_features // 2` channels go
+    through an affine InstanceNorm, the rest through batch norm. Attribute names
+    `IN` / `BN` mirror IBN-Net's checkpoints (`layer1.0.bn1.IN.weight`, ...)."""
+
+    def __init__(self, num_features: int, *, group_size: int = 0, epsilon: float = 1e-5):
+        self.half = num_features // 2
+        self.IN = InstanceNorm(self.half, epsilon=epsilon)
+        self.BN = GhostBatchNorm(num_features - self.half, group_size=group_size, epsilon=epsilon)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return jnp.concatenate(
+            [self.IN(x[..., : self.half]), self.BN(x[..., self.half :], train)], axis=-1
+        )
+
+
+def avg_pool(feature_map: jax.Array) -> jax.Array:
+    """Global average pool (B, H, W, C) -> (B, C) in float32."""
+    return feature_map.astype(jnp.float32).mean((1, 2))
+
+
+class GeM(nnx.Module):
+    """Generalised-mean pooling, (mean(clamp(x, eps)^p))^(1/p) with a trainable p
+    (init 3); p = 1 is average pooling, p -> inf max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        self.p = nnx.Param(_filled((1,), p))
+        self.eps = float(eps)
+
+    def __call__(self, feature_map: jax.Array) -> jax.Array:
+        p = self.p[...]
+        x = jnp.maximum(feature_map.astype(jnp.float32), self.eps)
+        return jnp.power(jnp.power(x, p).mean((1, 2)), 1.0 / p)
+
+
+class AvgPool(nnx.Module):
+    """Module wrapper of `avg_pool` so heads can hold either pooling."""
+
+    def __call__(self, feature_map: jax.Array) -> jax.Array:
+        return avg_pool(feature_map)
+
+
+def make_pool(pooling: str) -> nnx.Module:
+    if pooling == "avg":
+        return AvgPool()
+    if pooling == "gem":
+        return GeM()
+    raise ValueError(f"unknown pooling {pooling!r}; expected 'avg' or 'gem'")
+
+
+def stripe_bins(height: int, num_stripes: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of the P horizontal stripes of a map of `height` rows.
+
+    Same bins as torch's AdaptiveAvgPool2d((P, 1)): start = floor(p * H / P),
+    end = ceil((p + 1) * H / P). When P divides H these are P disjoint stripes of
+    H / P rows; otherwise neighbouring stripes share a boundary row (e.g. H = 4,
+    P = 3 -> rows [0, 2), [1, 3), [2, 4)), and when P > H rows are repeated.
+    """
+    return [
+        (p * height // num_stripes, -((-(p + 1) * height) // num_stripes))
+        for p in range(num_stripes)
+    ]
+
+
+def stripe_pool(feature_map: jax.Array, num_stripes: int) -> jax.Array:
+    """Average pool of each horizontal stripe: (B, H, W, C) -> (B, P, C), float32.
+
+    One einsum against a static (P, H) averaging matrix built from `stripe_bins`.
+    """
+    height, width = feature_map.shape[1], feature_map.shape[2]
+    weights = np.zeros((num_stripes, height), np.float32)
+    for p, (start, end) in enumerate(stripe_bins(height, num_stripes)):
+        weights[p, start:end] = 1.0 / ((end - start) * width)
+    rows = feature_map.astype(jnp.float32).sum(2)  # (B, H, C)
+    return jnp.einsum("ph,bhc->bpc", weights, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along `axis` (torch.nn.functional.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+# ----------------------------------------------------------------- convolutions
+# XLA's CPU backend is slow on two convolution kinds this project uses a lot
+# (measured on the 2-core dev machine, batch 8): the backward of 1x1 convolutions
+# (6x slower than the same matmul) and grouped (depthwise) convolutions (10-100x
+# slower than a sum of shifted copies). These modules keep nnx.Conv's parameter
+# layout (kernel (kh, kw, in / groups, out)) so checkpoints map the same way.
+
+
+class PointwiseConv(nnx.Module):
+    """1x1 convolution without bias as a matmul; stride s keeps every s-th pixel
+    (torch Conv2d(k=1, stride=s, padding=0) and TF "SAME" for k = 1 alike)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, *, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kaiming_fan_out(rngs.params(), (1, 1, in_ch, out_ch)))
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.stride > 1:
+            x = x[:, :: self.stride, :: self.stride]
+        kernel = self.kernel[...][0, 0].astype(self.dtype)
+        return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding along one axis (the odd pixel goes after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _shifted_sum(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, out_w: int):
+    """sum_ij padded[:, i + s*y, j + s*x, c] * kernel[i, j, 0, c], float32 accumulation."""
+    k = kernel.shape[0]
+    out = jnp.zeros((padded.shape[0], out_h, out_w, padded.shape[3]), jnp.float32)
+    for i in range(k):
+        for j in range(k):
+            window = padded[:, i : i + (out_h - 1) * stride + 1 : stride,
+                            j : j + (out_w - 1) * stride + 1 : stride]
+            out = out + (window * kernel[i, j, 0]).astype(jnp.float32)
+    return out
+
+
+def _pad_same(x: jax.Array, k: int, stride: int) -> tuple[jax.Array, int, int]:
+    (top, bottom), (left, right) = (_same_padding(x.shape[a], k, stride) for a in (1, 2))
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), top, left
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_same(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise kxk convolution with TF "SAME" padding, as shifted sums.
+
+    The hand-written VJP is again shifted sums (input gradient: the dilated,
+    padded cotangent correlated with the flipped kernel; kernel gradient: one
+    reduction per tap), 2-3x faster on CPU than differentiating the slices.
+    """
+    k = kernel.shape[0]
+    padded, _, _ = _pad_same(x, k, stride)
+    out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    return _shifted_sum(padded, kernel, stride, out_h, out_w).astype(x.dtype)
+
+
+def _depthwise_fwd(x, kernel, stride):
+    return depthwise_conv_same(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(stride, residuals, grad):
+    x, kernel = residuals
+    k = kernel.shape[0]
+    padded, top, left = _pad_same(x, k, stride)
+    _, hp, wp, channels = padded.shape
+    out_h, out_w = grad.shape[1], grad.shape[2]
+    # input gradient: scatter of grad * kernel = dilate grad by the stride, pad by
+    # k - 1 (plus the rows/columns the forward never read) and correlate with the
+    # flipped kernel.
+    dilated = jax.lax.pad(
+        grad,
+        jnp.zeros((), grad.dtype),
+        (
+            (0, 0, 0),
+            (k - 1, k - 1 + hp - ((out_h - 1) * stride + k), stride - 1),
+            (k - 1, k - 1 + wp - ((out_w - 1) * stride + k), stride - 1),
+            (0, 0, 0),
+        ),
+    )
+    grad_padded = _shifted_sum(dilated, kernel[::-1, ::-1], 1, hp, wp)
+    grad_x = grad_padded[:, top : top + x.shape[1], left : left + x.shape[2]].astype(x.dtype)
+    taps = [
+        jnp.sum(
+            (padded[:, i : i + (out_h - 1) * stride + 1 : stride,
+                    j : j + (out_w - 1) * stride + 1 : stride] * grad).astype(jnp.float32),
+            axis=(0, 1, 2),
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
+    grad_kernel = jnp.stack(taps).reshape(k, k, 1, channels).astype(kernel.dtype)
+    return grad_x, grad_kernel
+
+
+depthwise_conv_same.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nnx.Module):
+    """kxk depthwise convolution, TF "SAME" padding, no bias; kernel (k, k, 1, C)
+    as nnx.Conv(feature_group_count=C) stores it. Shifted sums on CPU (see
+    above), the native grouped convolution on other backends."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kaiming_fan_out(rngs.params(), (kernel, kernel, 1, channels)))
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            return depthwise_conv_same(x, kernel, self.stride)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (self.stride, self.stride),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )

@@ -1,0 +1,148 @@
+"""The re-id model (backbone + head), its config and the pure functional core.
+
+    model = build_model(config, rngs=nnx.Rngs(0))
+    graphdef, params, batch_stats = split_model(model)     # once
+    outputs, batch_stats = apply_model(graphdef, params, batch_stats, images, train=True)
+
+`params` holds every nnx.Param (conv/linear kernels, norm scales/biases, GeM's
+p); `batch_stats` every nnx.BatchStat (running means/variances). The model has no
+other state (no dropout or rng), which split_model checks. `apply_model` merges
+the pytrees back into a module inside the traced function, so it is a pure
+function usable under plain `jax.jit` (train must be static).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxreid.models.efficientnet import EfficientNetLite0
+from jaxreid.models.heads import BNNeckHead, SCLHead
+from jaxreid.models.pretrained import load_backbone_weights
+from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
+
+# Channels of each backbone's final feature map.
+FEATURE_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "efficientnet_lite0": 1280,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def feature_dim(backbone: str) -> int:
+    """Channels C of the backbone's (B, h, w, C) feature map."""
+    if backbone not in FEATURE_DIMS:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(FEATURE_DIMS)}")
+    return FEATURE_DIMS[backbone]
+
+
+def embedding_dim(config: ml_collections.ConfigDict) -> int:
+    """D of outputs["global"] for this config."""
+    channels = feature_dim(config.backbone)
+    if config.head == "scl" or config.embed_dim not in (0, channels):
+        return int(config.embed_dim)
+    return channels
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """The paper's model: ResNet-50, last stride 1, SCL head with D = 2048, P = 8."""
+    config = ml_collections.ConfigDict()
+    config.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
+    config.pretrained = ""  # "" random init | "imagenet" (efficientnet_lite0) | path to .pth
+    config.last_stride = 1  # stride of the last strided stage (1 or 2)
+    config.ibn = False  # IBN-a in layer1-3 (ResNets only)
+    config.pooling = "avg"  # avg | gem (global branch)
+    config.head = "scl"  # scl | bnneck
+    config.embed_dim = 2048  # D; bnneck: 0 (or C) = no projection
+    config.num_stripes = 8  # P (scl head)
+    config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
+    config.bn_group_size = 0  # ghost-BN group size in samples; 0 = whole batch
+    return config
+
+
+class ReIDModel(nnx.Module):
+    """images float32 (B, H, W, 3) RGB pixels [0, 255] -> dict of float32 outputs."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        dtype = _DTYPES[config.dtype]
+        group = int(config.bn_group_size)
+        if config.backbone in RESNET_DEPTHS:
+            self.backbone = ResNet(
+                config.backbone,
+                rngs=rngs,
+                last_stride=int(config.last_stride),
+                ibn=bool(config.ibn),
+                dtype=dtype,
+                bn_group_size=group,
+            )
+        elif config.backbone == "efficientnet_lite0":
+            if config.ibn:
+                raise ValueError("ibn is only available for the ResNet backbones")
+            self.backbone = EfficientNetLite0(
+                rngs=rngs, last_stride=int(config.last_stride), dtype=dtype, bn_group_size=group
+            )
+        else:
+            feature_dim(config.backbone)  # raises with the list of names
+        channels = self.backbone.num_features
+        if config.head == "scl":
+            self.head = SCLHead(
+                channels,
+                embed_dim=int(config.embed_dim),
+                num_stripes=int(config.num_stripes),
+                pooling=config.pooling,
+                rngs=rngs,
+                dtype=dtype,
+                bn_group_size=group,
+            )
+        elif config.head == "bnneck":
+            self.head = BNNeckHead(
+                channels,
+                embed_dim=int(config.embed_dim),
+                pooling=config.pooling,
+                rngs=rngs,
+                dtype=dtype,
+                bn_group_size=group,
+            )
+        else:
+            raise ValueError(f"unknown head {config.head!r}; expected 'scl' or 'bnneck'")
+
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        outputs = self.head(self.backbone(images, train), train)
+        return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ReIDModel:
+    """Builds the model; loads `config.pretrained` into the backbone (the head
+    stays randomly initialised)."""
+    model = ReIDModel(config, rngs=rngs)
+    if config.pretrained:
+        load_backbone_weights(model.backbone, config.backbone, config.pretrained)
+    return model
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, batch_stats); raises if the model holds any other state."""
+    return nnx.split(model, nnx.Param, nnx.BatchStat)
+
+
+def apply_model(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    images: jax.Array,
+    train: bool,
+) -> tuple[dict[str, jax.Array], nnx.State]:
+    """Pure forward: (outputs, new_batch_stats). In eval the given batch_stats are
+    returned as they are; in train the running statistics are updated."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    outputs = model(images, train=train)
+    if not train:
+        return outputs, batch_stats
+    return outputs, nnx.state(model, nnx.BatchStat)

