@@ -105,26 +105,40 @@ def run_eval(config, workdir: str, data, log) -> dict:
     return {"eval": results, "source": source}
 
 
+def _path_names(path) -> tuple[str, ...]:
+    """A tree path as plain names: nnx.State ends its leaves in `.value`
+    attributes, the restored checkpoint in 'value' dict keys."""
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    return tuple(names)
+
+
 def _match(template, restored, name: str, path: str):
     """Restored arrays must have the model's tree and shapes; one error lists all."""
     import jax
     import numpy as np
 
-    flat_t = dict(jax.tree_util.tree_flatten_with_path(template)[0])
-    flat_r = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
-    problems = [f"missing {jax.tree_util.keystr(k)}" for k in flat_t if k not in flat_r]
+    from jaxreid.utils import UserError
+
+    flat_t = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
+    flat_r = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    problems = [f"missing {'/'.join(k)}" for k in flat_t if k not in flat_r]
+    problems += [f"unexpected {'/'.join(k)}" for k in flat_r if k not in flat_t]
     problems += [
-        f"{jax.tree_util.keystr(k)}: checkpoint {np.shape(flat_r[k])} vs model {np.shape(v)}"
+        f"{'/'.join(k)}: checkpoint {np.shape(flat_r[k])} vs model {np.shape(v)}"
         for k, v in flat_t.items()
         if k in flat_r and np.shape(flat_r[k]) != np.shape(v)
     ]
     if problems:
-        from jaxreid.utils import UserError
-
         raise UserError(
-            f"checkpoint {path} does not fit the configured model ({name}): "
+            f"checkpoint {path} does not fit the configured model ({name}, "
+            f"{len(problems)} problems): "
             + "; ".join(problems[:20])
-            + " -- use the config the checkpoint was trained with"
+            + " -- evaluate with the config the checkpoint was trained with"
         )
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(template), [flat_r[k] for k in flat_t]

@@ -5,8 +5,18 @@ in a subprocess."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+# Persistent XLA compilation cache shared by the tests and the subprocesses
+# they start: the training tests compile the same step several times
+# (straight run, interrupted runs, resumed run, 1 and 4 devices).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxreid-test-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 CUHK03 = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")

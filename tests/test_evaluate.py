@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 
 import numpy as np
 import pytest
@@ -497,19 +496,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
         assert stdout == "", name
 
 
-def test_cli_rerank_unavailable_is_an_input_error(tmp_path, monkeypatch, capsys):
-    path = str(tmp_path / "f.npz")
-    np.savez(path, **_good_arrays())
-    monkeypatch.setitem(sys.modules, "jaxreid.kreciprocal", types.ModuleType("stub"))
-    assert cli.main(["--features", path, "--rerank"]) == 2
-    err = capsys.readouterr().err
-    assert "k_reciprocal_rerank is not available" in err and err.count("\n") == 1
-
-
 def test_cli_rerank_success(tmp_path):
-    kreciprocal = pytest.importorskip("jaxreid.kreciprocal")
-    if not hasattr(kreciprocal, "k_reciprocal_rerank"):
-        pytest.skip("jaxreid.kreciprocal.k_reciprocal_rerank not written yet")
     path = str(tmp_path / "f.npz")
     np.savez(path, **_good_arrays())
     proc = _run_cli("--features", path, "--json", "--rerank", "--k1", "4", "--k2", "2")

@@ -158,26 +158,13 @@ def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> Non
             raise InputError(f"{path}: no {side} rows; the npz needs at least one of each")
 
 
-def _rerank_fn():
-    try:
-        from jaxreid import kreciprocal
-    except ImportError:
-        kreciprocal = None
-    fn = getattr(kreciprocal, "k_reciprocal_rerank", None)
-    if fn is None:
-        raise InputError(
-            "--rerank: jaxreid.kreciprocal.k_reciprocal_rerank is not available in this "
-            "installation; run without --rerank"
-        )
-    return fn
-
-
 def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray:
     qf, gf = data["query_features"], data["gallery_features"]
     if args.rerank:
-        rerank = _rerank_fn()
+        from jaxreid.kreciprocal import k_reciprocal_rerank  # faiss: imported on demand
+
         return np.asarray(
-            rerank(
+            k_reciprocal_rerank(
                 l2_normalize(qf),
                 l2_normalize(gf),
                 k1=args.k1,
