@@ -25,6 +25,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (log, results, checkpoints).")
 _MODE = flags.DEFINE_enum("mode", None, ["train", "eval"], "Overrides config.mode.")
+_MULTIPROCESS = flags.DEFINE_bool(
+    "multiprocess",
+    False,
+    "Join a multi-process run with jax.distributed.initialize() (one process per host; "
+    "coordinator and ranks detected from the cluster environment, e.g. SLURM; "
+    "JAX_COORDINATOR_ADDRESS overrides the coordinator).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -185,6 +192,10 @@ def _write_plots(config, graphdef, params, batch_stats, data, workdir, log) -> N
 
 def main(argv) -> None:
     del argv
+    if _MULTIPROCESS.value:
+        import jax
+
+        jax.distributed.initialize()
     config = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
