@@ -217,6 +217,25 @@ def test_tfds_builder_round_trip(tmp_path):
     assert example["pid"] == 0 and example["image"].shape == (128, 64, 3)
 
 
+def test_build_cli_writes_array_record_and_reports_bad_root(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    root = make_market_tree(str(tmp_path / "m"), MARKET_NAMES)
+    command = [sys.executable, "-m", "jaxreid.data", "build", "--format", "market_layout"]
+    subprocess.run(
+        [*command, "--root", root, "--data_dir", str(tmp_path / "out")],
+        check=True,
+        capture_output=True,
+    )
+    source = tfds.data_source("reid_market_layout", data_dir=str(tmp_path / "out"))
+    assert len(source["query"]) == 2
+    bad = subprocess.run(
+        [*command, "--root", str(tmp_path / "nope"), "--data_dir", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
 @pytest.mark.skipif(not os.path.isdir(CUHK03), reason="../shared/data/cuhk03 is absent")
 def test_real_cuhk03_stats():
     stats = dataset_stats(load_dataset("cuhk03", CUHK03))
