@@ -1,0 +1,123 @@
+"""Cluster memory of the clustering family (cluster-family.md): pure pieces.
+
+After clustering (jaxreid.clustering) every training image has a pseudo-label
+(-1 = outlier). The memory holds one L2-normalised prototype per cluster; a
+step contrasts each sample against all prototypes (ClusterNCE) and then moves
+the prototypes of its clusters towards the batch features with momentum.
+
+Update rules (after the loss, features as constants):
+
+  sequential   for every batch sample in batch order:
+                   c_y <- normalize(m c_y + (1 - m) f_i)        (reference)
+  mean         one step per cluster with the mean of its batch samples:
+                   c_y <- normalize(m c_y + (1 - m) mean_{i: y_i = y} f_i)
+               The vectorised equivalent used by public implementations
+               that average before updating; equal to `sequential` when each
+               cluster has at most one sample in the batch.
+  hard         one step per cluster with its LEAST similar batch sample
+               (the hard-sample variant).
+
+Samples with label < 0 (outliers) neither contribute to the loss nor update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_EPS = 1e-12
+UPDATE_MODES = ("sequential", "mean", "hard")
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+
+
+def init_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, D) float32: the normalised mean of the (normalised) features of every
+    cluster 0..C-1; outliers (label < 0) are ignored. Host-side, between epochs."""
+    features = np.asarray(features, np.float32)
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), _EPS)
+    labels = np.asarray(labels)
+    num_clusters = int(labels.max(initial=-1)) + 1
+    if num_clusters == 0:
+        raise ValueError("no clusters: every sample is an outlier")
+    keep = labels >= 0
+    sums = np.zeros((num_clusters, features.shape[1]), np.float64)
+    np.add.at(sums, labels[keep], features[keep])
+    counts = np.bincount(labels[keep], minlength=num_clusters)
+    if np.any(counts == 0):
+        raise ValueError(
+            f"cluster ids must be 0..C-1 without gaps; empty: {np.flatnonzero(counts == 0)[:5]}"
+        )
+    means = sums / counts[:, None]
+    return (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _EPS)).astype(
+        np.float32
+    )
+
+
+def cluster_nce_loss(
+    features: jax.Array, centroids: jax.Array, labels: jax.Array, temperature: float = 0.05
+) -> jax.Array:
+    """Mean over non-outlier samples of CE(f . C^T / temperature, y).
+
+    `features` (B, D) are L2-normalised here; `centroids` (C, D) are a constant
+    (no gradient reaches the memory).
+    """
+    f = _normalize(features.astype(jnp.float32))
+    logits = f @ jax.lax.stop_gradient(centroids).T / temperature
+    valid = labels >= 0
+    target = jnp.where(valid, labels, 0)
+    ce = (
+        jax.nn.logsumexp(logits, axis=-1)
+        - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+    )
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def update_centroids(
+    centroids: jax.Array,
+    features: jax.Array,
+    labels: jax.Array,
+    momentum: float = 0.1,
+    mode: str = "mean",
+) -> jax.Array:
+    """New (C, D) centroids after a step (see the module docstring).
+
+    `momentum` is m, the weight of the old prototype (0.1 in the usual recipe).
+    """
+    if mode not in UPDATE_MODES:
+        raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
+    centroids = jnp.asarray(centroids)
+    num_clusters = centroids.shape[0]
+    f = jax.lax.stop_gradient(_normalize(jnp.asarray(features, centroids.dtype)))
+    labels = jnp.asarray(labels, jnp.int32)
+    valid = labels >= 0
+
+    if mode == "sequential":
+
+        def body(i, c):
+            y = jnp.maximum(labels[i], 0)
+            new = _normalize(momentum * c[y] + (1.0 - momentum) * f[i])
+            return c.at[y].set(jnp.where(valid[i], new, c[y]))
+
+        return jax.lax.fori_loop(0, f.shape[0], body, centroids)
+
+    segment = jnp.where(valid, labels, num_clusters)  # outliers go to a dropped segment
+    if mode == "mean":
+        sums = jax.ops.segment_sum(f, segment, num_segments=num_clusters + 1)[:-1]
+        counts = jax.ops.segment_sum(valid.astype(f.dtype), segment, num_clusters + 1)[:-1]
+        step = sums / jnp.maximum(counts, 1.0)[:, None]
+    else:  # hard: the batch sample of each cluster least similar to its prototype
+        sim = jnp.sum(f * centroids[jnp.maximum(labels, 0)], axis=-1)
+        sim = jnp.where(valid, sim, jnp.inf)
+        least = jax.ops.segment_min(sim, segment, num_segments=num_clusters + 1)[:-1]
+        counts = jax.ops.segment_sum(valid.astype(f.dtype), segment, num_clusters + 1)[:-1]
+        # First sample (in batch order) reaching its cluster's minimum.
+        is_min = valid & (sim == least[jnp.maximum(labels, 0)])
+        order = jnp.where(is_min, jnp.arange(f.shape[0]), f.shape[0])
+        first = jax.ops.segment_min(order, segment, num_segments=num_clusters + 1)[:-1]
+        step = f[jnp.clip(first, 0, f.shape[0] - 1)]
+    moved = _normalize(momentum * centroids + (1.0 - momentum) * step)
+    return jnp.where((counts > 0)[:, None], moved, centroids)

@@ -1,0 +1,104 @@
+"""Cluster memory: prototypes, ClusterNCE value and gradient, momentum updates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreid import cluster_memory
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_init_centroids_are_normalised_cluster_means():
+    features = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 5.0], [1.0, 1.0]])
+    labels = np.array([0, 1, 1, -1])
+    c = cluster_memory.init_centroids(features, labels)
+    # Cluster 0: (1, 0); cluster 1: mean of (0, 1) and (0, 1) = (0, 1); outlier ignored.
+    np.testing.assert_allclose(c, [[1.0, 0.0], [0.0, 1.0]], atol=1e-7)
+    with pytest.raises(ValueError, match="every sample is an outlier"):
+        cluster_memory.init_centroids(features, np.full(4, -1))
+    with pytest.raises(ValueError, match="without gaps"):
+        cluster_memory.init_centroids(features, np.array([0, 2, 2, -1]))
+
+
+def _numpy_loss(f, c, y, tau):
+    f = _unit(f)
+    losses = []
+    for i in range(len(y)):
+        if y[i] < 0:
+            continue
+        z = f[i] @ c.T / tau
+        losses.append(np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[y[i]])
+    return np.mean(losses)
+
+
+def test_cluster_nce_value_and_gradient_match_numpy():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(6, 5)).astype(np.float32)
+    c = _unit(rng.normal(size=(4, 5))).astype(np.float32)
+    y = np.array([0, 3, -1, 1, 1, 2])
+    value = cluster_memory.cluster_nce_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(y), 0.5)
+    np.testing.assert_allclose(value, _numpy_loss(f, c, y, 0.5), rtol=1e-5)
+    grad_f, grad_c = jax.grad(cluster_memory.cluster_nce_loss, argnums=(0, 1))(
+        jnp.asarray(f), jnp.asarray(c), jnp.asarray(y), 0.5
+    )
+    assert np.all(np.asarray(grad_c) == 0)  # the memory is a constant
+    assert np.all(np.asarray(grad_f)[2] == 0)  # the outlier contributes nothing
+    eps = 1e-3
+    for i, j in [(0, 0), (3, 2), (5, 4)]:
+        up, down = f.copy(), f.copy()
+        up[i, j] += eps
+        down[i, j] -= eps
+        numeric = (_numpy_loss(up, c, y, 0.5) - _numpy_loss(down, c, y, 0.5)) / (2 * eps)
+        np.testing.assert_allclose(grad_f[i, j], numeric, rtol=2e-2, atol=1e-4)
+
+
+def _numpy_sequential(c, f, y, m):
+    c = c.copy()
+    for i in range(len(y)):
+        if y[i] >= 0:
+            c[y[i]] = _unit(m * c[y[i]] + (1 - m) * _unit(f[i]))
+    return c
+
+
+def test_sequential_update_matches_numpy_loop():
+    rng = np.random.default_rng(1)
+    c = _unit(rng.normal(size=(4, 6))).astype(np.float32)
+    f = rng.normal(size=(7, 6)).astype(np.float32)
+    y = np.array([2, 0, 2, -1, 3, 2, 0])
+    new = cluster_memory.update_centroids(c, f, y, momentum=0.2, mode="sequential")
+    np.testing.assert_allclose(new, _numpy_sequential(c, f, y, 0.2), atol=1e-6)
+    np.testing.assert_allclose(new[1], c[1])  # untouched cluster
+
+
+def test_mean_update_equals_sequential_with_one_sample_per_cluster_and_averages_otherwise():
+    rng = np.random.default_rng(2)
+    c = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    f = rng.normal(size=(3, 4)).astype(np.float32)
+    distinct = np.array([4, 0, -1])
+    np.testing.assert_allclose(
+        cluster_memory.update_centroids(c, f, distinct, 0.1, "mean"),
+        _numpy_sequential(c, f, distinct, 0.1),
+        atol=1e-6,
+    )
+    shared = np.array([1, 1, 3])
+    new = cluster_memory.update_centroids(c, f, shared, 0.1, "mean")
+    mean = (_unit(f[0]) + _unit(f[1])) / 2
+    np.testing.assert_allclose(new[1], _unit(0.1 * c[1] + 0.9 * mean), atol=1e-6)
+
+
+def test_hard_update_uses_least_similar_sample():
+    c = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    f = np.array([[1.0, 0.1], [0.2, 1.0], [0.0, 1.0]], np.float32)
+    y = np.array([1, 1, 0])
+    new = cluster_memory.update_centroids(c, f, y, 0.5, "hard")
+    # Cluster 1: sample 0 (cos 0.0995) is less similar than sample 1 (cos 0.98).
+    np.testing.assert_allclose(new[1], _unit(0.5 * c[1] + 0.5 * _unit(f[0])), atol=1e-6)
+    np.testing.assert_allclose(new[0], _unit(0.5 * c[0] + 0.5 * _unit(f[2])), atol=1e-6)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cluster_memory.update_centroids(c, f, y, 0.5, "median")
