@@ -26,19 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_EPS = 1e-12
+from jaxreid.evaluate.distances import l2_normalize as l2_normalize_host
+from jaxreid.models.layers import l2_normalize as _normalize
+
 UPDATE_MODES = ("sequential", "mean", "hard")
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
 def init_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(C, D) float32: the normalised mean of the (normalised) features of every
     cluster 0..C-1; outliers (label < 0) are ignored. Host-side, between epochs."""
-    features = np.asarray(features, np.float32)
-    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), _EPS)
+    features = l2_normalize_host(np.asarray(features, np.float32))
     labels = np.asarray(labels)
     num_clusters = int(labels.max(initial=-1)) + 1
     if num_clusters == 0:
@@ -51,10 +48,7 @@ def init_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"cluster ids must be 0..C-1 without gaps; empty: {np.flatnonzero(counts == 0)[:5]}"
         )
-    means = sums / counts[:, None]
-    return (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _EPS)).astype(
-        np.float32
-    )
+    return l2_normalize_host(sums / counts[:, None]).astype(np.float32)
 
 
 def cluster_nce_loss(

@@ -75,11 +75,10 @@ def load_data(config, log):
 
 def run_eval(config, workdir: str, data, log) -> dict:
     """--mode=eval: a checkpoint (or the initial model) on query/gallery."""
-    import jax
     from flax import nnx
 
     from jaxreid import models
-    from jaxreid.train import evaluate_model, format_metrics
+    from jaxreid.train import evaluate_features, format_metrics, query_gallery_features
 
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats = models.split_model(model)
@@ -104,11 +103,11 @@ def run_eval(config, workdir: str, data, log) -> dict:
             f"checkpoint folder {path!r} does not exist; check --config.eval.checkpoint"
         )
     log(f"evaluating the {source}")
-    results = evaluate_model(config, graphdef, params, batch_stats, data)
+    q, g = query_gallery_features(config, graphdef, params, batch_stats, data)
+    results = evaluate_features(config, q, g, data)
     log(format_metrics("evaluation", results))
     if config.eval.plots:
-        _write_plots(config, graphdef, params, batch_stats, data, workdir, log)
-    del jax
+        _write_plots(config, q, g, data, workdir, log)
     return {"eval": results, "source": source}
 
 
@@ -152,15 +151,13 @@ def _match(template, restored, name: str, path: str):
     )
 
 
-def _write_plots(config, graphdef, params, batch_stats, data, workdir, log) -> None:
+def _write_plots(config, q, g, data, workdir, log) -> None:
+    """Ranked-list grid and CMC curve from the features just evaluated."""
     import numpy as np
 
     from jaxreid import evaluate
     from jaxreid.evaluate import plots
-    from jaxreid.train import extract
 
-    q = extract(graphdef, params, batch_stats, data.query.images, config.eval.batch_size)
-    g = extract(graphdef, params, batch_stats, data.gallery.images, config.eval.batch_size)
     distance = evaluate.cosine_distance(q["global"], g["global"])
     rng = np.random.default_rng(config.seed)
     count = min(config.eval.num_plot_queries, len(data.query.records))

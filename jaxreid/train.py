@@ -105,17 +105,34 @@ def extract(graphdef, params, batch_stats, images: np.ndarray, batch_size: int, 
     )
 
 
+def query_gallery_features(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, data: Data
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Model outputs of the query and gallery images (eval mode, config.eval.flip)."""
+    return tuple(
+        extract(
+            graphdef, params, batch_stats, split.images, config.eval.batch_size, config.eval.flip
+        )
+        for split in (data.query, data.gallery)
+    )
+
+
 def evaluate_model(
     config: ml_collections.ConfigDict, graphdef, params, batch_stats, data: Data
 ) -> dict[str, Any]:
+    """Extracts query / gallery features and evaluates them (`evaluate_features`)."""
+    q, g = query_gallery_features(config, graphdef, params, batch_stats, data)
+    return evaluate_features(config, q, g, data)
+
+
+def evaluate_features(
+    config: ml_collections.ConfigDict,
+    q: dict[str, np.ndarray],
+    g: dict[str, np.ndarray],
+    data: Data,
+) -> dict[str, Any]:
     """Plain protocol (global cosine) and, for models with stripes, the SCL
     distance; returns {"plain": metrics, "scl": metrics} (no arrays)."""
-    q = extract(
-        graphdef, params, batch_stats, data.query.images, config.eval.batch_size, config.eval.flip
-    )
-    g = extract(
-        graphdef, params, batch_stats, data.gallery.images, config.eval.batch_size, config.eval.flip
-    )
     labels = (data.query.pids, data.gallery.pids, data.query.cameras, data.gallery.cameras)
     results = {}
     if config.eval.rerank:
