@@ -35,9 +35,17 @@ def default_cluster_config():
     """
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(
-        k1=30, k2=6, eps=0.6, min_samples=4, knn_backend="faiss", knn_block_size=0,
-        giant_cluster_fraction=0.5))
+    return ml_collections.ConfigDict(
+        dict(
+            k1=30,
+            k2=6,
+            eps=0.6,
+            min_samples=4,
+            knn_backend="faiss",
+            knn_block_size=0,
+            giant_cluster_fraction=0.5,
+        )
+    )
 
 
 def dbscan(sparse_distance: sp.spmatrix | np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -68,9 +76,12 @@ def dbscan(sparse_distance: sp.spmatrix | np.ndarray, eps: float, min_samples: i
     diagonal = np.arange(n)
     # Boolean neighbourhood graph, each point its own neighbour; duplicates merge in tocsr.
     graph = sp.coo_matrix(
-        (np.ones(len(rows) + n, np.int8),
-         (np.concatenate([rows, diagonal]), np.concatenate([cols, diagonal]))),
-        shape=(n, n)).tocsr()
+        (
+            np.ones(len(rows) + n, np.int8),
+            (np.concatenate([rows, diagonal]), np.concatenate([cols, diagonal])),
+        ),
+        shape=(n, n),
+    ).tocsr()
     graph.data[:] = 1
     is_core = np.diff(graph.indptr) >= min_samples
     labels = np.full(n, -1, np.int64)
@@ -78,7 +89,8 @@ def dbscan(sparse_distance: sp.spmatrix | np.ndarray, eps: float, min_samples: i
     if len(core) == 0:
         return labels
     num_components, component = csgraph.connected_components(
-        graph[core][:, core], directed=True, connection="weak")
+        graph[core][:, core], directed=True, connection="weak"
+    )
     # Number clusters by their lowest core index, as scikit-learn's scan does.
     first = np.full(num_components, n)
     np.minimum.at(first, component, core)
@@ -136,21 +148,39 @@ def cluster_features(features: np.ndarray, config: Any = None) -> np.ndarray:
     start = time.perf_counter()
     eps = float(params["eps"])
     distance = kreciprocal.jaccard_distance(
-        features, k1=int(params["k1"]), k2=int(params["k2"]), backend=params["knn_backend"],
+        features,
+        k1=int(params["k1"]),
+        k2=int(params["k2"]),
+        backend=params["knn_backend"],
         max_distance=eps if eps < 1.0 else None,
-        knn_block_size=int(params["knn_block_size"]) or None)
+        knn_block_size=int(params["knn_block_size"]) or None,
+    )
     jaccard_seconds = time.perf_counter() - start
     labels = dbscan(distance, eps, int(params["min_samples"]))
     stats = pseudo_label_stats(labels)
     logger.info(
         "cluster_features: N=%d -> %d clusters, %d outliers (%.1f%%), largest %d; "
-        "jaccard %.2fs, dbscan %.2fs", n, stats["num_clusters"], stats["num_outliers"],
-        100 * stats["outlier_fraction"], stats["largest_cluster"], jaccard_seconds,
-        time.perf_counter() - start - jaccard_seconds)
+        "jaccard %.2fs, dbscan %.2fs",
+        n,
+        stats["num_clusters"],
+        stats["num_outliers"],
+        100 * stats["outlier_fraction"],
+        stats["largest_cluster"],
+        jaccard_seconds,
+        time.perf_counter() - start - jaccard_seconds,
+    )
     if stats["num_clusters"] == 0:
-        logger.warning("cluster_features: every one of the %d points is an outlier "
-                       "(eps=%g, min_samples=%d)", n, eps, params["min_samples"])
+        logger.warning(
+            "cluster_features: every one of the %d points is an outlier (eps=%g, min_samples=%d)",
+            n,
+            eps,
+            params["min_samples"],
+        )
     elif stats["largest_cluster"] > params["giant_cluster_fraction"] * n:
-        logger.warning("cluster_features: one cluster holds %d of %d points (eps=%g)",
-                       stats["largest_cluster"], n, eps)
+        logger.warning(
+            "cluster_features: one cluster holds %d of %d points (eps=%g)",
+            stats["largest_cluster"],
+            n,
+            eps,
+        )
     return labels

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_stripes = 8
     c.model.dtype = "float32"
     c.model.bn_group_size = 0  # 0 = statistics over the whole (global) batch
+    c.model.num_classes = 0  # set from the training identities by method "supervised"
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "scl"
@@ -52,6 +53,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.selection_block = 65536  # bank rows per block of the selection scan
     c.method.approx_topk = False
     c.method.mixture_update = "sequential"  # sequential | vectorized
+    # Clustering family (cluster-family.md; method.name one of
+    # cluster_contrast | self_paced | cap | hhcl | joint). method.temperature
+    # is shared with SCL (the recipe's 0.05 is set by cluster_config).
+    c.method.momentum = 0.1  # weight of the OLD prototype in its momentum update
+    c.method.memory_update = "mean"  # mean | hard | sequential (cluster_memory)
+    c.method.instance_momentum = 0.2  # hhcl / joint instance bank
+    c.method.instance_weight = 1.0  # hhcl / joint: weight of the instance term
+    c.method.inter_camera_weight = 0.5  # cap
+    c.method.num_hard_negatives = 50  # cap proxies / hhcl instances
+    # Supervised reference (method "supervised"): identity CE + batch-hard triplet.
+    c.method.label_smoothing = 0.1
+    c.method.triplet_margin = 0.3
+    c.method.triplet_weight = 1.0
+
+    # Re-clustering between epochs (jaxreid.clustering.cluster_features).
+    c.cluster = ml_collections.ConfigDict()
+    c.cluster.k1 = 30
+    c.cluster.k2 = 6
+    c.cluster.eps = 0.6
+    c.cluster.min_samples = 4
+    c.cluster.knn_backend = "faiss"  # faiss | jax (on the accelerator)
+    c.cluster.knn_block_size = 0  # 0 = from the memory budget
+    c.cluster.giant_cluster_fraction = 0.5  # warn when one cluster holds more
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam
@@ -71,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 1
+    c.train.num_instances = 4  # K of the P x K sampler (clustering family)
     # Checkpoint and exit after this many steps of this invocation (0 = never):
     # for time-limited or preemptible jobs; the same command resumes.
     c.train.stop_after_steps = 0
@@ -123,4 +148,90 @@ def scl_paper_config(dataset: str, root: str) -> ml_collections.ConfigDict:
     c.train.eval_every = 5
     c.train.log_every = 100
     c.train.checkpoint_every_steps = 1000
+    return c
+
+
+# Per-method settings of the published implementations, over the shared recipe.
+_CLUSTER_METHOD_DEFAULTS = {
+    "cluster_contrast": dict(memory_update="mean"),
+    "cluster_contrast_hard": dict(name="cluster_contrast", memory_update="hard"),
+    "self_paced": dict(momentum=0.2),
+    "cap": dict(temperature=0.07, momentum=0.2, inter_camera_weight=0.5, num_hard_negatives=50),
+    "hhcl": dict(memory_update="hard", instance_weight=1.0, num_hard_negatives=50),
+    "joint": dict(instance_weight=1.0, instance_momentum=0.2),
+}
+
+
+def cluster_config(
+    dataset: str, root: str, method: str = "cluster_contrast"
+) -> ml_collections.ConfigDict:
+    """The public cluster-contrast recipe (cluster-family.md) on `dataset`:
+    ResNet-50 (last stride 1, ImageNet init), GeM, BN neck, 256x128, flip +
+    pad 10 + random erasing 0.5, Adam 3.5e-4 wd 5e-4, lr x0.1 every 20
+    epochs, 50 epochs x 200 iterations of 256 = 16 x 16 images, DBSCAN on
+    the k-reciprocal Jaccard distance (k1 30, k2 6, eps 0.6, min_samples 4),
+    momentum 0.1, temperature 0.05. Batch norm statistics over groups of 64
+    (the reference's 4 GPUs x 64). `method`: a key of _CLUSTER_METHOD_DEFAULTS."""
+    if method not in _CLUSTER_METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}; one of {sorted(_CLUSTER_METHOD_DEFAULTS)}")
+    c = base_config()
+    c.data.dataset = dataset
+    c.data.root = root
+    c.data.height, c.data.width = 256, 128
+    c.augment.flip, c.augment.pad, c.augment.erasing_prob = True, 10, 0.5
+
+    c.model.backbone = "resnet50"
+    c.model.pretrained = "~/weights/resnet50-0676ba61.pth"  # torchvision ImageNet weights
+    c.model.last_stride = 1
+    c.model.pooling = "gem"
+    c.model.head = "bnneck"
+    c.model.embed_dim = 0  # no projection: D = 2048
+    c.model.bn_group_size = 64
+
+    c.method.name = "cluster_contrast"
+    c.method.temperature = 0.05
+    c.method.momentum = 0.1
+    c.method.warmup_epochs = 0
+    for key, value in _CLUSTER_METHOD_DEFAULTS[method].items():
+        c.method[key] = value
+
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 3.5e-4
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.schedule = "step"
+    c.optimizer.step_epochs = 20
+    c.optimizer.step_factor = 0.1
+
+    c.train.batch_size = 256
+    c.train.num_instances = 16
+    c.train.epochs = 50
+    c.train.steps_per_epoch = 200
+    c.train.eval_every = 10
+    c.train.log_every = 50
+    c.train.checkpoint_every_steps = 200
+    c.eval.batch_size = 256
+    return c
+
+
+def cpu_cluster_config(
+    dataset: str, root: str, method: str = "cluster_contrast"
+) -> ml_collections.ConfigDict:
+    """`cluster_config` scaled to a 2-core CPU: EfficientNet-Lite0 (ImageNet
+    weights, packaged) at 128x64, D = 1280, GeM + BN neck, batch 64 = 16 x 4,
+    5 epochs x 100 steps, constant lr, pad 5 (10 at 256x128)."""
+    c = cluster_config(dataset, root, method)
+    c.data.height, c.data.width = 128, 64
+    c.augment.pad = 5
+    c.model.backbone = "efficientnet_lite0"
+    c.model.pretrained = "imagenet"
+    c.model.embed_dim = 0
+    c.model.bn_group_size = 32
+    c.optimizer.schedule = "constant"
+    c.train.batch_size = 64
+    c.train.num_instances = 4
+    c.train.epochs = 5
+    c.train.steps_per_epoch = 100
+    c.train.eval_every = 5
+    c.train.log_every = 20
+    c.train.checkpoint_every_steps = 100
     return c

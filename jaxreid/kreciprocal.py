@@ -77,8 +77,9 @@ def reciprocal_sets(order: np.ndarray, k: int) -> sp.csr_matrix:
     cols = forward.ravel()
     keys = rows * n + cols  # sorted: rows ascending, columns sorted within a row
     is_reciprocal = _contains(keys, cols * n + rows)
-    return _csr_from_sorted(rows[is_reciprocal], cols[is_reciprocal],
-                            np.ones(int(is_reciprocal.sum()), bool), n)
+    return _csr_from_sorted(
+        rows[is_reciprocal], cols[is_reciprocal], np.ones(int(is_reciprocal.sum()), bool), n
+    )
 
 
 def expanded_sets(reciprocal: sp.csr_matrix, reciprocal_half: sp.csr_matrix) -> sp.csr_matrix:
@@ -107,13 +108,15 @@ def expanded_sets(reciprocal: sp.csr_matrix, reciprocal_half: sp.csr_matrix) -> 
     return _csr_from_sorted(rows, cols, np.ones(len(rows), bool), n)
 
 
-def pair_similarities(features: np.ndarray, sims: np.ndarray, order: np.ndarray,
-                      rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def pair_similarities(
+    features: np.ndarray, sims: np.ndarray, order: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
     """s(rows[t], cols[t]) (float64): looked up in the kNN lists, computed for the rest."""
     n = len(order)
     perm = np.argsort(order, axis=1, kind="stable")
-    knn_keys = (np.arange(n, dtype=np.int64)[:, None] * n
-                + np.take_along_axis(order, perm, axis=1)).ravel()
+    knn_keys = (
+        np.arange(n, dtype=np.int64)[:, None] * n + np.take_along_axis(order, perm, axis=1)
+    ).ravel()
     knn_sims = np.take_along_axis(sims, perm, axis=1).ravel().astype(np.float64)
     keys = rows.astype(np.int64) * n + cols
     pos = np.minimum(np.searchsorted(knn_keys, keys), len(knn_keys) - 1)
@@ -122,7 +125,7 @@ def pair_similarities(features: np.ndarray, sims: np.ndarray, order: np.ndarray,
     missing = np.flatnonzero(~found)
     step = max(1, _CHUNK_ELEMENTS // max(features.shape[1], 1))
     for s in range(0, len(missing), step):
-        t = missing[s:s + step]
+        t = missing[s : s + step]
         out[t] = np.einsum("td,td->t", features[rows[t]], features[cols[t]], dtype=np.float64)
     return out
 
@@ -135,8 +138,10 @@ def encode(expanded: sp.csr_matrix, distances: np.ndarray) -> sp.csr_matrix:
     np.minimum.at(row_min, rows, distances)
     weights = np.exp(-(distances - row_min[rows]))
     totals = np.bincount(rows, weights=weights, minlength=expanded.shape[0])
-    return sp.csr_matrix((weights / totals[rows], expanded.indices.copy(),
-                          expanded.indptr.copy()), shape=expanded.shape)
+    return sp.csr_matrix(
+        (weights / totals[rows], expanded.indices.copy(), expanded.indptr.copy()),
+        shape=expanded.shape,
+    )
 
 
 def query_expansion(encoding: sp.csr_matrix, order: np.ndarray, k2: int) -> sp.csr_matrix:
@@ -147,7 +152,8 @@ def query_expansion(encoding: sp.csr_matrix, order: np.ndarray, k2: int) -> sp.c
     k2 = min(k2, order.shape[1])
     averaging = sp.csr_matrix(
         (np.full(n * k2, 1.0 / k2), order[:, :k2].ravel(), np.arange(0, n * k2 + 1, k2)),
-        shape=(n, n))
+        shape=(n, n),
+    )
     expanded = (averaging @ encoding).tocsr()
     expanded.sort_indices()
     return expanded
@@ -164,8 +170,9 @@ def jaccard_upper(encoding: sp.csr_matrix, max_distance: float | None = None):
     csr.sort_indices()
     csc = csr.tocsc()  # row indices ascending within each column
     # Where each CSR entry sits in the CSC arrays, to start its column scan at its own row.
-    entry_ids = sp.csr_matrix((np.arange(1, csr.nnz + 1, dtype=np.int64), csr.indices,
-                               csr.indptr), shape=csr.shape).tocsc()
+    entry_ids = sp.csr_matrix(
+        (np.arange(1, csr.nnz + 1, dtype=np.int64), csr.indices, csr.indptr), shape=csr.shape
+    ).tocsc()
     csc_pos = np.empty(csr.nnz, np.int64)
     csc_pos[entry_ids.data - 1] = np.arange(csr.nnz)
     rest = csc.indptr[csr.indices + 1] - csc_pos  # entries j >= i in the same column
@@ -232,18 +239,34 @@ def jaccard_distance(
     else:
         sims, order = (np.asarray(a) for a in neighbors_result)
     timer.lap("knn")
-    rows, cols, dist = _sparse_jaccard(features, sims, order, k_forward=k1,
-                                       k_half=half_k(k1) + 1, k2=k2, row_scale=None,
-                                       max_distance=max_distance, timer=timer)
+    rows, cols, dist = _sparse_jaccard(
+        features,
+        sims,
+        order,
+        k_forward=k1,
+        k_half=half_k(k1) + 1,
+        k2=k2,
+        row_scale=None,
+        max_distance=max_distance,
+        timer=timer,
+    )
     offdiag = rows != cols
     full = sp.csr_matrix(
-        (np.concatenate([dist, dist[offdiag]]).astype(np.float32),
-         (np.concatenate([rows, cols[offdiag]]), np.concatenate([cols, rows[offdiag]]))),
-        shape=(n, n))
+        (
+            np.concatenate([dist, dist[offdiag]]).astype(np.float32),
+            (np.concatenate([rows, cols[offdiag]]), np.concatenate([cols, rows[offdiag]])),
+        ),
+        shape=(n, n),
+    )
     full.sort_indices()
     timer.lap("assemble")
-    logger.info("jaccard_distance: N=%d, %d stored pairs (%.1f per row); %s", n, full.nnz,
-                full.nnz / n, timer)
+    logger.info(
+        "jaccard_distance: N=%d, %d stored pairs (%.1f per row); %s",
+        n,
+        full.nnz,
+        full.nnz / n,
+        timer,
+    )
     return full
 
 
@@ -283,17 +306,26 @@ def k_reciprocal_rerank(
     k_forward = min(k1 + 1, n)
     k2 = max(1, min(k2, k_forward))
     timer = _Timer()
-    sims, order = neighbors.knn(features, k_forward, backend=backend,
-                                block_size=knn_block_size)
+    sims, order = neighbors.knn(features, k_forward, backend=backend, block_size=knn_block_size)
     # max_l d(i, l) = 2 - 2 min_l s(i, l): the nearest neighbour of -x_i.
-    min_sims = -neighbors.knn_query(-features, features, 1, backend=backend,
-                                    block_size=knn_block_size)[0][:, 0].astype(np.float64)
+    min_sims = -neighbors.knn_query(
+        -features, features, 1, backend=backend, block_size=knn_block_size
+    )[0][:, 0].astype(np.float64)
     row_max = np.maximum(2.0 - 2.0 * min_sims, 1e-12)
     timer.lap("knn")
     rows, cols, jaccard = _sparse_jaccard(
-        features, sims, order, k_forward=k_forward, k_half=half_k(k1) + 1, k2=k2,
-        row_scale=row_max, max_distance=None, timer=timer, query_rows=num_query,
-        column_offset=num_query)
+        features,
+        sims,
+        order,
+        k_forward=k_forward,
+        k_half=half_k(k1) + 1,
+        k2=k2,
+        row_scale=row_max,
+        max_distance=None,
+        timer=timer,
+        query_rows=num_query,
+        column_offset=num_query,
+    )
     out = np.ones((num_query, num_gallery), np.float32)
     out[rows, cols - num_query] = jaccard
     out *= 1.0 - lambda_value
@@ -312,8 +344,20 @@ def k_reciprocal_rerank(
 # Internals
 
 
-def _sparse_jaccard(features, sims, order, *, k_forward, k_half, k2, row_scale, max_distance,
-                    timer, query_rows=None, column_offset=0):
+def _sparse_jaccard(
+    features,
+    sims,
+    order,
+    *,
+    k_forward,
+    k_half,
+    k2,
+    row_scale,
+    max_distance,
+    timer,
+    query_rows=None,
+    column_offset=0,
+):
     """kNN lists -> V -> query expansion -> Jaccard pairs (upper triangle, or query rows)."""
     n = len(order)
     order = np.asarray(order, dtype=np.int64)
@@ -324,14 +368,19 @@ def _sparse_jaccard(features, sims, order, *, k_forward, k_half, k2, row_scale, 
     expanded = expanded_sets(reciprocal, reciprocal_half)
     timer.lap("reciprocal")
     e_rows = _row_ids(expanded)
-    dist = 2.0 - 2.0 * pair_similarities(features, sims, order, e_rows,
-                                         expanded.indices.astype(np.int64))
+    dist = 2.0 - 2.0 * pair_similarities(
+        features, sims, order, e_rows, expanded.indices.astype(np.int64)
+    )
     if row_scale is not None:
         dist = dist / row_scale[e_rows]
     encoding = query_expansion(encode(expanded, dist), order, k2)
     timer.lap("encode")
-    logger.debug("k-reciprocal: |R| %.1f, |E| %.1f, nnz(V) per row %.1f", reciprocal.nnz / n,
-                 expanded.nnz / n, encoding.nnz / n)
+    logger.debug(
+        "k-reciprocal: |R| %.1f, |E| %.1f, nnz(V) per row %.1f",
+        reciprocal.nnz / n,
+        expanded.nnz / n,
+        encoding.nnz / n,
+    )
     if query_rows is None:
         result = jaccard_upper(encoding, max_distance)
     else:
@@ -353,7 +402,7 @@ def _jaccard_rows(encoding, num_rows, column_offset):
     csr_rows = _row_ids(csr)
     aggregator = _PairSums(n)
     out = []
-    for start, stop in _row_chunks(csr.indptr[:num_rows + 1], rest, max_rows=aggregator.max_rows):
+    for start, stop in _row_chunks(csr.indptr[: num_rows + 1], rest, max_rows=aggregator.max_rows):
         lo, hi = csr.indptr[start], csr.indptr[stop]
         entry, pos = _ragged(first_of_entry[lo:hi], rest[lo:hi])
         mins = np.minimum(csr.data[lo:hi][entry], csc.data[pos])
@@ -410,7 +459,8 @@ def _ragged(starts, lengths):
     group = np.repeat(np.arange(len(lengths)), lengths)
     offsets = np.cumsum(lengths) - lengths
     pos = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
-        np.asarray(starts, dtype=np.int64) - offsets, lengths)
+        np.asarray(starts, dtype=np.int64) - offsets, lengths
+    )
     return group, pos
 
 

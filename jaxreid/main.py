@@ -78,8 +78,10 @@ def run_eval(config, workdir: str, data, log) -> dict:
     from flax import nnx
 
     from jaxreid import models
+    from jaxreid.methods import prepare_config
     from jaxreid.train import evaluate_features, format_metrics, query_gallery_features
 
+    config = prepare_config(config, data.train.pids)
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats = models.split_model(model)
     source = "initial model"

@@ -205,7 +205,7 @@ def apply_row_updates(
     return bank.at[target].set(work[slot], mode="drop")
 
 
-def _computed_after(x: Any, deps: Any) -> Any:
+def computed_after(x: Any, deps: Any) -> Any:
     """x unchanged (bit for bit), but with a data dependency on every leaf of deps.
 
     `lax.optimization_barrier` does not survive XLA's CPU pipeline, and a write
@@ -339,7 +339,7 @@ def update_banks(
         over the banks, which reads and writes all of them and keeps both
         versions alive.
     """
-    g, l = _computed_after((g, l), (candidates, after))  # noqa: E741
+    g, l = computed_after((g, l), (candidates, after))  # noqa: E741
     indices = jnp.where(enabled, jnp.asarray(indices, jnp.int32), -1)
     positives = jnp.asarray(candidates[:, : k + 1], jnp.int32)
     not_self = jnp.arange(k + 1)[None, :] > 0

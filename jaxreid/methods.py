@@ -2,7 +2,9 @@
 
 A method is (init_memory, loss, update_memory):
 
-  init_memory(features, cameras, config)            host, before training
+  init_memory(features, cameras, labels)            host: before training, and for
+                                                    clustering methods after every
+                                                    re-clustering (labels = pseudo-labels)
   loss(outputs, memory, indices, cameras, rng, warmup) -> (loss, aux, metrics)
                                                     inside the compiled step
   update_memory(memory, outputs, indices, aux, warmup, after, enabled) -> memory
@@ -16,6 +18,10 @@ loss is not finite.
 `outputs` are the model's outputs for the augmented batch; `aux` carries what
 the update needs from the loss (e.g. SCL's candidate lists). The memory is a
 pytree that the step returns updated; it never receives gradients.
+
+Clustering methods (`clustering=True`) re-cluster the training set at the
+start of every epoch (jaxreid.clustering) and train with a P x K sampler over
+`sampler_labels(memory)`; the others use a plain shuffle.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from jaxreid import losses, memory, selection
+from jaxreid import cluster_methods, losses, memory, selection, supervised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +46,20 @@ class Method:
     update_memory: Callable[..., Any]
     # Model outputs the memory is initialised from (extracted without augmentation).
     feature_keys: tuple[str, ...]
+    # Re-cluster the training set at every epoch start (the clustering family).
+    clustering: bool = False
+    # memory (host arrays) -> labels of the P x K sampler (< 0: never drawn);
+    # None: plain shuffle.
+    sampler_labels: Callable[[Any], np.ndarray] | None = None
+    # init_memory receives the true identity labels (supervised reference only).
+    reads_identities: bool = False
 
 
 def scl_method(config: ml_collections.ConfigDict) -> Method:
     """Selective Contrastive Learning (scl-method.md)."""
     m = config.method
 
-    def init_memory(features: dict[str, Any], cameras: Any) -> memory.SCLBanks:
+    def init_memory(features: dict[str, Any], cameras: Any, labels=None) -> memory.SCLBanks:
         return memory.init_banks(features["global"], features["stripes"], cameras)
 
     def loss(outputs, banks: memory.SCLBanks, indices, cams, rng, warmup: bool):
@@ -98,7 +112,111 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
     return Method("scl", init_memory, loss, update_memory, ("global", "stripes"))
 
 
-METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {"scl": scl_method}
+def cluster_method(config: ml_collections.ConfigDict) -> Method:
+    """The clustering family (cluster-family.md): `config.method.name` is one of
+    cluster_methods.KINDS; see that module for each memory, loss and update."""
+    m = config.method
+    kind = m.name
+
+    def init_memory(features, cameras, labels=None):
+        g = np.asarray(features["global"])
+        if labels is None:  # placeholder of the right shapes until the first clustering
+            labels = np.full(len(g), -1)
+        return cluster_methods.build_memory(kind, g, cameras, labels)
+
+    def loss(outputs, mem, indices, cams, rng, warmup: bool):
+        value, metrics = cluster_methods.cluster_loss(
+            kind,
+            outputs,
+            mem,
+            indices,
+            cams,
+            temperature=m.temperature,
+            instance_weight=m.instance_weight,
+            inter_camera_weight=m.inter_camera_weight,
+            num_hard_negatives=m.num_hard_negatives,
+        )
+        return value, None, metrics
+
+    def update_memory(mem, outputs, indices, aux, warmup: bool, after, enabled):
+        features = memory.computed_after(outputs["global"], after)
+        return cluster_methods.update_cluster_memory(
+            kind,
+            mem,
+            features,
+            indices,
+            momentum=m.momentum,
+            mode=m.memory_update,
+            instance_momentum=m.instance_momentum,
+            enabled=enabled,
+        )
+
+    def sampler_labels(mem) -> np.ndarray:
+        # self_paced: outliers are one-image classes of their own.
+        return np.asarray(mem.rows if kind == "self_paced" else mem.pseudo_labels)
+
+    return Method(
+        kind,
+        init_memory,
+        loss,
+        update_memory,
+        ("global",),
+        clustering=True,
+        sampler_labels=sampler_labels,
+    )
+
+
+def supervised_method(config: ml_collections.ConfigDict) -> Method:
+    """Supervised upper bound: smoothed identity CE on the BN-neck classifier +
+    batch-hard triplet on the pre-BN feature, P x K over the true identities."""
+    m = config.method
+
+    def init_memory(features, cameras, labels=None):
+        if labels is None:
+            raise ValueError("the supervised method needs identity labels")
+        return supervised.SupervisedMemory(
+            labels=np.asarray(labels, np.int32), cameras=np.asarray(cameras, np.int32)
+        )
+
+    def loss(outputs, mem, indices, cams, rng, warmup: bool):
+        if "logits" not in outputs:
+            raise ValueError("method 'supervised' needs model.head = 'bnneck'")
+        labels = mem.labels[indices]
+        ce = supervised.smoothed_cross_entropy(outputs["logits"], labels, m.label_smoothing)
+        triplet = supervised.batch_hard_triplet(outputs["pre_bn"], labels, m.triplet_margin)
+        return ce + m.triplet_weight * triplet, None, {"loss_id": ce, "loss_triplet": triplet}
+
+    def update_memory(mem, outputs, indices, aux, warmup: bool, after, enabled):
+        return mem
+
+    return Method(
+        "supervised",
+        init_memory,
+        loss,
+        update_memory,
+        (),
+        sampler_labels=lambda mem: np.asarray(mem.labels),
+        reads_identities=True,
+    )
+
+
+def prepare_config(
+    config: ml_collections.ConfigDict, train_pids: np.ndarray
+) -> ml_collections.ConfigDict:
+    """The config the model is built from: the supervised method's classifier
+    gets one output per training identity (a copy; others unchanged)."""
+    if config.method.name != "supervised":
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_classes = len(np.unique(train_pids))
+    return config
+
+
+METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
+    "scl": scl_method,
+    "supervised": supervised_method,
+    **{kind: cluster_method for kind in cluster_methods.KINDS},
+}
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:

@@ -60,8 +60,17 @@ def knn(
       (similarities (N, k) float32, indices (N, k) int64), row i starting with (|x_i|^2, i).
     """
     mode = "symmetric" if symmetric else "self"
-    return _search(features, features, k, backend, mode, block_size, memory_budget_bytes,
-                   extra_candidates, tie_tolerance)
+    return _search(
+        features,
+        features,
+        k,
+        backend,
+        mode,
+        block_size,
+        memory_budget_bytes,
+        extra_candidates,
+        tie_tolerance,
+    )
 
 
 def knn_query(
@@ -79,12 +88,30 @@ def knn_query(
 
     Same arguments and return convention as `knn`; k is clipped to len(database).
     """
-    return _search(queries, database, k, backend, "query", block_size, memory_budget_bytes,
-                   extra_candidates, tie_tolerance)
+    return _search(
+        queries,
+        database,
+        k,
+        backend,
+        "query",
+        block_size,
+        memory_budget_bytes,
+        extra_candidates,
+        tie_tolerance,
+    )
 
 
-def _search(queries, database, k, backend, mode, block_size, memory_budget_bytes,
-            extra_candidates, tie_tolerance):
+def _search(
+    queries,
+    database,
+    k,
+    backend,
+    mode,
+    block_size,
+    memory_budget_bytes,
+    extra_candidates,
+    tie_tolerance,
+):
     self_first = mode != "query"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -101,14 +128,20 @@ def _search(queries, database, k, backend, mode, block_size, memory_budget_bytes
     if backend == "faiss":
         sims, idx = _faiss_search(queries, database, num_candidates)
     elif mode == "symmetric":
-        sims, idx = _jax_symmetric_search(database, num_candidates, block_size,
-                                          memory_budget_bytes)
+        sims, idx = _jax_symmetric_search(database, num_candidates, block_size, memory_budget_bytes)
     else:
-        sims, idx = _jax_search(queries, database, num_candidates, self_first, block_size,
-                                memory_budget_bytes)
+        sims, idx = _jax_search(
+            queries, database, num_candidates, self_first, block_size, memory_budget_bytes
+        )
     sims, idx = _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance)
-    logger.debug("knn %s: %d x %d, k=%d in %.2fs", backend, num_queries, num_database, k,
-                 time.perf_counter() - start)
+    logger.debug(
+        "knn %s: %d x %d, k=%d in %.2fs",
+        backend,
+        num_queries,
+        num_database,
+        k,
+        time.perf_counter() - start,
+    )
     return sims, idx
 
 
@@ -131,8 +164,7 @@ def _faiss_search(queries, database, num_candidates):
         sims, idx = index.search(queries, num_candidates)
     else:
         # IndexFlatIP's exact search without building the index, which would copy the database.
-        sims, idx = faiss.knn(queries, database, num_candidates,
-                              metric=faiss.METRIC_INNER_PRODUCT)
+        sims, idx = faiss.knn(queries, database, num_candidates, metric=faiss.METRIC_INNER_PRODUCT)
     return sims, idx.astype(np.int64)
 
 
@@ -161,8 +193,15 @@ def _jax_search(queries, database, num_candidates, self_first, block_size, memor
     outputs = []
     for start in range(0, num_queries, block):
         # The last block is zero-padded to the same shape: `_block_top_k` compiles once.
-        outputs.append(_block_top_k(_padded_block(queries, start, block), database_device,
-                                    jnp.int32(start), num_candidates, self_first))
+        outputs.append(
+            _block_top_k(
+                _padded_block(queries, start, block),
+                database_device,
+                jnp.int32(start),
+                num_candidates,
+                self_first,
+            )
+        )
     sims = np.concatenate([np.asarray(s) for s, _ in outputs])[:num_queries]
     idx = np.concatenate([np.asarray(i) for _, i in outputs])[:num_queries].astype(np.int64)
     return sims, idx
@@ -170,7 +209,7 @@ def _jax_search(queries, database, num_candidates, self_first, block_size, memor
 
 def _padded_block(array, start, size):
     """array[start:start + size] on the device, zero rows appended up to `size` rows."""
-    part = array[start:start + size]
+    part = array[start : start + size]
     if len(part) < size:
         part = np.concatenate([part, np.zeros((size - len(part), array.shape[1]), array.dtype)])
     return jnp.asarray(part)
@@ -215,14 +254,24 @@ def _jax_symmetric_search(features, num_candidates, block_size, memory_budget_by
     block = max(-(-rows_per_block // 8) * 8, num_candidates)
     num_blocks = -(-n // block)
     blocks = [_padded_block(features, b * block, block) for b in range(num_blocks)]
-    empty = (jnp.full((block, num_candidates), -jnp.inf, jnp.float32),
-             jnp.full((block, num_candidates), -1, jnp.int32))
+    empty = (
+        jnp.full((block, num_candidates), -jnp.inf, jnp.float32),
+        jnp.full((block, num_candidates), -1, jnp.int32),
+    )
     best = [empty] * num_blocks
     # Row block r receives column blocks in increasing order, so ties keep the lower index.
     for i in range(num_blocks):
         for j in range(i, num_blocks):
-            new_i, new_j = _pair_top_k(blocks[i], blocks[j], best[i], best[j], jnp.int32(i),
-                                       jnp.int32(j), jnp.int32(n), num_candidates)
+            new_i, new_j = _pair_top_k(
+                blocks[i],
+                blocks[j],
+                best[i],
+                best[j],
+                jnp.int32(i),
+                jnp.int32(j),
+                jnp.int32(n),
+                num_candidates,
+            )
             best[i] = new_i
             if j != i:
                 best[j] = new_j
@@ -270,7 +319,8 @@ def _exact_similarities(queries, query_rows, database, idx, max_elements=2**21):
     out = np.empty(idx.shape, np.float64)
     step = max(1, max_elements // (idx.shape[1] * queries.shape[1]))
     for s in range(0, len(idx), step):
-        q = queries[query_rows[s:s + step]].astype(np.float64)
-        out[s:s + step] = np.einsum("qd,qmd->qm", q,
-                                    database[idx[s:s + step]].astype(np.float64))
+        q = queries[query_rows[s : s + step]].astype(np.float64)
+        out[s : s + step] = np.einsum(
+            "qd,qmd->qm", q, database[idx[s : s + step]].astype(np.float64)
+        )
     return out

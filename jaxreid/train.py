@@ -31,10 +31,11 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxreid import augment, evaluate, models
+from jaxreid import augment, evaluate, models, supervised
 from jaxreid.data.images import DecodedSplit
-from jaxreid.data.samplers import ShuffleSampler
-from jaxreid.methods import Method, get_method
+from jaxreid.data.samplers import IdentitySampler, ShuffleSampler
+from jaxreid.methods import Method, get_method, prepare_config
+from jaxreid.utils import UserError
 
 
 class TrainState(struct.PyTreeNode):
@@ -350,10 +351,35 @@ def _host_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
+class ClusteringError(UserError):
+    pass
+
+
+def _output_shapes(graphdef, params, batch_stats, config) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the model's eval outputs (traced, nothing computed)."""
+    image = jax.ShapeDtypeStruct((1, config.data.height, config.data.width, 3), jnp.float32)
+    out = jax.eval_shape(
+        eval_apply_fn(graphdef), {"params": params, "batch_stats": batch_stats}, image
+    )
+    return {k: v.shape[1:] for k, v in out.items()}
+
+
 def initial_state(config, model, tx, method: Method, data: Data, mesh: Mesh):
     graphdef, params, batch_stats = models.split_model(model)
-    features = extract(graphdef, params, batch_stats, data.train.images, config.eval.batch_size)
-    memory = method.init_memory({k: features[k] for k in method.feature_keys}, data.train.cameras)
+    n = len(data.train.images)
+    if method.clustering:
+        # A placeholder of the right shapes; the first epoch's clustering fills it.
+        shapes = _output_shapes(graphdef, params, batch_stats, config)
+        features = {k: np.zeros((n, *shapes[k]), np.float32) for k in method.feature_keys}
+    elif method.feature_keys:
+        features = extract(graphdef, params, batch_stats, data.train.images, config.eval.batch_size)
+    else:
+        features = {}
+    # Identity labels reach only the supervised reference.
+    labels = supervised.relabel(data.train.pids) if method.reads_identities else None
+    memory = method.init_memory(
+        {k: features[k] for k in method.feature_keys}, data.train.cameras, labels
+    )
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -364,6 +390,58 @@ def initial_state(config, model, tx, method: Method, data: Data, mesh: Mesh):
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
     return graphdef, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def recluster(
+    config, graphdef, state: TrainState, method: Method, data: Data, mesh: Mesh, epoch: int
+) -> tuple[TrainState, dict[str, float]]:
+    """Extracts the training set (eval mode, no augmentation), clusters it and
+    puts the method's fresh memory into the state. Returns (state, stats)."""
+    from jaxreid import clustering
+
+    start = time.time()
+    features = extract(
+        graphdef, state.params, state.batch_stats, data.train.images, config.eval.batch_size
+    )
+    extracted = time.time()
+    labels = clustering.cluster_features(features["global"], config.cluster)
+    stats = clustering.pseudo_label_stats(labels)
+    memory = method.init_memory(
+        {k: features[k] for k in method.feature_keys}, data.train.cameras, labels
+    )
+    needed = config.train.batch_size // config.train.num_instances
+    sampled = method.sampler_labels(memory)
+    if len(np.unique(sampled[sampled >= 0])) < needed:
+        raise ClusteringError(
+            f"epoch {epoch + 1}: clustering gave {stats['num_clusters']} clusters and "
+            f"{stats['num_outliers']} outliers of {stats['num_samples']} images, but a batch "
+            f"needs {needed} pseudo-identities (train.batch_size / train.num_instances). "
+            f"Raise cluster.eps (now {config.cluster.eps}) or lower train.batch_size"
+        )
+    state = state.replace(memory=jax.device_put(memory, NamedSharding(mesh, P())))
+    stats = {
+        "num_clusters": stats["num_clusters"],
+        "outlier_fraction": stats["outlier_fraction"],
+        "largest_cluster": stats["largest_cluster"],
+        "extract_s": extracted - start,
+        "cluster_s": time.time() - extracted,
+    }
+    return state, stats
+
+
+def make_sampler(config, method: Method, state: TrainState, data: Data, epoch_steps: int):
+    """The epoch's batch sampler: P x K over the method's (pseudo-)labels, or a shuffle."""
+    if method.sampler_labels is None:
+        return ShuffleSampler(len(data.train.images), config.train.batch_size, seed=config.seed)
+    labels = method.sampler_labels(jax.device_get(state.memory))
+    return IdentitySampler(
+        labels,
+        data.train.cameras,
+        config.train.batch_size,
+        config.train.num_instances,
+        seed=config.seed,
+        num_steps=epoch_steps,
+    )
 
 
 def _put_batch(indices: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -380,15 +458,18 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains `config.method` and returns the results dict of results.json."""
     start_time = time.time()
+    config = prepare_config(config, data.train.pids)
     mesh = make_mesh()
     n_dev = len(jax.devices())
     batch_size = config.train.batch_size
     if batch_size % n_dev:
         raise ValueError(f"batch size {batch_size} is not a multiple of {n_dev} devices")
     method = get_method(config)
-    sampler = ShuffleSampler(len(data.train.records), batch_size, seed=config.seed)
-    steps_per_epoch = config.train.steps_per_epoch or len(sampler)
-    steps_per_epoch = min(steps_per_epoch, len(sampler))
+    one_pass = len(data.train.images) // batch_size
+    if method.clustering:  # a fixed number of P x K steps ("iters") per epoch
+        steps_per_epoch = config.train.steps_per_epoch or one_pass
+    else:
+        steps_per_epoch = min(config.train.steps_per_epoch or one_pass, one_pass)
     total_steps = steps_per_epoch * config.train.epochs
     tx = make_optimizer(config, steps_per_epoch)
 
@@ -419,7 +500,17 @@ def train_and_evaluate(
         first_step = step
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            warmup = epoch < config.method.warmup_epochs
+            warmup = not method.clustering and epoch < config.method.warmup_epochs
+            if method.clustering and in_epoch == 0:
+                state, stats = recluster(config, graphdef, state, method, data, mesh, epoch)
+                writer.write(step, {f"cluster/{k}": v for k, v in stats.items()})
+                log(
+                    f"epoch {epoch + 1}: {stats['num_clusters']} clusters, "
+                    f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "
+                    f"{stats['largest_cluster']} (extract {stats['extract_s']:.1f}s, "
+                    f"cluster {stats['cluster_s']:.1f}s)"
+                )
+            sampler = make_sampler(config, method, state, data, steps_per_epoch)
             batches = sampler.epoch_batches(epoch)[:steps_per_epoch]
             bar = tqdm(
                 total=steps_per_epoch,

@@ -97,9 +97,7 @@ _LOWER_COLOURS = np.array(
 _SKIN_COLOURS = np.array(
     [(240, 205, 175), (220, 175, 135), (175, 125, 85), (110, 75, 50)], np.float32
 )
-_HAIR_COLOURS = np.array(
-    [(25, 20, 20), (90, 60, 35), (200, 170, 100), (150, 150, 150)], np.float32
-)
+_HAIR_COLOURS = np.array([(25, 20, 20), (90, 60, 35), (200, 170, 100), (150, 150, 150)], np.float32)
 _SHOE_COLOURS = np.array([(30, 30, 30), (230, 230, 230), (110, 70, 45)], np.float32)
 PATTERNS = ("plain", "hstripes", "vstripes", "checks", "logo")
 ACCESSORIES = ("none", "bag", "hat", "backpack", "scarf")
@@ -358,8 +356,9 @@ def _draw_person(
         draw.rectangle(box(half_torso - 0.05, shoulder_y, half_torso - 0.02, 0.42), fill=acc)
     elif ident.accessory == "bag":  # shoulder bag: diagonal strap and a bag at the hip
         strap = 0.02 * body_h
-        _limb(draw, pt(-half_torso + 0.02, shoulder_y), pt(half_torso + 0.03, 0.47), strap, strap,
-              acc)
+        _limb(
+            draw, pt(-half_torso + 0.02, shoulder_y), pt(half_torso + 0.03, 0.47), strap, strap, acc
+        )
         draw.rectangle(box(half_torso - 0.01, 0.44, half_torso + 0.1, 0.58), fill=acc)
 
 
@@ -433,8 +432,9 @@ def render_image(
         colour = _rgb(camera.clutter_colours[rng.integers(len(camera.clutter_colours))])
         if rng.random() < 0.5:  # something in front of the legs
             top = rng.uniform(0.55, 0.8) * h2
-            draw.rectangle([rng.uniform(-0.3, 0.2) * w2, top, rng.uniform(0.8, 1.3) * w2, h2],
-                           fill=colour)
+            draw.rectangle(
+                [rng.uniform(-0.3, 0.2) * w2, top, rng.uniform(0.8, 1.3) * w2, h2], fill=colour
+            )
         else:  # something beside the person (pole, another pedestrian's shoulder)
             left = rng.random() < 0.5
             edge = rng.uniform(0.25, 0.45) * w2
@@ -485,8 +485,10 @@ def _plan(params: dict[str, Any]) -> list[dict[str, Any]]:
                 else:
                     split = "query" if j == query_j else "bounding_box_test"
                 items.append(dict(split=split, pid=pid, camera=cam, kind="person", index=j))
-    for kind, pid, count in (("distractor", 0, params["num_distractors"]),
-                             ("junk", -1, params["num_junk"])):
+    for kind, pid, count in (
+        ("distractor", 0, params["num_distractors"]),
+        ("junk", -1, params["num_junk"]),
+    ):
         for j in range(count):
             cam = int(rng.integers(num_cams))
             items.append(dict(split="bounding_box_test", pid=pid, camera=cam, kind=kind, index=j))
@@ -508,8 +510,7 @@ def _validate(params: dict[str, Any]) -> None:
         raise ValueError("num_cameras must be >= 2 (every identity is seen by >= 2 cameras)")
     if params["images_per_id_per_camera"] < 2:
         raise ValueError(
-            "images_per_id_per_camera must be >= 2 (one goes to the query, the rest to the "
-            "gallery)"
+            "images_per_id_per_camera must be >= 2 (one goes to the query, the rest to the gallery)"
         )
     num_train = int(round(params["num_ids"] * params["train_fraction"]))
     if not 1 <= num_train < params["num_ids"]:
@@ -630,16 +631,18 @@ def generate(
             if kind == "person":
                 if pid not in identities:
                     identities[pid] = sample_identity(seed, pid)
-                img = render_image(identities[pid], cameras[cam], rng, height, width,
-                                   occlusion_prob)
+                img = render_image(
+                    identities[pid], cameras[cam], rng, height, width, occlusion_prob
+                )
             else:
                 # Distractors/junk: badly-aligned boxes of strangers, or background only.
                 # Strangers use pids above 9999, which no real identity can have.
                 stranger = sample_identity(seed, 10_000 + 2 * item["index"] + (pid == -1))
                 rng_extra = np.random.default_rng([seed, _STREAM_EXTRA, pid + 1, item["index"]])
                 ident = None if rng_extra.random() < 0.3 else stranger
-                img = render_image(ident, cameras[cam], rng, height, width, occlusion_prob,
-                                   partial=True)
+                img = render_image(
+                    ident, cameras[cam], rng, height, width, occlusion_prob, partial=True
+                )
             Image.fromarray(img).save(
                 os.path.join(tmp, item["split"], item["name"]), quality=jpeg_quality
             )
@@ -674,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-ids", type=int, default=DEFAULT_SYNTHETIC["num_ids"])
     parser.add_argument("--num-cameras", type=int, default=DEFAULT_SYNTHETIC["num_cameras"])
     parser.add_argument(
-        "--images-per-id-per-camera", type=int,
+        "--images-per-id-per-camera",
+        type=int,
         default=DEFAULT_SYNTHETIC["images_per_id_per_camera"],
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SYNTHETIC["seed"])

@@ -97,8 +97,14 @@ class EfficientNetLite0(nnx.Module):
                 stride = last_stride
             for r in range(repeats):
                 blocks.append(
-                    MBConv(make, in_ch if r == 0 else out_ch, out_ch, kernel,
-                           stride if r == 0 else 1, expand)
+                    MBConv(
+                        make,
+                        in_ch if r == 0 else out_ch,
+                        out_ch,
+                        kernel,
+                        stride if r == 0 else 1,
+                        expand,
+                    )
                 )
         self.blocks = nnx.List(blocks)
         self.conv_head = make.conv(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1)

@@ -96,7 +96,9 @@ class BNNeckHead(nnx.Module):
 
     embed_dim 0 or equal to C means no projection (D = C). Outputs "pre_bn" (the
     feature entering the BN, (B, D)) and "global" (BN output; L2-normalised in
-    eval only, so training losses see the raw BN-neck feature).
+    eval only, so training losses see the raw BN-neck feature). With
+    `num_classes` > 0 (supervised training) a bias-free linear classifier on
+    the BN output adds "logits" (B, num_classes) in train mode.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class BNNeckHead(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         bn_group_size: int = 0,
+        num_classes: int = 0,
     ):
         self.dtype = dtype
         self.pool = make_pool(pooling)
@@ -118,10 +121,27 @@ class BNNeckHead(nnx.Module):
             self.projection = None
             dim = in_features
         self.bn = GhostBatchNorm(dim, group_size=bn_group_size, use_bias=False)
+        self.classifier = None
+        if num_classes:
+            # Small init, as the BoT baseline (std 0.001).
+            self.classifier = nnx.Linear(
+                dim,
+                num_classes,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nnx.initializers.normal(0.001),
+                rngs=rngs,
+            )
 
     def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
         pre_bn = self.pool(feature_map)
         if self.projection is not None:
             pre_bn = self.projection(pre_bn.astype(self.dtype))
         neck = self.bn(pre_bn, train).astype(jnp.float32)
-        return {"global": neck if train else l2_normalize(neck), "pre_bn": pre_bn}
+        if not train:
+            return {"global": l2_normalize(neck), "pre_bn": pre_bn}
+        outputs = {"global": neck, "pre_bn": pre_bn}
+        if self.classifier is not None:
+            outputs["logits"] = self.classifier(neck.astype(self.dtype)).astype(jnp.float32)
+        return outputs

@@ -119,9 +119,7 @@ class GhostBatchNorm(nnx.Module):
             batch = x.shape[0]
             group = self.group_size or batch
             if batch % group:
-                raise ValueError(
-                    f"batch size {batch} is not divisible by bn_group_size {group}"
-                )
+                raise ValueError(f"batch size {batch} is not divisible by bn_group_size {group}")
             grouped = x32.reshape((batch // group, group) + x.shape[1:])
             axes = tuple(range(1, grouped.ndim - nfeat))
             mean = grouped.mean(axes, keepdims=True)
@@ -279,8 +277,11 @@ def _shifted_sum(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, 
     out = jnp.zeros((padded.shape[0], out_h, out_w, padded.shape[3]), jnp.float32)
     for i in range(k):
         for j in range(k):
-            window = padded[:, i : i + (out_h - 1) * stride + 1 : stride,
-                            j : j + (out_w - 1) * stride + 1 : stride]
+            window = padded[
+                :,
+                i : i + (out_h - 1) * stride + 1 : stride,
+                j : j + (out_w - 1) * stride + 1 : stride,
+            ]
             out = out + (window * kernel[i, j, 0]).astype(jnp.float32)
     return out
 
@@ -331,8 +332,14 @@ def _depthwise_bwd(stride, residuals, grad):
     grad_x = grad_padded[:, top : top + x.shape[1], left : left + x.shape[2]].astype(x.dtype)
     taps = [
         jnp.sum(
-            (padded[:, i : i + (out_h - 1) * stride + 1 : stride,
-                    j : j + (out_w - 1) * stride + 1 : stride] * grad).astype(jnp.float32),
+            (
+                padded[
+                    :,
+                    i : i + (out_h - 1) * stride + 1 : stride,
+                    j : j + (out_w - 1) * stride + 1 : stride,
+                ]
+                * grad
+            ).astype(jnp.float32),
             axis=(0, 1, 2),
         )
         for i in range(k)

@@ -62,6 +62,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.num_stripes = 8  # P (scl head)
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
     config.bn_group_size = 0  # ghost-BN group size in samples; 0 = whole batch
+    config.num_classes = 0  # bnneck: identity classifier (supervised training); 0 = none
     return config
 
 
@@ -109,6 +110,7 @@ class ReIDModel(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 bn_group_size=group,
+                num_classes=int(config.get("num_classes", 0)),
             )
         else:
             raise ValueError(f"unknown head {config.head!r}; expected 'scl' or 'bnneck'")

@@ -63,9 +63,7 @@ class LayerFactory:
         )
 
     def bn(self, num_features: int) -> GhostBatchNorm:
-        return GhostBatchNorm(
-            num_features, group_size=self.bn_group_size, epsilon=self.bn_epsilon
-        )
+        return GhostBatchNorm(num_features, group_size=self.bn_group_size, epsilon=self.bn_epsilon)
 
     def norm(self, num_features: int, ibn: bool) -> GhostBatchNorm | IBN:
         if ibn:

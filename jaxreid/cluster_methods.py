@@ -1,0 +1,302 @@
+"""Memories, losses and updates of the clustering family (cluster-family.md).
+
+Every method shares one memory pytree, `ClusterMemory`, rebuilt on the host
+from the pseudo-labels after each re-clustering and carried through the
+compiled step. Its shapes are fixed for a training set of N images: the
+prototype table has N rows (an upper bound on clusters, (cluster, camera)
+proxies, or clusters + outliers), of which `valid` marks those in use. So the
+step compiles once, and a checkpoint restores into the same shapes whatever
+the number of clusters of its epoch. The unused rows cost one masked
+(B, N) matmul per step, no more than the instance bank of the hybrid methods.
+
+Methods (each: build the memory, a pure loss, a pure update):
+
+  cluster_contrast  rows = clusters; ClusterNCE; momentum update
+                    (`mean` | `hard` | `sequential`, see cluster_memory).
+  self_paced        rows = clusters + one row per outlier (its own feature);
+                    NCE over all of them (outliers are their own classes).
+  cap               rows = one proxy per (cluster, camera); intra-camera NCE
+                    against the proxies of the sample's camera + inter-camera
+                    loss: all proxies of its cluster as positives against the
+                    hardest proxies of other clusters.
+  hhcl              centroids (hard update) + instance bank; ClusterNCE +
+                    instance CE of the hardest positive instance against the
+                    hardest negative instances.
+  joint             centroids + instance bank; ClusterNCE + multi-positive
+                    instance NCE (all instances of the sample's cluster).
+
+The instance bank update is a momentum update per image row, done with the
+same segment mean as the centroids so that an image drawn twice in a batch
+gives one deterministic update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxreid.cluster_memory import update_centroids
+from jaxreid.evaluate.distances import l2_normalize as l2_normalize_host
+from jaxreid.models.layers import l2_normalize
+
+KINDS = ("cluster_contrast", "self_paced", "cap", "hhcl", "joint")
+_NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
+
+
+class ClusterMemory(struct.PyTreeNode):
+    """prototypes:    (R, D) float32 unit rows; R = N (see the module doc).
+    valid:         (R,) bool, rows in use.
+    row_cluster:   (R,) int32 cluster id of each row (-1 unused; self_paced:
+                   outlier rows get ids after the clusters).
+    row_camera:    (R,) int32 camera of each row (cap), else -1.
+    rows:          (N,) int32 the row each image is pulled towards (-1: none).
+    pseudo_labels: (N,) int32 DBSCAN cluster of each image (-1 outlier).
+    cameras:       (N,) int32 camera of each image.
+    instances:     (N, D) float32 instance bank (hhcl, joint), else a (1, D)
+                   unused placeholder (orbax cannot save empty arrays).
+    """
+
+    prototypes: jax.Array
+    valid: jax.Array
+    row_cluster: jax.Array
+    row_camera: jax.Array
+    rows: jax.Array
+    pseudo_labels: jax.Array
+    cameras: jax.Array
+    instances: jax.Array
+
+
+def _segment_mean_rows(features: np.ndarray, segment: np.ndarray, num: int) -> np.ndarray:
+    sums = np.zeros((num, features.shape[1]), np.float64)
+    np.add.at(sums, segment, features)
+    counts = np.bincount(segment, minlength=num)
+    return l2_normalize_host(sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def build_memory(
+    kind: str, features: np.ndarray, cameras: np.ndarray, labels: np.ndarray
+) -> ClusterMemory:
+    """Host-side memory for `kind` from (N, D) features and DBSCAN labels.
+
+    `labels` all -1 gives a memory with nothing valid (self_paced: one row
+    per image, every image its own class); the training loop uses it as the
+    placeholder of the right shapes before the first clustering.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown cluster method {kind!r}; one of {KINDS}")
+    f = l2_normalize_host(np.asarray(features, np.float32))
+    n, d = f.shape
+    cameras = np.asarray(cameras, np.int32)
+    labels = np.asarray(labels, np.int64)
+    clustered = labels >= 0
+    num_clusters = int(labels.max(initial=-1)) + 1
+    row_camera = np.full(n, -1, np.int32)
+    if kind == "cap":
+        # One proxy per (cluster, camera) pair present, numbered cluster-major.
+        keys = labels[clustered] * (int(cameras.max(initial=0)) + 1) + cameras[clustered]
+        unique, proxy = np.unique(keys, return_inverse=True)
+        num_rows = len(unique)
+        rows = np.full(n, -1, np.int64)
+        rows[clustered] = proxy
+        row_cluster_used = unique // (int(cameras.max(initial=0)) + 1)
+        row_camera[:num_rows] = unique % (int(cameras.max(initial=0)) + 1)
+    elif kind == "self_paced":
+        outliers = np.flatnonzero(~clustered)
+        rows = labels.copy()
+        rows[outliers] = num_clusters + np.arange(len(outliers))
+        num_rows = num_clusters + len(outliers)
+        row_cluster_used = np.arange(num_rows)
+    else:
+        rows = np.where(clustered, labels, -1)
+        num_rows = num_clusters
+        row_cluster_used = np.arange(num_rows)
+    prototypes = np.zeros((n, d), np.float32)
+    has_row = rows >= 0
+    if num_rows:
+        prototypes[:num_rows] = _segment_mean_rows(f[has_row], rows[has_row], num_rows)
+    valid = np.arange(n) < num_rows
+    row_cluster = np.full(n, -1, np.int32)
+    row_cluster[:num_rows] = row_cluster_used
+    instances = f if kind in ("hhcl", "joint") else np.zeros((1, d), np.float32)
+    return ClusterMemory(
+        prototypes=prototypes,
+        valid=valid,
+        row_cluster=row_cluster,
+        row_camera=row_camera,
+        rows=rows.astype(np.int32),
+        pseudo_labels=labels.astype(np.int32),
+        cameras=cameras,
+        instances=np.array(instances, np.float32),
+    )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _mean_over(values: jax.Array, use: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(use, values, 0.0)) / jnp.maximum(jnp.sum(use), 1)
+
+
+def masked_nce(
+    features: jax.Array,
+    prototypes: jax.Array,
+    row_mask: jax.Array,
+    targets: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Mean over samples with target >= 0 of CE(f . P^T / tau, target), rows
+    outside `row_mask` ((R,) or (B, R)) excluded from the softmax."""
+    f = l2_normalize(features.astype(jnp.float32))
+    logits = f @ jax.lax.stop_gradient(prototypes).T / temperature
+    logits = jnp.where(row_mask, logits, _NEG)
+    use = targets >= 0
+    t = jnp.maximum(targets, 0)
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]
+    return _mean_over(ce, use)
+
+
+def cap_inter_camera_loss(
+    features: jax.Array,
+    memory: ClusterMemory,
+    clusters: jax.Array,
+    temperature: float,
+    num_hard_negatives: int,
+) -> jax.Array:
+    """Inter-camera term of camera-aware proxies: for sample i of cluster y,
+    -1/|P_y| sum_{p in P_y} log(exp(s_p) / (sum_{P_y} exp(s) + sum_{H_i} exp(s)))
+    with s = f . proxy / tau, P_y all proxies of y, H_i the `num_hard_negatives`
+    most similar proxies of other clusters."""
+    f = l2_normalize(features.astype(jnp.float32))
+    s = f @ jax.lax.stop_gradient(memory.prototypes).T / temperature
+    positive = memory.valid[None, :] & (memory.row_cluster[None, :] == clusters[:, None])
+    negative = memory.valid[None, :] & ~positive
+    k = min(num_hard_negatives, s.shape[1])
+    hard, _ = jax.lax.top_k(jnp.where(negative, s, _NEG), k)
+    hard = jnp.where(hard > _NEG / 2, hard, -jnp.inf)  # fewer negatives than k
+    num_pos = jnp.sum(positive, axis=1)
+    # A sample without positives gets a finite dummy column (masked below):
+    # keeps the logsumexp and its gradient finite.
+    dummy = jnp.where(num_pos > 0, -jnp.inf, 0.0)[:, None]
+    denominator = jax.nn.logsumexp(
+        jnp.concatenate([jnp.where(positive, s, -jnp.inf), hard, dummy], axis=1), axis=1
+    )
+    per_sample = -(jnp.sum(jnp.where(positive, s, 0.0), 1) - num_pos * denominator)
+    per_sample = per_sample / jnp.maximum(num_pos, 1)
+    return _mean_over(per_sample, (clusters >= 0) & (num_pos > 0))
+
+
+def hard_instance_loss(
+    features: jax.Array,
+    instances: jax.Array,
+    labels: jax.Array,
+    instance_labels: jax.Array,
+    temperature: float,
+    num_hard_negatives: int,
+) -> jax.Array:
+    """HHCL's instance term: CE of [hardest positive; hardest negatives] with
+    the positive as target. The hardest positive is the instance of the same
+    cluster least similar to f; the negatives the `num_hard_negatives` most
+    similar instances of other clusters (outliers of the bank count as
+    negatives). Samples with label < 0 are skipped."""
+    f = l2_normalize(features.astype(jnp.float32))
+    s = f @ jax.lax.stop_gradient(instances).T / temperature
+    same = (instance_labels[None, :] == labels[:, None]) & (labels[:, None] >= 0)
+    hardest_pos = jnp.min(jnp.where(same, s, jnp.inf), axis=1)
+    use = (labels >= 0) & jnp.isfinite(hardest_pos)
+    hardest_pos = jnp.where(use, hardest_pos, 0.0)  # finite, so gradients stay finite
+    k = min(num_hard_negatives, s.shape[1])
+    negs, _ = jax.lax.top_k(jnp.where(same, -jnp.inf, s), k)
+    logits = jnp.concatenate([hardest_pos[:, None], negs], axis=1)
+    ce = jax.nn.logsumexp(logits, axis=1) - hardest_pos
+    return _mean_over(ce, use)
+
+
+def multi_positive_instance_loss(
+    features: jax.Array,
+    instances: jax.Array,
+    labels: jax.Array,
+    instance_labels: jax.Array,
+    indices: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Joint memory's instance term: -mean_{j in Pos(i)} log softmax_j(f . I^T / tau)
+    over the whole instance bank, Pos(i) = the instances of i's cluster (or i
+    itself when i is an outlier)."""
+    f = l2_normalize(features.astype(jnp.float32))
+    s = f @ jax.lax.stop_gradient(instances).T / temperature
+    log_p = s - jax.nn.logsumexp(s, axis=1, keepdims=True)
+    columns = jnp.arange(instances.shape[0])[None, :]
+    positive = jnp.where(
+        labels[:, None] >= 0,
+        instance_labels[None, :] == labels[:, None],
+        columns == indices[:, None],
+    )
+    per_sample = -jnp.sum(jnp.where(positive, log_p, 0.0), 1) / jnp.maximum(jnp.sum(positive, 1), 1)
+    return jnp.mean(per_sample)
+
+
+def cluster_loss(
+    kind: str,
+    outputs: dict[str, jax.Array],
+    memory: ClusterMemory,
+    indices: jax.Array,
+    cams: jax.Array,
+    *,
+    temperature: float,
+    instance_weight: float = 1.0,
+    inter_camera_weight: float = 0.5,
+    num_hard_negatives: int = 50,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of method `kind` for a batch (pure; memory is constant)."""
+    f = outputs["global"]
+    targets = memory.rows[indices]
+    if kind == "cap":
+        same_camera = memory.valid[None, :] & (memory.row_camera[None, :] == cams[:, None])
+        intra = masked_nce(f, memory.prototypes, same_camera, targets, temperature)
+        inter = cap_inter_camera_loss(
+            f, memory, memory.pseudo_labels[indices], temperature, num_hard_negatives
+        )
+        return intra + inter_camera_weight * inter, {"loss_intra": intra, "loss_inter": inter}
+    cluster = masked_nce(f, memory.prototypes, memory.valid, targets, temperature)
+    if kind in ("cluster_contrast", "self_paced"):
+        return cluster, {"loss_cluster": cluster}
+    labels = memory.pseudo_labels[indices]
+    if kind == "hhcl":
+        instance = hard_instance_loss(
+            f, memory.instances, labels, memory.pseudo_labels, temperature, num_hard_negatives
+        )
+    elif kind == "joint":
+        instance = multi_positive_instance_loss(
+            f, memory.instances, labels, memory.pseudo_labels, indices, temperature
+        )
+    else:
+        raise ValueError(f"unknown cluster method {kind!r}; one of {KINDS}")
+    total = cluster + instance_weight * instance
+    return total, {"loss_cluster": cluster, "loss_instance": instance}
+
+
+def update_cluster_memory(
+    kind: str,
+    memory: ClusterMemory,
+    features: jax.Array,
+    indices: jax.Array,
+    *,
+    momentum: float,
+    mode: str,
+    instance_momentum: float,
+    enabled: jax.Array | bool = True,
+) -> ClusterMemory:
+    """Momentum updates after a step: each row pulled by its batch samples
+    (`cluster_memory.update_centroids` with `mode`), and for hhcl / joint the
+    instance rows of the batch images (segment mean over repeats)."""
+    f = jax.lax.stop_gradient(features).astype(jnp.float32)
+    enabled = jnp.asarray(enabled)
+    targets = jnp.where(enabled, memory.rows[indices], -1)
+    prototypes = update_centroids(memory.prototypes, f, targets, momentum, mode)
+    instances = memory.instances
+    if kind in ("hhcl", "joint"):
+        rows = jnp.where(enabled, indices, -1)
+        instances = update_centroids(instances, f, rows, instance_momentum, "mean")
+    return memory.replace(prototypes=prototypes, instances=instances)

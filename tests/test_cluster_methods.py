@@ -1,0 +1,691 @@
+"""Clustering family: memories, losses (value and gradient against NumPy loops
+written from the docstrings), momentum updates and gradient edge cases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreid import cluster_methods
+from jaxreid.cluster_methods import KINDS
+
+# ------------------------------------------------------------------ helpers
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _lse(z):
+    z = np.asarray(z, np.float64)
+    top = z.max()
+    return top + np.log(np.sum(np.exp(z - top)))
+
+
+def _to_jax(memory):
+    return jax.tree.map(jnp.asarray, memory)
+
+
+def _np_memory(memory):
+    return {
+        name: np.asarray(getattr(memory, name))
+        for name in (
+            "prototypes",
+            "valid",
+            "row_cluster",
+            "row_camera",
+            "rows",
+            "pseudo_labels",
+            "cameras",
+            "instances",
+        )
+    }
+
+
+def _finite_difference(fn, f, entries, eps=1e-3):
+    out = []
+    for i, j in entries:
+        up, down = f.astype(np.float64), f.astype(np.float64)
+        up[i, j] += eps
+        down[i, j] -= eps
+        out.append((fn(up) - fn(down)) / (2 * eps))
+    return np.array(out)
+
+
+# Hand-made case: 8 images in 4-D, 3 cameras, 2 clusters, 2 outliers (3 and 6).
+HAND_LABELS = np.array([0, 1, 0, -1, 1, 0, -1, 1])
+HAND_CAMERAS = np.array([0, 0, 1, 1, 2, 0, 2, 0])
+# Expected per kind: (rows of the images, row_cluster of the used rows, row_camera of them).
+HAND_EXPECTED = {
+    "cluster_contrast": ([0, 1, 0, -1, 1, 0, -1, 1], [0, 1], None),
+    "hhcl": ([0, 1, 0, -1, 1, 0, -1, 1], [0, 1], None),
+    "joint": ([0, 1, 0, -1, 1, 0, -1, 1], [0, 1], None),
+    # Outliers 3 and 6 get their own rows 2 and 3 (ids after the clusters).
+    "self_paced": ([0, 1, 0, 2, 1, 0, 3, 1], [0, 1, 2, 3], None),
+    # Proxies (cluster, camera), cluster-major: (0,0) (0,1) (1,0) (1,2).
+    "cap": ([0, 2, 1, -1, 3, 0, -1, 2], [0, 0, 1, 1], [0, 1, 0, 2]),
+}
+
+
+def _hand_features():
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 2.0, 0.5, 3.0, 1.5, 0.7, 2.5, 4.0])[:, None]
+    return (rng.normal(size=(8, 4)) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------- build_memory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_memory_hand_made_case(kind):
+    features = _hand_features()
+    memory = cluster_methods.build_memory(kind, features, HAND_CAMERAS, HAND_LABELS)
+    rows, used_clusters, used_cameras = HAND_EXPECTED[kind]
+    n, d = features.shape
+    r = len(used_clusters)
+
+    assert np.asarray(memory.prototypes).shape == (n, d)
+    assert np.asarray(memory.prototypes).dtype == np.float32
+    for name in ("valid", "row_cluster", "row_camera", "rows", "pseudo_labels", "cameras"):
+        assert np.asarray(getattr(memory, name)).shape == (n,), name
+    np.testing.assert_array_equal(memory.rows, rows)
+    np.testing.assert_array_equal(memory.valid, np.arange(n) < r)
+    assert int(np.sum(memory.valid)) == r
+    np.testing.assert_array_equal(memory.row_cluster, used_clusters + [-1] * (n - r))
+    expected_cameras = [-1] * n if used_cameras is None else used_cameras + [-1] * (n - r)
+    np.testing.assert_array_equal(memory.row_camera, expected_cameras)
+    np.testing.assert_array_equal(memory.pseudo_labels, HAND_LABELS)
+    np.testing.assert_array_equal(memory.cameras, HAND_CAMERAS)
+
+    # Prototype of a row: normalised mean of the normalised features of its images.
+    unit = _unit(features)
+    expected = np.zeros((n, d))
+    for row in range(r):
+        members = [i for i in range(n) if rows[i] == row]
+        assert members, row
+        expected[row] = _unit(np.mean(unit[members], axis=0))
+    np.testing.assert_allclose(memory.prototypes, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(memory.prototypes[:r], axis=1), 1.0, rtol=1e-5)
+    if kind == "self_paced":  # an outlier's row is its own normalised feature
+        np.testing.assert_allclose(memory.prototypes[2], unit[3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(memory.prototypes[3], unit[6], rtol=1e-5, atol=1e-6)
+
+    if kind in ("hhcl", "joint"):
+        np.testing.assert_allclose(memory.instances, unit, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(memory.instances, np.zeros((1, d)))
+    assert np.asarray(memory.instances).dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["cluster_contrast", "cap", "hhcl", "joint"])
+def test_build_memory_all_outliers_is_empty(kind):
+    features = _hand_features()
+    memory = cluster_methods.build_memory(kind, features, HAND_CAMERAS, np.full(8, -1))
+    assert not np.any(memory.valid)
+    np.testing.assert_array_equal(memory.rows, -1)
+    np.testing.assert_array_equal(memory.row_cluster, -1)
+    np.testing.assert_array_equal(memory.row_camera, -1)
+    np.testing.assert_array_equal(memory.prototypes, np.zeros((8, 4)))
+    assert np.asarray(memory.prototypes).shape == (8, 4)
+
+
+def test_build_memory_all_outliers_self_paced_gives_one_row_per_image():
+    features = _hand_features()
+    memory = cluster_methods.build_memory("self_paced", features, HAND_CAMERAS, np.full(8, -1))
+    np.testing.assert_array_equal(memory.rows, np.arange(8))
+    assert np.all(memory.valid)
+    np.testing.assert_allclose(memory.prototypes, _unit(features), atol=1e-6)
+
+
+def test_build_memory_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown cluster method"):
+        cluster_methods.build_memory("dbscan", _hand_features(), HAND_CAMERAS, HAND_LABELS)
+
+
+# -------------------------------------------------- NumPy transcriptions
+
+
+def _np_masked_nce(f, prototypes, row_mask, targets, tau):
+    f = _unit(f)
+    mask = np.broadcast_to(np.asarray(row_mask, bool), (len(f), len(prototypes)))
+    losses = []
+    for i in range(len(f)):
+        if targets[i] < 0:
+            continue
+        z = f[i] @ np.asarray(prototypes, np.float64).T / tau
+        losses.append(_lse(z[mask[i]]) - z[targets[i]])
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def _np_cap_intra(f, m, indices, cams, tau):
+    # Softmax only over the proxies of the sample's camera.
+    f = _unit(f)
+    losses = []
+    for i in range(len(f)):
+        t = m["rows"][indices[i]]
+        if t < 0:
+            continue
+        z = f[i] @ m["prototypes"].astype(np.float64).T / tau
+        same_camera = [r for r in range(len(z)) if m["valid"][r] and m["row_camera"][r] == cams[i]]
+        assert t in same_camera
+        losses.append(_lse(z[same_camera]) - z[t])
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def _np_cap_inter(f, m, clusters, tau, k):
+    f = _unit(f)
+    losses = []
+    for i in range(len(f)):
+        y = clusters[i]
+        if y < 0:
+            continue
+        s = f[i] @ m["prototypes"].astype(np.float64).T / tau
+        pos = [r for r in range(len(s)) if m["valid"][r] and m["row_cluster"][r] == y]
+        if not pos:
+            continue
+        neg = [r for r in range(len(s)) if m["valid"][r] and m["row_cluster"][r] != y]
+        hard = sorted(neg, key=lambda r: -s[r])[:k]  # the k most similar of other clusters
+        denominator = _lse(np.concatenate([s[pos], s[hard]]))
+        losses.append(-np.mean([s[p] - denominator for p in pos]))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def _np_hard_instance(f, instances, labels, instance_labels, tau, k):
+    f = _unit(f)
+    losses = []
+    for i in range(len(f)):
+        y = labels[i]
+        if y < 0:
+            continue
+        s = f[i] @ np.asarray(instances, np.float64).T / tau
+        same = [j for j in range(len(s)) if instance_labels[j] == y]
+        if not same:
+            continue
+        positive = min(s[j] for j in same)  # least similar instance of the cluster
+        others = sorted((s[j] for j in range(len(s)) if instance_labels[j] != y), reverse=True)
+        losses.append(_lse([positive, *others[:k]]) - positive)
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def _np_multi_positive(f, instances, labels, instance_labels, indices, tau):
+    f = _unit(f)
+    losses = []
+    for i in range(len(f)):
+        s = f[i] @ np.asarray(instances, np.float64).T / tau
+        log_p = s - _lse(s)
+        if labels[i] >= 0:
+            pos = [j for j in range(len(s)) if instance_labels[j] == labels[i]]
+        else:
+            pos = [indices[i]]  # an outlier's positive is itself
+        losses.append(-np.mean(log_p[pos]))
+    return float(np.mean(losses))
+
+
+def _np_cluster_loss(kind, f, m, indices, cams, tau, instance_weight, inter_weight, k):
+    """(total, parts) of `cluster_loss` from the definitions."""
+    targets = m["rows"][indices]
+    labels = m["pseudo_labels"][indices]
+    if kind == "cap":
+        intra = _np_cap_intra(f, m, indices, cams, tau)
+        inter = _np_cap_inter(f, m, labels, tau, k)
+        return intra + inter_weight * inter, {"loss_intra": intra, "loss_inter": inter}
+    cluster = _np_masked_nce(f, m["prototypes"], m["valid"], targets, tau)
+    if kind in ("cluster_contrast", "self_paced"):
+        return cluster, {"loss_cluster": cluster}
+    if kind == "hhcl":
+        instance = _np_hard_instance(f, m["instances"], labels, m["pseudo_labels"], tau, k)
+    else:
+        instance = _np_multi_positive(f, m["instances"], labels, m["pseudo_labels"], indices, tau)
+    total = cluster + instance_weight * instance
+    return total, {"loss_cluster": cluster, "loss_instance": instance}
+
+
+# ------------------------------------------------------------------ losses
+
+# 12 images in 5-D, 3 clusters over 3 cameras, 2 outliers (7 and 10).
+LABELS = np.array([0, 0, 1, 1, 1, 2, 2, -1, 0, 2, -1, 1])
+CAMERAS = np.array([0, 1, 0, 1, 2, 0, 2, 1, 2, 1, 0, 0])
+INDICES = np.array([0, 3, 7, 5, 8, 10])  # batch: outliers at positions 2 and 5
+TAU = 0.3
+PARAMS = {"instance_weight": 0.7, "inter_camera_weight": 0.4, "num_hard_negatives": 2}
+ENTRIES = [(0, 0), (1, 3), (2, 1), (3, 4), (4, 2), (5, 0)]
+
+
+def _case(kind, seed=3):
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(12, 5)).astype(np.float32)
+    memory = cluster_methods.build_memory(kind, bank, CAMERAS, LABELS)
+    f = rng.normal(size=(len(INDICES), 5)).astype(np.float32)
+    return f, memory
+
+
+def _jax_loss(kind, memory, indices, cams, params=PARAMS, tau=TAU):
+    memory = _to_jax(memory)
+
+    def loss(f, prototypes, instances):
+        mem = memory.replace(prototypes=prototypes, instances=instances)
+        return cluster_methods.cluster_loss(
+            kind,
+            {"global": f},
+            mem,
+            jnp.asarray(indices),
+            jnp.asarray(cams),
+            temperature=tau,
+            **params,
+        )
+
+    return memory, loss
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cluster_loss_value_and_gradient_match_numpy(kind):
+    f, memory = _case(kind)
+    cams = CAMERAS[INDICES]
+    mem, loss = _jax_loss(kind, memory, INDICES, cams)
+    m = _np_memory(memory)
+
+    (total, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(f), mem.prototypes, mem.instances
+    )
+    expected_total, expected_parts = _np_cluster_loss(
+        kind,
+        f,
+        m,
+        INDICES,
+        cams,
+        TAU,
+        PARAMS["instance_weight"],
+        PARAMS["inter_camera_weight"],
+        PARAMS["num_hard_negatives"],
+    )
+    np.testing.assert_allclose(total, expected_total, rtol=1e-5)
+    assert set(metrics) == set(expected_parts)
+    for name, value in expected_parts.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+        assert value > 0, name  # every term is active in this batch
+    # The documented combination of the terms.
+    if kind == "cap":
+        combined = metrics["loss_intra"] + PARAMS["inter_camera_weight"] * metrics["loss_inter"]
+    elif kind in ("hhcl", "joint"):
+        combined = metrics["loss_cluster"] + PARAMS["instance_weight"] * metrics["loss_instance"]
+    else:
+        combined = metrics["loss_cluster"]
+    np.testing.assert_allclose(total, combined, rtol=1e-6)
+
+    grad_f, grad_prototypes, grad_instances = (np.asarray(g) for g in grads)
+    assert np.all(np.isfinite(grad_f))
+    assert np.all(grad_prototypes == 0)  # the memory is a constant
+    assert np.all(grad_instances == 0)
+    if kind != "self_paced" and kind != "joint":
+        # Outliers (positions 2 and 5) are skipped by every term of these methods.
+        assert np.all(grad_f[[2, 5]] == 0)
+        assert np.any(grad_f[[0, 1, 3, 4]] != 0)
+    else:  # self_paced: outliers are classes; joint: an outlier's positive is itself
+        assert np.all(np.any(grad_f != 0, axis=1))
+
+    def numpy_total(x):
+        return _np_cluster_loss(
+            kind,
+            x,
+            m,
+            INDICES,
+            cams,
+            TAU,
+            PARAMS["instance_weight"],
+            PARAMS["inter_camera_weight"],
+            PARAMS["num_hard_negatives"],
+        )[0]
+
+    numeric = _finite_difference(numpy_total, f, ENTRIES)
+    analytic = np.array([grad_f[i, j] for i, j in ENTRIES])
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+
+
+def test_masked_nce_excludes_masked_rows_and_skips_negative_targets():
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(5, 4)).astype(np.float32)
+    prototypes = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    row_mask = np.array([True, True, False, True, False, True])
+    targets = np.array([0, -1, 3, 5, 1])
+    # A (B, R) mask: every sample sees a different subset (its target included).
+    row_mask_2d = np.ones((5, 6), bool)
+    row_mask_2d[0, [2, 4]] = False
+    row_mask_2d[2, [0, 1]] = False
+    row_mask_2d[3, 3] = False
+    row_mask_2d[4, [0, 5]] = False
+    for mask in (row_mask, row_mask_2d):
+        value, grad_f, grad_p = _masked_nce_value_and_grads(f, prototypes, mask, targets)
+        np.testing.assert_allclose(
+            value, _np_masked_nce(f, prototypes, mask, targets, 0.5), rtol=1e-5
+        )
+        assert np.all(grad_p == 0)
+        assert np.all(grad_f[1] == 0)  # target -1: skipped
+        numeric = _finite_difference(
+            lambda x, mask=mask: _np_masked_nce(x, prototypes, mask, targets, 0.5),
+            f,
+            [(0, 0), (2, 3), (3, 1), (4, 2)],
+        )
+        analytic = [grad_f[0, 0], grad_f[2, 3], grad_f[3, 1], grad_f[4, 2]]
+        np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+    # Masking changes the value (the masked rows really left the softmax).
+    unmasked = _masked_nce_value_and_grads(f, prototypes, np.ones(6, bool), targets)[0]
+    assert abs(float(unmasked) - _np_masked_nce(f, prototypes, row_mask, targets, 0.5)) > 1e-3
+
+
+def _masked_nce_value_and_grads(f, prototypes, mask, targets, tau=0.5):
+    def loss(x, p):
+        return cluster_methods.masked_nce(x, p, jnp.asarray(mask), jnp.asarray(targets), tau)
+
+    value, (grad_f, grad_p) = jax.value_and_grad(loss, argnums=(0, 1))(
+        jnp.asarray(f), jnp.asarray(prototypes)
+    )
+    return value, np.asarray(grad_f), np.asarray(grad_p)
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+def test_cap_inter_camera_loss_matches_numpy(k):
+    f, memory = _case("cap", seed=5)
+    m = _np_memory(memory)
+    clusters = LABELS[INDICES]
+
+    def loss(x, p):
+        mem = _to_jax(memory).replace(prototypes=p)
+        return cluster_methods.cap_inter_camera_loss(x, mem, jnp.asarray(clusters), TAU, k)
+
+    value, (grad_f, grad_p) = jax.value_and_grad(loss, argnums=(0, 1))(
+        jnp.asarray(f), jnp.asarray(memory.prototypes)
+    )
+    np.testing.assert_allclose(value, _np_cap_inter(f, m, clusters, TAU, k), rtol=1e-5)
+    assert np.all(np.asarray(grad_p) == 0)
+    assert np.all(np.asarray(grad_f)[[2, 5]] == 0)
+    numeric = _finite_difference(lambda x: _np_cap_inter(x, m, clusters, TAU, k), f, ENTRIES)
+    analytic = np.array([grad_f[i, j] for i, j in ENTRIES])
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_hard_instance_loss_matches_numpy(k):
+    f, memory = _case("hhcl", seed=6)
+    instances = np.asarray(memory.instances)
+    labels = LABELS[INDICES]
+
+    def loss(x, bank):
+        return cluster_methods.hard_instance_loss(
+            x, bank, jnp.asarray(labels), jnp.asarray(LABELS), TAU, k
+        )
+
+    value, (grad_f, grad_i) = jax.value_and_grad(loss, argnums=(0, 1))(
+        jnp.asarray(f), jnp.asarray(instances)
+    )
+    np.testing.assert_allclose(
+        value, _np_hard_instance(f, instances, labels, LABELS, TAU, k), rtol=1e-5
+    )
+    assert np.all(np.asarray(grad_i) == 0)
+    assert np.all(np.asarray(grad_f)[[2, 5]] == 0)
+    numeric = _finite_difference(
+        lambda x: _np_hard_instance(x, instances, labels, LABELS, TAU, k), f, ENTRIES
+    )
+    analytic = np.array([grad_f[i, j] for i, j in ENTRIES])
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+
+
+def test_multi_positive_instance_loss_matches_numpy():
+    f, memory = _case("joint", seed=7)
+    instances = np.asarray(memory.instances)
+    labels = LABELS[INDICES]
+
+    def loss(x, bank):
+        return cluster_methods.multi_positive_instance_loss(
+            x, bank, jnp.asarray(labels), jnp.asarray(LABELS), jnp.asarray(INDICES), TAU
+        )
+
+    value, (grad_f, grad_i) = jax.value_and_grad(loss, argnums=(0, 1))(
+        jnp.asarray(f), jnp.asarray(instances)
+    )
+    np.testing.assert_allclose(
+        value, _np_multi_positive(f, instances, labels, LABELS, INDICES, TAU), rtol=1e-5
+    )
+    assert np.all(np.asarray(grad_i) == 0)
+    numeric = _finite_difference(
+        lambda x: _np_multi_positive(x, instances, labels, LABELS, INDICES, TAU), f, ENTRIES
+    )
+    analytic = np.array([grad_f[i, j] for i, j in ENTRIES])
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+    # The outlier at batch position 2 (image 7) is pulled towards its own instance:
+    # its per-sample loss is -log softmax_7, checked on a batch of that sample alone.
+    alone = cluster_methods.multi_positive_instance_loss(
+        jnp.asarray(f[2:3]),
+        jnp.asarray(instances),
+        jnp.asarray([-1]),
+        jnp.asarray(LABELS),
+        jnp.asarray([7]),
+        TAU,
+    )
+    s = _unit(f[2]) @ instances.astype(np.float64).T / TAU
+    np.testing.assert_allclose(alone, _lse(s) - s[7], rtol=1e-5)
+
+
+# ------------------------------------------------------------ edge cases
+
+
+def test_cap_cluster_without_negatives_has_finite_gradient():
+    # One cluster only (two proxies, cameras 0 and 1): no other-cluster negatives.
+    rng = np.random.default_rng(8)
+    bank = rng.normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, 0, 0, -1, 0])
+    cameras = np.array([0, 1, 0, 1, 1])
+    memory = cluster_methods.build_memory("cap", bank, cameras, labels)
+    assert int(np.sum(memory.valid)) == 2
+    indices = np.array([0, 1, 3])
+    cams = cameras[indices]
+    f = rng.normal(size=(3, 3)).astype(np.float32)
+    mem, loss = _jax_loss("cap", memory, indices, cams)
+    (total, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(f), mem.prototypes, mem.instances
+    )
+    m = _np_memory(memory)
+    np.testing.assert_allclose(
+        metrics["loss_inter"], _np_cap_inter(f, m, labels[indices], TAU, 2), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        metrics["loss_intra"], _np_cap_intra(f, m, indices, cams, TAU), rtol=1e-5
+    )
+    assert np.isfinite(float(total))
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[0])[2] == 0)  # the outlier
+    numeric = _finite_difference(
+        lambda x: _np_cap_inter(x, m, labels[indices], TAU, 2), f, [(0, 1), (1, 2)]
+    )
+    grad_inter = jax.grad(
+        lambda x: cluster_methods.cap_inter_camera_loss(
+            x, _to_jax(memory), jnp.asarray(labels[indices]), TAU, 2
+        )
+    )(jnp.asarray(f))
+    np.testing.assert_allclose([grad_inter[0, 1], grad_inter[1, 2]], numeric, rtol=2e-2, atol=1e-4)
+
+
+def test_hhcl_more_hard_negatives_than_bank_is_finite():
+    f, memory = _case("hhcl", seed=9)
+    cams = CAMERAS[INDICES]
+    params = dict(PARAMS, num_hard_negatives=100)  # > 12 instances
+    mem, loss = _jax_loss("hhcl", memory, INDICES, cams, params=params)
+    (total, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(f), mem.prototypes, mem.instances
+    )
+    instances = np.asarray(memory.instances)
+    labels = LABELS[INDICES]
+    # All instances of other clusters (outliers included) are negatives.
+    np.testing.assert_allclose(
+        metrics["loss_instance"],
+        _np_hard_instance(f, instances, labels, LABELS, TAU, 100),
+        rtol=1e-5,
+    )
+    assert np.isfinite(float(total))
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    numeric = _finite_difference(
+        lambda x: _np_hard_instance(x, instances, labels, LABELS, TAU, 100), f, ENTRIES[:3]
+    )
+    grad_instance = jax.grad(
+        lambda x: cluster_methods.hard_instance_loss(
+            x, jnp.asarray(instances), jnp.asarray(labels), jnp.asarray(LABELS), TAU, 100
+        )
+    )(jnp.asarray(f))
+    analytic = [grad_instance[i, j] for i, j in ENTRIES[:3]]
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["cluster_contrast", "cap", "hhcl", "joint"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_batch_of_outliers_gives_zero_loss_and_gradient(kind, empty):
+    rng = np.random.default_rng(10)
+    bank = rng.normal(size=(12, 5)).astype(np.float32)
+    labels = np.full(12, -1) if empty else LABELS
+    memory = cluster_methods.build_memory(kind, bank, CAMERAS, labels)
+    indices = np.array([7, 10, 7])  # outliers only
+    cams = CAMERAS[indices]
+    f = rng.normal(size=(3, 5)).astype(np.float32)
+    mem, loss = _jax_loss(kind, memory, indices, cams)
+    (total, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        jnp.asarray(f), mem.prototypes, mem.instances
+    )
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[1]) == 0) and np.all(np.asarray(grads[2]) == 0)
+    if kind == "joint":
+        # The cluster term is empty; the instance term pulls each outlier to itself.
+        assert float(metrics["loss_cluster"]) == 0.0
+        expected = _np_multi_positive(
+            f, np.asarray(memory.instances), labels[indices], labels, indices, TAU
+        )
+        np.testing.assert_allclose(metrics["loss_instance"], expected, rtol=1e-5)
+        return
+    assert float(total) == 0.0
+    for value in metrics.values():
+        assert float(value) == 0.0
+    assert np.all(np.asarray(grads[0]) == 0)
+
+
+# ----------------------------------------------------------------- updates
+
+
+def _update(kind, memory, f, indices, mode="mean", momentum=0.2, instance_momentum=0.6, **kw):
+    return cluster_methods.update_cluster_memory(
+        kind,
+        _to_jax(memory),
+        jnp.asarray(f),
+        jnp.asarray(indices),
+        momentum=momentum,
+        mode=mode,
+        instance_momentum=instance_momentum,
+        **kw,
+    )
+
+
+# Batch on the hand-made case: images 0 and 5 (cluster 0, camera 0), 1 (cluster 1,
+# camera 0), 3 (outlier). Rows each batch position pulls, per kind.
+UPDATE_INDICES = np.array([0, 5, 1, 3])
+UPDATE_ROWS = {
+    "cluster_contrast": {0: [0, 1], 1: [2]},
+    "hhcl": {0: [0, 1], 1: [2]},
+    "joint": {0: [0, 1], 1: [2]},
+    "self_paced": {0: [0, 1], 1: [2], 2: [3]},  # the outlier's own row moves
+    "cap": {0: [0, 1], 2: [2]},  # proxies (0, cam 0) and (1, cam 0)
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mean_update_matches_hand_computation(kind):
+    memory = cluster_methods.build_memory(kind, _hand_features(), HAND_CAMERAS, HAND_LABELS)
+    f = np.random.default_rng(11).normal(size=(4, 4)).astype(np.float32)
+    new = _update(kind, memory, f, UPDATE_INDICES)
+    old = np.asarray(memory.prototypes, np.float64)
+    expected = old.copy()
+    for row, positions in UPDATE_ROWS[kind].items():
+        step = np.mean(_unit(f[positions]), axis=0)
+        expected[row] = _unit(0.2 * old[row] + 0.8 * step)
+    np.testing.assert_allclose(new.prototypes, expected, rtol=1e-5, atol=1e-6)
+    untouched = [r for r in range(8) if r not in UPDATE_ROWS[kind]]
+    np.testing.assert_array_equal(np.asarray(new.prototypes)[untouched], old[untouched])
+    for name in ("valid", "row_cluster", "row_camera", "rows", "pseudo_labels", "cameras"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(memory, name))
+    if kind not in ("hhcl", "joint"):
+        np.testing.assert_array_equal(new.instances, memory.instances)
+    if kind == "cluster_contrast":
+        # The outlier changes nothing: the same update without it.
+        without = _update(kind, memory, f[:3], UPDATE_INDICES[:3])
+        np.testing.assert_allclose(new.prototypes, without.prototypes, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["cluster_contrast", "hhcl"])
+def test_hard_update_uses_least_similar_sample(kind):
+    memory = cluster_methods.build_memory(kind, _hand_features(), HAND_CAMERAS, HAND_LABELS)
+    p = np.asarray(memory.prototypes, np.float64)
+    rng = np.random.default_rng(12)
+    close = p[0] + 0.05 * rng.normal(size=4)  # nearly the prototype of cluster 0
+    far = -p[0] + 0.3 * rng.normal(size=4)
+    f = np.stack([close, far, rng.normal(size=4)]).astype(np.float32)
+    indices = np.array([0, 2, 7])  # clusters 0, 0, 1
+    assert _unit(f[1]) @ p[0] < _unit(f[0]) @ p[0]
+    new = np.asarray(_update(kind, memory, f, indices, mode="hard", momentum=0.5).prototypes)
+    np.testing.assert_allclose(new[0], _unit(0.5 * p[0] + 0.5 * _unit(f[1])), atol=1e-6)
+    np.testing.assert_allclose(new[1], _unit(0.5 * p[1] + 0.5 * _unit(f[2])), atol=1e-6)
+    assert not np.allclose(new[0], _unit(0.5 * p[0] + 0.5 * _unit(f[0])), atol=1e-3)
+    np.testing.assert_array_equal(new[2:], p[2:])
+
+
+@pytest.mark.parametrize("kind", ["hhcl", "joint"])
+def test_instance_rows_move_with_instance_momentum(kind):
+    memory = cluster_methods.build_memory(kind, _hand_features(), HAND_CAMERAS, HAND_LABELS)
+    old = np.asarray(memory.instances, np.float64)
+    f = np.random.default_rng(13).normal(size=(4, 4)).astype(np.float32)
+    indices = np.array([0, 5, 0, 3])  # image 0 twice, outlier 3 included
+    new = np.asarray(_update(kind, memory, f, indices, instance_momentum=0.6).instances)
+    expected = old.copy()
+    expected[0] = _unit(0.6 * old[0] + 0.4 * np.mean(_unit(f[[0, 2]]), axis=0))
+    expected[5] = _unit(0.6 * old[5] + 0.4 * _unit(f[1]))
+    expected[3] = _unit(0.6 * old[3] + 0.4 * _unit(f[3]))
+    np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new[[1, 2, 4, 6, 7]], old[[1, 2, 4, 6, 7]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["mean", "hard", "sequential"])
+def test_disabled_update_returns_memory_unchanged(kind, mode):
+    memory = cluster_methods.build_memory(kind, _hand_features(), HAND_CAMERAS, HAND_LABELS)
+    f = np.random.default_rng(14).normal(size=(4, 4)).astype(np.float32)
+    new = _update(kind, memory, f, np.array([0, 5, 1, 3]), mode=mode, enabled=False)
+    for before, after in zip(jax.tree.leaves(_to_jax(memory)), jax.tree.leaves(new), strict=True):
+        assert np.asarray(before).dtype == np.asarray(after).dtype
+        np.testing.assert_array_equal(after, before)
+
+
+def test_disabled_update_under_jit_with_a_traced_flag():
+    memory = _to_jax(
+        cluster_methods.build_memory("joint", _hand_features(), HAND_CAMERAS, HAND_LABELS)
+    )
+    f = jnp.asarray(np.random.default_rng(15).normal(size=(4, 4)).astype(np.float32))
+
+    @jax.jit
+    def step(mem, enabled):
+        return cluster_methods.update_cluster_memory(
+            "joint",
+            mem,
+            f,
+            jnp.asarray([0, 5, 1, 3]),
+            momentum=0.2,
+            mode="mean",
+            instance_momentum=0.6,
+            enabled=enabled,
+        )
+
+    off = step(memory, jnp.asarray(False))
+    for before, after in zip(jax.tree.leaves(memory), jax.tree.leaves(off), strict=True):
+        np.testing.assert_array_equal(after, before)
+    on = step(memory, jnp.asarray(True))
+    assert not np.array_equal(on.prototypes, memory.prototypes)
+    assert not np.array_equal(on.instances, memory.instances)
