@@ -158,7 +158,9 @@ _CLUSTER_METHOD_DEFAULTS = {
     "self_paced": dict(momentum=0.2),
     "cap": dict(temperature=0.07, momentum=0.2, inter_camera_weight=0.5, num_hard_negatives=50),
     "hhcl": dict(memory_update="hard", instance_weight=1.0, num_hard_negatives=50),
-    "joint": dict(instance_weight=1.0, instance_momentum=0.2),
+    "joint": dict(instance_weight=0.5, instance_momentum=0.2),
+    # The upper bound on the same recipe: identity CE + triplet, true labels.
+    "supervised": dict(name="supervised"),
 }
 
 

@@ -32,17 +32,54 @@ _MULTIPROCESS = flags.DEFINE_bool(
     "coordinator and ranks detected from the cluster environment, e.g. SLURM; "
     "JAX_COORDINATOR_ADDRESS overrides the coordinator).",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "With --multiprocess: host:port of process 0 (default: from the cluster environment).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --multiprocess: number of processes (default: detected)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --multiprocess: rank of this process (default: detected)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _setup_logging(workdir: str) -> logging.Logger:
+def _start_distributed() -> None:
+    """jax.distributed.initialize with the explicit flags or auto-detection
+    (SLURM, Open MPI, ...). CPU processes exchange collectives through gloo."""
+    import jax
+
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+
+
+def _has_accelerator() -> bool:
+    import importlib.util
+
+    # Must not initialise a backend before jax.distributed.initialize.
+    return any(
+        importlib.util.find_spec(name) is not None
+        for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+    )
+
+
+def _setup_logging(workdir: str, process: int) -> logging.Logger:
     logger = logging.getLogger("jaxreid")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    prefix = f"[process {process}] " if process else ""
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S")
+    name = f"log.process{process}.txt" if process else "log.txt"
     for handler in (
-        logging.FileHandler(os.path.join(workdir, "log.txt")),
+        logging.FileHandler(os.path.join(workdir, name)),
         logging.StreamHandler(sys.stdout),
     ):
         handler.setFormatter(fmt)
@@ -192,14 +229,15 @@ def _write_plots(config, q, g, data, workdir, log) -> None:
 def main(argv) -> None:
     del argv
     if _MULTIPROCESS.value:
-        import jax
+        _start_distributed()
+    import jax
 
-        jax.distributed.initialize()
+    process = jax.process_index()
     config = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     mode = _MODE.value or config.mode
-    logger = _setup_logging(workdir)
+    logger = _setup_logging(workdir, process)
     log = logger.info
     # Libraries (orbax, clu) log through absl at INFO; keep the console for ours.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -208,8 +246,9 @@ def main(argv) -> None:
 
     started = time.time()
     log(f"jaxreid {mode}: {machine_description()}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if process == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     try:
         data = load_data(config, log)
         if mode == "eval":
@@ -231,6 +270,8 @@ def main(argv) -> None:
         machine=machine_description(),
         wall_time_s=time.time() - started,
     )
+    if process:
+        return
     path = os.path.join(workdir, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)

@@ -292,9 +292,11 @@ class MetricWriter:
     (they need TensorFlow, so they stay optional)."""
 
     def __init__(self, workdir: str):
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # One writer per run: process 0 (the values are replicated).
+        self.jsonl = None
         self.clu = None
         if jax.process_index() == 0:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
                 from clu import metric_writers
@@ -304,13 +306,16 @@ class MetricWriter:
                 logging.warning("TensorBoard summaries off (%s); metrics.jsonl only", e)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
         if self.clu is not None:
             self.clu.write_scalars(step, scalars)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.clu is not None:
             self.clu.flush()
             self.clu.close()
@@ -389,7 +394,9 @@ def initial_state(config, model, tx, method: Method, data: Data, mesh: Mesh):
         rng=jnp.asarray(_host_key(config.seed + 1)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
-    return graphdef, jax.device_put(state, NamedSharding(mesh, P()))
+    # Through the host: in a multi-process run the replicated state spans the
+    # devices of every process.
+    return graphdef, jax.device_put(jax.device_get(state), NamedSharding(mesh, P()))
 
 
 def recluster(

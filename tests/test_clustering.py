@@ -54,8 +54,10 @@ def test_dbscan_equals_reference_on_random_dense_cases():
     for _ in range(150):
         distance = _random_distance(rng, int(rng.integers(1, 50)))
         eps, min_samples = rng.uniform(0.05, 0.5), int(rng.integers(1, 6))
-        np.testing.assert_array_equal(clustering.dbscan(distance, eps, min_samples),
-                                      reference_dbscan(distance, eps, min_samples))
+        np.testing.assert_array_equal(
+            clustering.dbscan(distance, eps, min_samples),
+            reference_dbscan(distance, eps, min_samples),
+        )
 
 
 def test_dbscan_equals_sklearn():
@@ -64,8 +66,9 @@ def test_dbscan_equals_sklearn():
     for _ in range(60):
         distance = _random_distance(rng, int(rng.integers(2, 60)))
         eps, min_samples = rng.uniform(0.05, 0.5), int(rng.integers(1, 6))
-        expected = sklearn_cluster.DBSCAN(eps=eps, min_samples=min_samples,
-                                          metric="precomputed").fit_predict(distance)
+        expected = sklearn_cluster.DBSCAN(
+            eps=eps, min_samples=min_samples, metric="precomputed"
+        ).fit_predict(distance)
         np.testing.assert_array_equal(clustering.dbscan(distance, eps, min_samples), expected)
 
 
@@ -73,13 +76,14 @@ def test_border_point_joins_the_first_cluster():
     # Two clusters of four on a line and a border point within eps of one core of each.
     a = [0.0, 0.05, 0.1, 0.15]
     b = [0.45, 0.5, 0.55, 0.6]
-    for points, expected in [(a + b + [0.3, 2.0], [0, 0, 0, 0, 1, 1, 1, 1, 0, -1]),
-                             (b + a + [0.3, 2.0], [0, 0, 0, 0, 1, 1, 1, 1, 0, -1])]:
+    for points, expected in [
+        (a + b + [0.3, 2.0], [0, 0, 0, 0, 1, 1, 1, 1, 0, -1]),
+        (b + a + [0.3, 2.0], [0, 0, 0, 0, 1, 1, 1, 1, 0, -1]),
+    ]:
         p = np.array(points)
         distance = np.abs(p[:, None] - p[None])
         np.testing.assert_array_equal(clustering.dbscan(distance, 0.16, 4), expected)
-        np.testing.assert_array_equal(clustering.dbscan(sp.csr_matrix(distance), 0.16, 4),
-                                      expected)
+        np.testing.assert_array_equal(clustering.dbscan(sp.csr_matrix(distance), 0.16, 4), expected)
 
 
 def test_dbscan_on_sparse_jaccard_equals_dense():
@@ -143,9 +147,15 @@ def test_degenerate_cases_warn_and_return(caplog):
 def test_pseudo_label_stats_by_hand():
     stats = clustering.pseudo_label_stats(np.array([0, 0, 1, -1, 2, 2, 2, -1, 0, 0]))
     assert stats == {
-        "num_samples": 10, "num_clusters": 3, "num_clustered": 8, "num_outliers": 2,
-        "outlier_fraction": 0.2, "largest_cluster": 4, "smallest_cluster": 1,
-        "mean_cluster_size": 8 / 3, "median_cluster_size": 3.0,
+        "num_samples": 10,
+        "num_clusters": 3,
+        "num_clustered": 8,
+        "num_outliers": 2,
+        "outlier_fraction": 0.2,
+        "largest_cluster": 4,
+        "smallest_cluster": 1,
+        "mean_cluster_size": 8 / 3,
+        "median_cluster_size": 3.0,
     }
     empty = clustering.pseudo_label_stats(np.full(3, -1))
     assert empty["num_clusters"] == 0 and empty["outlier_fraction"] == 1.0

@@ -80,8 +80,9 @@ def reference_rerank(q, g, k1, k2, lambda_value):
 
 
 @pytest.mark.parametrize("backend", ["faiss", "jax"])
-@pytest.mark.parametrize("n,k1,k2,seed", [(200, 20, 6, 0), (160, 30, 6, 1), (90, 9, 1, 2),
-                                          (120, 7, 3, 3)])
+@pytest.mark.parametrize(
+    "n,k1,k2,seed", [(200, 20, 6, 0), (160, 30, 6, 1), (90, 9, 1, 2), (120, 7, 3, 3)]
+)
 def test_jaccard_equals_dense_reference(backend, n, k1, k2, seed):
     x = _clustered(n, 32, n // 8, seed)
     expected = reference_jaccard(x, k1, k2)
@@ -146,8 +147,7 @@ def test_small_n_warns_and_uses_k1_equal_n(caplog):
     with caplog.at_level(logging.WARNING, logger="jaxreid.kreciprocal"):
         result = kreciprocal.jaccard_distance(x, 30, 6)
     assert "k1=30 > N=12" in caplog.text
-    np.testing.assert_allclose(kreciprocal.densify(result), reference_jaccard(x, 12, 6),
-                               atol=1e-5)
+    np.testing.assert_allclose(kreciprocal.densify(result), reference_jaccard(x, 12, 6), atol=1e-5)
 
 
 def test_unnormalised_features_are_normalised():
@@ -159,8 +159,9 @@ def test_unnormalised_features_are_normalised():
 
 
 @pytest.mark.parametrize("backend", ["faiss", "jax"])
-@pytest.mark.parametrize("k1,k2,lambda_value,seed", [(20, 6, 0.3, 0), (10, 1, 0.0, 1),
-                                                     (7, 3, 1.0, 2)])
+@pytest.mark.parametrize(
+    "k1,k2,lambda_value,seed", [(20, 6, 0.3, 0), (10, 1, 0.0, 1), (7, 3, 1.0, 2)]
+)
 def test_rerank_equals_dense_reference(backend, k1, k2, lambda_value, seed):
     x = _clustered(110, 32, 14, seed)
     q, g = x[:30], x[30:]
@@ -172,15 +173,24 @@ def test_rerank_equals_dense_reference(backend, k1, k2, lambda_value, seed):
 def test_rerank_handles_empty_and_tiny_inputs():
     x = _clustered(6, 8, 2, seed=7)
     assert kreciprocal.k_reciprocal_rerank(x[:0], x).shape == (0, 6)
-    np.testing.assert_allclose(kreciprocal.k_reciprocal_rerank(x[:2], x[2:]),
-                               reference_rerank(x[:2], x[2:], 5, 6, 0.3), atol=1e-5)
+    np.testing.assert_allclose(
+        kreciprocal.k_reciprocal_rerank(x[:2], x[2:]),
+        reference_rerank(x[:2], x[2:], 5, 6, 0.3),
+        atol=1e-5,
+    )
 
 
 def test_densify_fills_missing_pairs_with_one():
-    matrix = sp.csr_matrix((np.array([0.0, 0.25, 0.25, 0.0], np.float32),
-                            (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))), shape=(3, 3))
-    np.testing.assert_array_equal(kreciprocal.densify(matrix),
-                                  [[0, 0.25, 1], [0.25, 0, 1], [1, 1, 1]])
+    matrix = sp.csr_matrix(
+        (
+            np.array([0.0, 0.25, 0.25, 0.0], np.float32),
+            (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])),
+        ),
+        shape=(3, 3),
+    )
+    np.testing.assert_array_equal(
+        kreciprocal.densify(matrix), [[0, 0.25, 1], [0.25, 0, 1], [1, 1, 1]]
+    )
 
 
 def test_small_chunks_give_the_same_result(monkeypatch):
@@ -189,6 +199,6 @@ def test_small_chunks_give_the_same_result(monkeypatch):
     rerank = kreciprocal.k_reciprocal_rerank(x[:40], x[40:])
     monkeypatch.setattr(kreciprocal, "_CHUNK_ELEMENTS", 700)  # dozens of chunks of a few rows
     np.testing.assert_array_equal(
-        kreciprocal.densify(kreciprocal.jaccard_distance(x, 20, 6)), jaccard)
-    np.testing.assert_allclose(kreciprocal.k_reciprocal_rerank(x[:40], x[40:]), rerank,
-                               atol=1e-6)
+        kreciprocal.densify(kreciprocal.jaccard_distance(x, 20, 6)), jaccard
+    )
+    np.testing.assert_allclose(kreciprocal.k_reciprocal_rerank(x[:40], x[40:]), rerank, atol=1e-6)

@@ -158,14 +158,16 @@ def test_stripe_pool_matches_torch_adaptive_avg_pool():
 
 def _grouped_conv(x, kernel, stride):
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x,
+        kernel,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1],
     )
 
 
-@pytest.mark.parametrize(
-    "height, width, stride, kernel", [(9, 6, 2, 3), (7, 5, 1, 5)]
-)
+@pytest.mark.parametrize("height, width, stride, kernel", [(9, 6, 2, 3), (7, 5, 1, 5)])
 def test_depthwise_conv_and_its_vjp_match_grouped_convolution(height, width, stride, kernel):
     conv = DepthwiseConv(6, kernel, stride, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, height, width, 6))

@@ -213,8 +213,9 @@ def test_mapping_errors_list_all_problems_at_once():
 def test_pretrained_path_round_trip_and_imagenet_error(tmp_path):
     torch = pytest.importorskip("torch")
     source = models.build_model(_tiny_config(), nnx.Rngs(1))
-    state = {k: torch.from_numpy(np.array(v)) for k, v in
-             _torch_layout_state(source.backbone).items()}
+    state = {
+        k: torch.from_numpy(np.array(v)) for k, v in _torch_layout_state(source.backbone).items()
+    }
     state["fc.weight"] = torch.zeros(1000, 512)
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
@@ -268,8 +269,14 @@ def _torch_efficientnet_lite0(torch, state, images_nchw):
 
     def bn(x, key):
         return F.batch_norm(
-            x, state[f"{key}.running_mean"], state[f"{key}.running_var"],
-            state[f"{key}.weight"], state[f"{key}.bias"], False, 0.0, 1e-3,
+            x,
+            state[f"{key}.running_mean"],
+            state[f"{key}.running_var"],
+            state[f"{key}.weight"],
+            state[f"{key}.bias"],
+            False,
+            0.0,
+            1e-3,
         )
 
     def relu6(x):
@@ -299,15 +306,21 @@ def _torch_efficientnet_lite0(torch, state, images_nchw):
 def test_efficientnet_lite0_imagenet_matches_torch_reference():
     torch = pytest.importorskip("torch")
     config = models.default_model_config()
-    config.update(backbone="efficientnet_lite0", pretrained="imagenet", last_stride=2,
-                  embed_dim=1280, num_stripes=8)
+    config.update(
+        backbone="efficientnet_lite0",
+        pretrained="imagenet",
+        last_stride=2,
+        embed_dim=1280,
+        num_stripes=8,
+    )
     model = models.build_model(config, nnx.Rngs(0))
     images = _random_images((2, 128, 64, 3))
 
     ours = _pooled_backbone_features(model, images)
 
-    state = torch.load(pretrained.packaged_efficientnet_lite0_path(), map_location="cpu",
-                       weights_only=True)
+    state = torch.load(
+        pretrained.packaged_efficientnet_lite0_path(), map_location="cpu", weights_only=True
+    )
     with torch.no_grad():
         reference = _torch_efficientnet_lite0(
             torch, state, torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -381,8 +394,14 @@ def _torch_resnet(torch, state, images_nchw, depths, bottleneck, last_stride, ib
 
     def bn(x, key):
         return F.batch_norm(
-            x, state[f"{key}.running_mean"], state[f"{key}.running_var"],
-            state[f"{key}.weight"], state[f"{key}.bias"], False, 0.0, 1e-5,
+            x,
+            state[f"{key}.running_mean"],
+            state[f"{key}.running_var"],
+            state[f"{key}.weight"],
+            state[f"{key}.bias"],
+            False,
+            0.0,
+            1e-5,
         )
 
     def norm1(x, key):
@@ -435,8 +454,14 @@ def test_resnet_random_torchvision_weights_match_torch_reference(
     torch.save(state, path)
 
     config = models.default_model_config()
-    config.update(backbone=backbone, pretrained=str(path), last_stride=last_stride, ibn=ibn,
-                  embed_dim=64, num_stripes=4)
+    config.update(
+        backbone=backbone,
+        pretrained=str(path),
+        last_stride=last_stride,
+        ibn=ibn,
+        embed_dim=64,
+        num_stripes=4,
+    )
     model = models.build_model(config, nnx.Rngs(0))
     # 128 x 64 keeps layer4 >= 4 x 2 pixels; XLA's CPU convolution is pathologically
     # slow on 4 x 2 x 512 maps (64 x 32 input with last stride 1).
@@ -446,8 +471,13 @@ def test_resnet_random_torchvision_weights_match_torch_reference(
 
     with torch.no_grad():
         reference = _torch_resnet(
-            torch, state, torch.from_numpy(images).permute(0, 3, 1, 2), depths, bottleneck,
-            last_stride, ibn,
+            torch,
+            state,
+            torch.from_numpy(images).permute(0, 3, 1, 2),
+            depths,
+            bottleneck,
+            last_stride,
+            ibn,
         ).numpy()
     assert ours.shape == (2, models.feature_dim(backbone))
     assert 0.1 < float(np.abs(reference).max()) < 100.0

@@ -192,8 +192,9 @@ def test_identity_attributes_share_a_small_palette():
     # while full attribute combinations stay mostly distinct.
     assert {i.pattern for i in idents} == set(synthetic.PATTERNS)
     assert {i.accessory for i in idents} == set(synthetic.ACCESSORIES)
-    combos = {(i.pattern, i.accessory, i.long_sleeves, i.long_trousers, i.long_hair)
-              for i in idents}
+    combos = {
+        (i.pattern, i.accessory, i.long_sleeves, i.long_trousers, i.long_hair) for i in idents
+    }
     assert len(combos) < len(idents)  # collisions on discrete attributes are common
     uppers = {tuple(np.round(i.upper, 3)) for i in idents}
     assert len(uppers) == len(idents)  # but per-identity colour jitter keeps shades distinct
@@ -218,6 +219,11 @@ def test_default_parameters_are_generate_arguments():
     assert set(synthetic.DEFAULT_SYNTHETIC) <= set(params)
     d = synthetic.DEFAULT_SYNTHETIC
     # Expected train size of the CPU demo: each identity is in 2..C cameras (mean (2+C)/2).
-    expected_train = (d["num_ids"] * d["train_fraction"] * (2 + d["num_cameras"]) / 2
-                      * d["images_per_id_per_camera"])
+    expected_train = (
+        d["num_ids"]
+        * d["train_fraction"]
+        * (2 + d["num_cameras"])
+        / 2
+        * d["images_per_id_per_camera"]
+    )
     assert 1500 <= expected_train <= 3000

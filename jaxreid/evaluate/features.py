@@ -56,6 +56,15 @@ def _forward(
     return averaged
 
 
+def _local_value(x: Any) -> Any:
+    """A replicated array spanning several processes -> its local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError("parameters sharded across processes cannot be extracted locally")
+        return x.addressable_data(0)
+    return x
+
+
 def extract_features(
     apply_fn: ApplyFn,
     images: np.ndarray,
@@ -96,13 +105,15 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    devices = jax.devices()
+    # This process's devices only: in a multi-process run every process
+    # extracts on its own (the training set is clustered on every host).
+    devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     batch = max(1, batch_size // len(devices)) * len(devices)
     if params is not None:
-        params = jax.device_put(params, replicated)
+        params = jax.device_put(jax.tree.map(_local_value, params), replicated)
     forward = functools.partial(_forward, apply_fn=apply_fn, flip=flip)
 
     num_images = images.shape[0]

@@ -1,0 +1,113 @@
+"""Two processes joined with jax.distributed on localhost (CPU collectives
+through gloo) train one config together, each feeding its half of every
+batch; the run matches one process driving two devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_train import ROOT, TINY_SET, _losses
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    from jaxreid.data import synthetic
+
+    root = str(tmp_path_factory.mktemp("tiny") / "synthetic")
+    synthetic.generate(root, **TINY_SET)
+    return root
+
+
+def _command(root: str, workdir: str, method: str) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "jaxreid.main",
+        "--config",
+        os.path.join(ROOT, "configs", "synthetic.py"),
+        f"--workdir={workdir}",
+        "--config.data.dataset=market_layout",
+        f"--config.data.root={root}",
+        "--config.data.cache_dir=",
+        "--config.model.backbone=resnet18",
+        "--config.model.pretrained=",
+        "--config.model.embed_dim=32",
+        "--config.model.num_stripes=2",
+        "--config.model.bn_group_size=8",
+        "--config.method.k=2",
+        "--config.method.n=8",
+        "--config.optimizer.name=sgd",
+        "--config.optimizer.lr=0.01",
+        "--config.train.batch_size=8",
+        "--config.train.epochs=2",
+        "--config.train.steps_per_epoch=3",
+        "--config.train.eval_every=2",
+        "--config.train.log_every=1",
+    ]
+    if method != "scl":
+        args += [
+            f"--config.method.name={method}",
+            "--config.model.head=bnneck",
+            "--config.method.temperature=0.05",
+            "--config.train.num_instances=2",
+            "--config.cluster.k1=10",
+            "--config.cluster.k2=4",
+            "--config.cluster.min_samples=2",
+            "--config.cluster.eps=0.45",
+        ]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["scl", "cluster_contrast"])
+def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, method):
+    single = str(tmp_path / "single")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        _command(tiny_root, single, method), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+    shared = str(tmp_path / "multi")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device each
+    procs = [
+        subprocess.Popen(
+            [
+                *_command(tiny_root, shared, method),
+                "--multiprocess",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={rank}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    assert "[process 1]" in logs[1]
+    assert "2 x cpu" in open(os.path.join(shared, "log.txt")).read()
+
+    np.testing.assert_allclose(_losses(shared), _losses(single), rtol=1e-4)
+    with open(os.path.join(single, "results.json")) as f:
+        one = json.load(f)["final"]
+    with open(os.path.join(shared, "results.json")) as f:
+        two = json.load(f)["final"]
+    for name in one:
+        assert two[name]["mAP"] == pytest.approx(one[name]["mAP"], abs=1e-3)
