@@ -14,7 +14,10 @@ Methods (each: build the memory, a pure loss, a pure update):
   cluster_contrast  rows = clusters; ClusterNCE; momentum update
                     (`mean` | `hard` | `sequential`, see cluster_memory).
   self_paced        rows = clusters + one row per outlier (its own feature);
-                    NCE over all of them (outliers are their own classes).
+                    NCE over all of them (outliers are their own classes,
+                    negatives to every sample; the sampler draws clusters
+                    only, so outlier rows stay as clustered until the next
+                    re-clustering).
   cap               rows = one proxy per (cluster, camera); intra-camera NCE
                     against the proxies of the sample's camera + inter-camera
                     loss: all proxies of its cluster as positives against the

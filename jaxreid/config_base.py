@@ -152,7 +152,7 @@ def scl_paper_config(dataset: str, root: str) -> ml_collections.ConfigDict:
 
 
 # Per-method settings of the published implementations, over the shared recipe.
-_CLUSTER_METHOD_DEFAULTS = {
+RECIPE_METHODS = {
     "cluster_contrast": dict(memory_update="mean"),
     "cluster_contrast_hard": dict(name="cluster_contrast", memory_update="hard"),
     "self_paced": dict(momentum=0.2),
@@ -173,9 +173,9 @@ def cluster_config(
     epochs, 50 epochs x 200 iterations of 256 = 16 x 16 images, DBSCAN on
     the k-reciprocal Jaccard distance (k1 30, k2 6, eps 0.6, min_samples 4),
     momentum 0.1, temperature 0.05. Batch norm statistics over groups of 64
-    (the reference's 4 GPUs x 64). `method`: a key of _CLUSTER_METHOD_DEFAULTS."""
-    if method not in _CLUSTER_METHOD_DEFAULTS:
-        raise ValueError(f"unknown method {method!r}; one of {sorted(_CLUSTER_METHOD_DEFAULTS)}")
+    (the reference's 4 GPUs x 64). `method`: a key of RECIPE_METHODS."""
+    if method not in RECIPE_METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {sorted(RECIPE_METHODS)}")
     c = base_config()
     c.data.dataset = dataset
     c.data.root = root
@@ -194,7 +194,7 @@ def cluster_config(
     c.method.temperature = 0.05
     c.method.momentum = 0.1
     c.method.warmup_epochs = 0
-    for key, value in _CLUSTER_METHOD_DEFAULTS[method].items():
+    for key, value in RECIPE_METHODS[method].items():
         c.method[key] = value
 
     c.optimizer.name = "adam"

@@ -152,8 +152,11 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         )
 
     def sampler_labels(mem) -> np.ndarray:
-        # self_paced: outliers are one-image classes of their own.
-        return np.asarray(mem.rows if kind == "self_paced" else mem.pseudo_labels)
+        # Outliers are never drawn. self_paced keeps them in its memory as
+        # one-image classes (negatives for every sample), refreshed at each
+        # re-clustering: drawing them made batches of K copies of one image
+        # (mAP 7.6 vs 9.5 after 40 steps on the synthetic test set).
+        return np.asarray(mem.pseudo_labels)
 
     return Method(
         kind,

@@ -1,0 +1,120 @@
+"""Device-count invariance: the same config on 1, 2, 4 and 8 simulated CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), for SCL and for
+cluster contrast. Prints, per method and device count, the largest relative
+difference of the per-step loss from the 1-device run (first epoch and whole
+run) and the final mAP / rank-1.
+
+    python benchmarks/device_invariance.py                     # ~10 min on 2 cores
+    python benchmarks/device_invariance.py --devices 1 8 --methods cluster_contrast
+
+Every run: ResNet-18 at 128x64 from random init, a generated synthetic set
+(24 ids x 3 cameras), batch 8 with batch-norm groups of 8 (the statistics
+span all devices), SGD lr 0.01, 3 epochs x 4 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def command(root: str, workdir: str, method: str, epochs: int, steps: int) -> list[str]:
+    args = [
+        sys.executable, "-m", "jaxreid.main",
+        "--config", os.path.join(REPO, "configs", "synthetic.py"),
+        f"--workdir={workdir}",
+        "--config.data.dataset=market_layout", f"--config.data.root={root}",
+        "--config.data.cache_dir=",
+        "--config.model.backbone=resnet18", "--config.model.pretrained=",
+        "--config.model.embed_dim=32", "--config.model.num_stripes=2",
+        "--config.model.bn_group_size=8",
+        "--config.method.k=2", "--config.method.n=8",
+        "--config.optimizer.name=sgd", "--config.optimizer.lr=0.01",
+        "--config.train.batch_size=8", f"--config.train.epochs={epochs}",
+        f"--config.train.steps_per_epoch={steps}", f"--config.train.eval_every={epochs}",
+        "--config.train.log_every=1",
+    ]  # fmt: skip
+    if method != "scl":
+        args += [
+            f"--config.method.name={method}", "--config.model.head=bnneck",
+            "--config.method.temperature=0.05", "--config.train.num_instances=2",
+            "--config.cluster.k1=10", "--config.cluster.k2=4",
+            "--config.cluster.min_samples=2", "--config.cluster.eps=0.45",
+        ]  # fmt: skip
+    return args
+
+
+def losses(workdir: str) -> np.ndarray:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return np.array([by_step[s] for s in sorted(by_step)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=["scl", "cluster_contrast"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    from jaxreid.data import synthetic
+    from jaxreid.utils import machine_description
+
+    print(machine_description(), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "synthetic")
+        synthetic.generate(
+            root, num_ids=24, num_cameras=3, images_per_id_per_camera=2, seed=3,
+            num_distractors=4, num_junk=2,
+        )  # fmt: skip
+        for method in args.methods:
+            reference = None
+            for n in args.devices:
+                workdir = os.path.join(tmp, f"{method}-{n}")
+                env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+                out = subprocess.run(
+                    command(root, workdir, method, args.epochs, args.steps),
+                    env=env, capture_output=True, text=True,
+                )  # fmt: skip
+                if out.returncode:
+                    sys.exit(f"{method} on {n} devices failed:\n{out.stdout[-3000:]}")
+                with open(os.path.join(workdir, "results.json")) as f:
+                    final = json.load(f)["final"]["plain"]
+                trajectory = losses(workdir)
+                if reference is None:
+                    reference = trajectory
+                rel = np.abs(trajectory - reference) / np.abs(reference)
+                row = dict(
+                    method=method, devices=n, steps=len(trajectory),
+                    first_step=float(rel[0]), first_epoch=float(rel[: args.steps].max()),
+                    whole_run=float(rel.max()), mAP=final["mAP"], rank1=final["rank1"],
+                )  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print(
+        "| method | devices | loss rel. diff step 1 | max, epoch 1 | max, whole run "
+        "| final mAP % | rank-1 % |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['devices']} | {r['first_step']:.1e} | "
+            f"{r['first_epoch']:.1e} | {r['whole_run']:.1e} | {100 * r['mAP']:.2f} | "
+            f"{100 * r['rank1']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
