@@ -121,10 +121,10 @@ class BNNeckHead(nnx.Module):
             self.projection = None
             dim = in_features
         self.bn = GhostBatchNorm(dim, group_size=bn_group_size, use_bias=False)
-        self.classifier = None
-        if num_classes:
-            # Small init, as the BoT baseline (std 0.001).
-            self.classifier = nnx.Linear(
+        # Small init, as the BoT baseline (std 0.001); assigned once (nnx
+        # fixes an attribute's kind, data or static, at first assignment).
+        self.classifier = (
+            nnx.Linear(
                 dim,
                 num_classes,
                 use_bias=False,
@@ -133,6 +133,9 @@ class BNNeckHead(nnx.Module):
                 kernel_init=nnx.initializers.normal(0.001),
                 rngs=rngs,
             )
+            if num_classes
+            else None
+        )
 
     def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
         pre_bn = self.pool(feature_map)
