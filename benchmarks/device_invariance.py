@@ -6,6 +6,7 @@ run) and the final mAP / rank-1.
 
     python benchmarks/device_invariance.py                     # ~10 min on 2 cores
     python benchmarks/device_invariance.py --devices 1 8 --methods cluster_contrast
+    python benchmarks/device_invariance.py --devices 1 --seeds 0 1 2   # seed-to-seed spread
 
 Every run: ResNet-18 at 128x64 from random init, a generated synthetic set
 (24 ids x 3 cameras), batch 8 with batch-norm groups of 8 (the statistics
@@ -26,7 +27,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command(root: str, workdir: str, method: str, epochs: int, steps: int) -> list[str]:
+def command(
+    root: str, workdir: str, method: str, epochs: int, steps: int, seed: int = 0
+) -> list[str]:
     args = [
         sys.executable, "-m", "jaxreid.main",
         "--config", os.path.join(REPO, "configs", "synthetic.py"),
@@ -40,7 +43,7 @@ def command(root: str, workdir: str, method: str, epochs: int, steps: int) -> li
         "--config.optimizer.name=sgd", "--config.optimizer.lr=0.01",
         "--config.train.batch_size=8", f"--config.train.epochs={epochs}",
         f"--config.train.steps_per_epoch={steps}", f"--config.train.eval_every={epochs}",
-        "--config.train.log_every=1",
+        "--config.train.log_every=1", f"--config.seed={seed}",
     ]  # fmt: skip
     if method != "scl":
         args += [
@@ -65,6 +68,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["scl", "cluster_contrast"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="runs with other seeds give the seed-to-seed spread to compare with",
+    )
     args = parser.parse_args()
 
     from jaxreid.data import synthetic
@@ -80,11 +90,11 @@ def main() -> None:
         )  # fmt: skip
         for method in args.methods:
             reference = None
-            for n in args.devices:
-                workdir = os.path.join(tmp, f"{method}-{n}")
+            for seed, n in [(seed, n) for seed in args.seeds for n in args.devices]:
+                workdir = os.path.join(tmp, f"{method}-{n}-seed{seed}")
                 env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
                 out = subprocess.run(
-                    command(root, workdir, method, args.epochs, args.steps),
+                    command(root, workdir, method, args.epochs, args.steps, seed),
                     env=env, capture_output=True, text=True,
                 )  # fmt: skip
                 if out.returncode:
@@ -96,7 +106,7 @@ def main() -> None:
                     reference = trajectory
                 rel = np.abs(trajectory - reference) / np.abs(reference)
                 row = dict(
-                    method=method, devices=n, steps=len(trajectory),
+                    method=method, devices=n, seed=seed, steps=len(trajectory),
                     first_step=float(rel[0]), first_epoch=float(rel[: args.steps].max()),
                     whole_run=float(rel.max()), mAP=final["mAP"], rank1=final["rank1"],
                 )  # fmt: skip
