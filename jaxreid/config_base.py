@@ -190,7 +190,7 @@ def cluster_config(
     c.model.embed_dim = 0  # no projection: D = 2048
     c.model.bn_group_size = 64
 
-    c.method.name = "cluster_contrast"
+    c.method.name = method  # cluster_contrast_hard renames itself below
     c.method.temperature = 0.05
     c.method.momentum = 0.1
     c.method.warmup_epochs = 0

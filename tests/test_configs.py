@@ -1,0 +1,54 @@
+"""Every config file loads, names a known method, and the recipe configs carry
+the settings of cluster-family.md."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from jaxreid.methods import get_method
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def _load(path: str, *args):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_and_names_a_method(path):
+    config = _load(path)
+    method = get_method(config)
+    name = os.path.basename(path)[:-3]
+    expected = {"cuhk03_cc": "cluster_contrast", "cuhk03_cc_hard": "cluster_contrast"}
+    if name.startswith("cuhk03_"):
+        assert config.method.name == expected.get(name, name[len("cuhk03_") :])
+    if method.clustering or method.reads_identities:
+        assert config.train.batch_size % config.train.num_instances == 0
+        assert config.model.head == "bnneck"
+
+
+def test_cluster_recipe_settings():
+    market = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")])
+    assert (market.model.backbone, market.model.pooling, market.model.last_stride) == (
+        "resnet50",
+        "gem",
+        1,
+    )
+    assert (market.train.batch_size, market.train.num_instances) == (256, 16)
+    assert (market.train.epochs, market.train.steps_per_epoch) == (50, 200)
+    assert (market.method.temperature, market.method.momentum) == (0.05, 0.1)
+    assert (market.cluster.k1, market.cluster.k2, market.cluster.min_samples) == (30, 6, 4)
+    assert market.optimizer.name == "adam" and market.optimizer.lr == 3.5e-4
+    msmt = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("msmt17_cc.py")])
+    assert msmt.train.steps_per_epoch == 400
+    hhcl = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "hhcl")
+    assert (hhcl.method.name, hhcl.method.memory_update) == ("hhcl", "hard")
+    with pytest.raises(ValueError, match="unknown method"):
+        _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "nope")
