@@ -44,8 +44,10 @@ def clustered_features(n: int, dim: int, seed: int = 0) -> np.ndarray:
     num_clusters = max(1, n // 8)
     num_groups = max(1, num_clusters // 16)
     groups = _unit(rng.standard_normal((num_groups, dim), dtype=np.float32))
-    centres = _unit(groups[rng.integers(num_groups, size=num_clusters)]
-                    + _unit(rng.standard_normal((num_clusters, dim), dtype=np.float32)))
+    centres = _unit(
+        groups[rng.integers(num_groups, size=num_clusters)]
+        + _unit(rng.standard_normal((num_clusters, dim), dtype=np.float32))
+    )
     labels = rng.integers(num_clusters, size=n)
     unclustered = rng.random(n) < 0.15
     noise = rng.uniform(0.8, 2.2, size=n).astype(np.float32)
@@ -65,8 +67,8 @@ def dense_jaccard(order: np.ndarray, features: np.ndarray, k1: int, k2: int) -> 
     half = int(np.around(k1 / 2))
 
     def reciprocal(i, k):
-        forward = order[i, :k + 1]
-        backward = order[forward, :k + 1]
+        forward = order[i, : k + 1]
+        backward = order[forward, : k + 1]
         return forward[np.any(backward == i, axis=1)]
 
     r_full = [reciprocal(i, k1) for i in range(n)]
@@ -119,8 +121,9 @@ def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
         distance = dense_jaccard(order, features, K1, K2)
         stored = int((distance < 1).sum())
     else:
-        distance = kreciprocal.jaccard_distance(features, K1, K2, max_distance=EPS,
-                                                neighbors_result=(sims, order))
+        distance = kreciprocal.jaccard_distance(
+            features, K1, K2, max_distance=EPS, neighbors_result=(sims, order)
+        )
         stored = distance.nnz
     jaccard_seconds = time.perf_counter() - start - knn_seconds
     try:
@@ -128,8 +131,9 @@ def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
             raise ImportError
         from sklearn.cluster import DBSCAN
 
-        labels = DBSCAN(eps=EPS, min_samples=MIN_SAMPLES, metric="precomputed",
-                        n_jobs=-1).fit_predict(distance)
+        labels = DBSCAN(
+            eps=EPS, min_samples=MIN_SAMPLES, metric="precomputed", n_jobs=-1
+        ).fit_predict(distance)
         dbscan_impl = "sklearn"
     except ImportError:
         labels = clustering.dbscan(distance, EPS, MIN_SAMPLES)
@@ -138,11 +142,20 @@ def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
     if labels_out:
         np.save(labels_out, labels)
     stats = clustering.pseudo_label_stats(labels)
-    return dict(method=method, n=n, knn_s=knn_seconds, jaccard_s=jaccard_seconds,
-                dbscan_s=total - knn_seconds - jaccard_seconds, total_s=total,
-                peak_gib=_peak_rss_gib(), base_gib=base, stored_pairs=stored,
-                clusters=stats["num_clusters"], outliers=stats["num_outliers"],
-                dbscan_impl=dbscan_impl)
+    return dict(
+        method=method,
+        n=n,
+        knn_s=knn_seconds,
+        jaccard_s=jaccard_seconds,
+        dbscan_s=total - knn_seconds - jaccard_seconds,
+        total_s=total,
+        peak_gib=_peak_rss_gib(),
+        base_gib=base,
+        stored_pairs=stored,
+        clusters=stats["num_clusters"],
+        outliers=stats["num_outliers"],
+        dbscan_impl=dbscan_impl,
+    )
 
 
 def _available_gib() -> float:
@@ -154,8 +167,18 @@ def _available_gib() -> float:
 
 
 def _run_child(method: str, n: int, dim: int, labels_out: str) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--sizes", str(n),
-           "--dim", str(dim), "--labels-out", labels_out]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        method,
+        "--sizes",
+        str(n),
+        "--dim",
+        str(dim),
+        "--labels-out",
+        labels_out,
+    ]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -170,10 +193,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12936, 32621])
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--methods", nargs="+", default=["sparse-faiss", "sparse-jax", "dense"],
-                        choices=["sparse-faiss", "sparse-jax", "dense"])
-    parser.add_argument("--dense-max", type=int, default=32621,
-                        help="largest N for the dense method (it needs ~9 N^2 bytes)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sparse-faiss", "sparse-jax", "dense"],
+        choices=["sparse-faiss", "sparse-jax", "dense"],
+    )
+    parser.add_argument(
+        "--dense-max",
+        type=int,
+        default=32621,
+        help="largest N for the dense method (it needs ~9 N^2 bytes)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--labels-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,8 +214,11 @@ def main() -> None:
 
     from jaxreid.utils import machine_description
 
-    print(f"# clustering benchmark: k1={K1}, k2={K2}, eps={EPS}, min_samples={MIN_SAMPLES}, "
-          f"dim={args.dim}", flush=True)
+    print(
+        f"# clustering benchmark: k1={K1}, k2={K2}, eps={EPS}, min_samples={MIN_SAMPLES}, "
+        f"dim={args.dim}",
+        flush=True,
+    )
     print(machine_description(), flush=True)
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,9 +228,11 @@ def main() -> None:
                 if method == "dense":
                     need = 9.5 * n * n / 2**30 + 1.0
                     if n > args.dense_max or _available_gib() < need + 2.0:
-                        notes.append(f"dense skipped at N={n} (needs ~{need:.1f} GiB; "
-                                     f"{_available_gib():.1f} GiB available, --dense-max "
-                                     f"{args.dense_max})")
+                        notes.append(
+                            f"dense skipped at N={n} (needs ~{need:.1f} GiB; "
+                            f"{_available_gib():.1f} GiB available, --dense-max "
+                            f"{args.dense_max})"
+                        )
                         continue
                 path = os.path.join(tmp, f"{method}-{n}.npy")
                 result = _run_child(method, n, args.dim, path)
@@ -209,17 +245,23 @@ def main() -> None:
                 if method != "sparse-faiss" and "sparse-faiss" in labels:
                     same = np.array_equal(labels["sparse-faiss"], other)
                     differ = int((labels["sparse-faiss"] != other).sum())
-                    notes.append(f"N={n}: sparse-faiss vs {method} DBSCAN labels "
-                                 f"{'identical' if same else f'differ at {differ} points'}")
+                    notes.append(
+                        f"N={n}: sparse-faiss vs {method} DBSCAN labels "
+                        f"{'identical' if same else f'differ at {differ} points'}"
+                    )
     print()
-    print("| N | method | kNN s | Jaccard s | DBSCAN s | total s | peak RSS GiB | base GiB "
-          "| stored pairs | clusters | outliers | load |")
+    print(
+        "| N | method | kNN s | Jaccard s | DBSCAN s | total s | peak RSS GiB | base GiB "
+        "| stored pairs | clusters | outliers | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['method']} | {r['knn_s']:.1f} | {r['jaccard_s']:.1f} | "
-              f"{r['dbscan_s']:.1f} | {r['total_s']:.1f} | {r['peak_gib']:.2f} | "
-              f"{r['base_gib']:.2f} | {r['stored_pairs']:,} | {r['clusters']:,} | "
-              f"{r['outliers']:,} | {r['load']:.1f} |")
+        print(
+            f"| {r['n']:,} | {r['method']} | {r['knn_s']:.1f} | {r['jaccard_s']:.1f} | "
+            f"{r['dbscan_s']:.1f} | {r['total_s']:.1f} | {r['peak_gib']:.2f} | "
+            f"{r['base_gib']:.2f} | {r['stored_pairs']:,} | {r['clusters']:,} | "
+            f"{r['outliers']:,} | {r['load']:.1f} |"
+        )
     for note in notes:
         print(f"- {note}")
     print("- load = 1-min load average when the measurement started (other work shares the CPU)")

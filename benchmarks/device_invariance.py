@@ -117,13 +117,13 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     print()
     print(
-        "| method | devices | loss rel. diff step 1 | max, epoch 1 | max, whole run "
+        "| method | devices | seed | loss rel. diff step 1 | max, epoch 1 | max, whole run "
         "| final mAP % | rank-1 % |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['devices']} | {r['first_step']:.1e} | "
+            f"| {r['method']} | {r['devices']} | {r['seed']} | {r['first_step']:.1e} | "
             f"{r['first_epoch']:.1e} | {r['whole_run']:.1e} | {100 * r['mAP']:.2f} | "
             f"{100 * r['rank1']:.2f} |"
         )

@@ -29,14 +29,16 @@ from jaxreid.utils import machine_description
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backbones", default="resnet18,efficientnet_lite0,resnet50,resnet34",
+        "--backbones",
+        default="resnet18,efficientnet_lite0,resnet50,resnet34",
         help="comma-separated backbone names",
     )
     parser.add_argument("--sizes", default="256x128,128x64", help="comma-separated HxW")
     parser.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure")
     parser.add_argument(
-        "--dtypes", default="",
+        "--dtypes",
+        default="",
         help="comma-separated compute dtypes (default: float32, plus bfloat16 on GPU/TPU)",
     )
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
@@ -78,9 +80,14 @@ def benchmark(backbone: str, dtype: str, size: tuple[int, int], batches, repeats
         images = jax.random.uniform(jax.random.key(0), (batch, *size, 3), jnp.float32, 0, 255)
         fwd_compile, fwd = _time(forward, params, batch_stats, images, repeats=repeats)
         row = {
-            "backbone": backbone, "input": f"{size[0]}x{size[1]}", "batch": batch,
-            "dtype": dtype, "fwd": batch / fwd, "fwd_first": fwd_compile,
-            "train": float("nan"), "train_first": float("nan"),
+            "backbone": backbone,
+            "input": f"{size[0]}x{size[1]}",
+            "batch": batch,
+            "dtype": dtype,
+            "fwd": batch / fwd,
+            "fwd_first": fwd_compile,
+            "train": float("nan"),
+            "train_first": float("nan"),
         }
         if backward:
             train_compile, train = _time(train_step, params, batch_stats, images, repeats=repeats)
@@ -118,8 +125,9 @@ def main(argv=None) -> None:
     for backbone in args.backbones.split(","):
         for dtype in dtypes:
             for size in sizes:
-                rows += benchmark(backbone, dtype, size, batches, args.repeats,
-                                  not args.no_backward)
+                rows += benchmark(
+                    backbone, dtype, size, batches, args.repeats, not args.no_backward
+                )
     print("\n## Summary\n")
     print(machine_description())
     print(_HEADER)
