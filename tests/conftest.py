@@ -23,6 +23,21 @@ CUHK03 = os.path.abspath(
 )
 
 
+# The tiny synthetic set of the training-loop tests (Market layout).
+TINY_SET = dict(
+    num_ids=24, num_cameras=3, images_per_id_per_camera=2, seed=3, num_distractors=4, num_junk=2
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    from jaxreid.data import synthetic
+
+    root = str(tmp_path_factory.mktemp("tiny") / "synthetic")
+    synthetic.generate(root, **TINY_SET)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("JAXREID_SLOW") == "1":
         return

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_train import TINY_SET, _losses, tiny_config, tiny_data
+from test_train import _losses, tiny_config, tiny_data
 
 from jaxreid.config_base import RECIPE_METHODS
 from jaxreid.train import ClusteringError, TrainingInterrupted, train_and_evaluate
 
 # Small sets: k-reciprocal sizes and min_samples scaled down with them.
 CLUSTER = {"cluster.k1": 10, "cluster.k2": 4, "cluster.min_samples": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    from jaxreid.data import synthetic
-
-    root = str(tmp_path_factory.mktemp("tiny") / "synthetic")
-    synthetic.generate(root, **TINY_SET)
-    return root
 
 
 def _cluster_config(root, method="cluster_contrast", **overrides):

@@ -8,43 +8,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from test_train import ROOT, TINY_SET, _losses
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    from jaxreid.data import synthetic
-
-    root = str(tmp_path_factory.mktemp("tiny") / "synthetic")
-    synthetic.generate(root, **TINY_SET)
-    return root
+from test_train import _losses, tiny_main_command
 
 
 def _command(root: str, workdir: str, method: str) -> list[str]:
     args = [
-        sys.executable,
-        "-m",
-        "jaxreid.main",
-        "--config",
-        os.path.join(ROOT, "configs", "synthetic.py"),
-        f"--workdir={workdir}",
-        "--config.data.dataset=market_layout",
-        f"--config.data.root={root}",
-        "--config.data.cache_dir=",
-        "--config.model.backbone=resnet18",
-        "--config.model.pretrained=",
-        "--config.model.embed_dim=32",
-        "--config.model.num_stripes=2",
-        "--config.model.bn_group_size=8",
-        "--config.method.k=2",
-        "--config.method.n=8",
+        *tiny_main_command(root, workdir),
         "--config.optimizer.name=sgd",
         "--config.optimizer.lr=0.01",
-        "--config.train.batch_size=8",
         "--config.train.epochs=2",
         "--config.train.steps_per_epoch=3",
         "--config.train.eval_every=2",

@@ -19,18 +19,28 @@ from jaxreid.train import Data, TrainingInterrupted, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_SET = dict(
-    num_ids=24, num_cameras=3, images_per_id_per_camera=2, seed=3, num_distractors=4, num_junk=2
-)
 
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    from jaxreid.data import synthetic
-
-    root = str(tmp_path_factory.mktemp("tiny") / "synthetic")
-    synthetic.generate(root, **TINY_SET)
-    return root
+def tiny_main_command(root: str, workdir: str) -> list[str]:
+    """`python -m jaxreid.main` on the tiny set with the model of tiny_config."""
+    return [
+        sys.executable,
+        "-m",
+        "jaxreid.main",
+        "--config",
+        os.path.join(ROOT, "configs", "synthetic.py"),
+        f"--workdir={workdir}",
+        "--config.data.dataset=market_layout",
+        f"--config.data.root={root}",
+        "--config.data.cache_dir=",
+        "--config.model.backbone=resnet18",
+        "--config.model.pretrained=",
+        "--config.model.embed_dim=32",
+        "--config.model.num_stripes=2",
+        "--config.model.bn_group_size=8",
+        "--config.method.k=2",
+        "--config.method.n=8",
+        "--config.train.batch_size=8",
+    ]
 
 
 def tiny_config(root: str, **overrides):
@@ -208,23 +218,7 @@ def test_cluster_contrast_same_run_on_1_and_8_devices(tiny_root, tmp_path):
 def test_main_writes_results_and_evaluates_checkpoint(tiny_root, tmp_path):
     workdir = str(tmp_path / "main")
     common = [
-        sys.executable,
-        "-m",
-        "jaxreid.main",
-        "--config",
-        os.path.join(ROOT, "configs", "synthetic.py"),
-        f"--workdir={workdir}",
-        "--config.data.dataset=market_layout",
-        f"--config.data.root={tiny_root}",
-        "--config.data.cache_dir=",
-        "--config.model.backbone=resnet18",
-        "--config.model.pretrained=",
-        "--config.model.embed_dim=32",
-        "--config.model.num_stripes=2",
-        "--config.model.bn_group_size=8",
-        "--config.method.k=2",
-        "--config.method.n=8",
-        "--config.train.batch_size=8",
+        *tiny_main_command(tiny_root, workdir),
         "--config.train.epochs=1",
         "--config.train.steps_per_epoch=2",
     ]
