@@ -440,7 +440,9 @@ def make_sampler(config, method: Method, state: TrainState, data: Data, epoch_st
     """The epoch's batch sampler: P x K over the method's (pseudo-)labels, or a shuffle."""
     if method.sampler_labels is None:
         return ShuffleSampler(len(data.train.images), config.train.batch_size, seed=config.seed)
-    labels = method.sampler_labels(jax.device_get(state.memory))
+    # sampler_labels reads one (N,) leaf with np.asarray: only that array
+    # leaves the device, not the whole memory.
+    labels = method.sampler_labels(state.memory)
     return IdentitySampler(
         labels,
         data.train.cameras,
