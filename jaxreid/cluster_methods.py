@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxreid.cluster_memory import init_centroids, update_centroids
+from jaxreid.cluster_memory import update_centroids
 from jaxreid.evaluate.distances import l2_normalize as l2_normalize_host
 from jaxreid.models.layers import l2_normalize
 
@@ -71,6 +71,13 @@ class ClusterMemory(struct.PyTreeNode):
     instances: jax.Array
 
 
+def _segment_mean_rows(features: np.ndarray, segment: np.ndarray, num: int) -> np.ndarray:
+    sums = np.zeros((num, features.shape[1]), np.float64)
+    np.add.at(sums, segment, features)
+    counts = np.bincount(segment, minlength=num)
+    return l2_normalize_host(sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
 def build_memory(
     kind: str, features: np.ndarray, cameras: np.ndarray, labels: np.ndarray
 ) -> ClusterMemory:
@@ -91,14 +98,13 @@ def build_memory(
     row_camera = np.full(n, -1, np.int32)
     if kind == "cap":
         # One proxy per (cluster, camera) pair present, numbered cluster-major.
-        num_cameras = int(cameras.max(initial=0)) + 1
-        keys = labels[clustered] * num_cameras + cameras[clustered]
+        keys = labels[clustered] * (int(cameras.max(initial=0)) + 1) + cameras[clustered]
         unique, proxy = np.unique(keys, return_inverse=True)
         num_rows = len(unique)
         rows = np.full(n, -1, np.int64)
         rows[clustered] = proxy
-        row_cluster_used = unique // num_cameras
-        row_camera[:num_rows] = unique % num_cameras
+        row_cluster_used = unique // (int(cameras.max(initial=0)) + 1)
+        row_camera[:num_rows] = unique % (int(cameras.max(initial=0)) + 1)
     elif kind == "self_paced":
         outliers = np.flatnonzero(~clustered)
         rows = labels.copy()
@@ -110,8 +116,9 @@ def build_memory(
         num_rows = num_clusters
         row_cluster_used = np.arange(num_rows)
     prototypes = np.zeros((n, d), np.float32)
-    if num_rows:  # rows are 0..num_rows-1 without gaps; -1 rows are ignored
-        prototypes[:num_rows] = init_centroids(f, rows)
+    has_row = rows >= 0
+    if num_rows:
+        prototypes[:num_rows] = _segment_mean_rows(f[has_row], rows[has_row], num_rows)
     valid = np.arange(n) < num_rows
     row_cluster = np.full(n, -1, np.int32)
     row_cluster[:num_rows] = row_cluster_used
