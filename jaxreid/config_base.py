@@ -35,7 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 2048
     c.model.num_stripes = 8
     c.model.dtype = "float32"
-    c.model.bn_group_size = 0  # 0 = statistics over the whole (global) batch
+    # Batch-norm statistics over groups of this many samples (0 = the whole
+    # batch). The groups are also what devices share: batch_size /
+    # bn_group_size must be a multiple of the device count.
+    c.model.bn_group_size = 0
     c.model.num_classes = 0  # set from the training identities by method "supervised"
 
     c.method = ml_collections.ConfigDict()
@@ -99,9 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Checkpoint and exit after this many steps of this invocation (0 = never):
     # for time-limited or preemptible jobs; the same command resumes.
     c.train.stop_after_steps = 0
+    # Devices the train step runs on: 0 = all, n = the first n (single process;
+    # for scaling studies). The batch's batch-norm groups (train.batch_size /
+    # model.bn_group_size) must split evenly over them; the result is the same
+    # bits whatever the count. Extraction always uses every local device.
+    c.train.num_devices = 0
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 128
+    c.eval.batch_size = 128  # images per device per extraction step
     c.eval.flip = False
     c.eval.rerank = False
     c.eval.checkpoint = ""  # --mode=eval: "" = latest in workdir, else a path; none = initial

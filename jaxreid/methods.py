@@ -44,7 +44,8 @@ class Method:
     init_memory: Callable[..., Any]
     loss: Callable[..., tuple[jax.Array, Any, dict[str, jax.Array]]]
     update_memory: Callable[..., Any]
-    # Model outputs the memory is initialised from (extracted without augmentation).
+    # Model outputs the memory is initialised from (extracted without augmentation)
+    # and updated with: update_memory receives only these outputs of the batch.
     feature_keys: tuple[str, ...]
     # Re-cluster the training set at every epoch start (the clustering family).
     clustering: bool = False

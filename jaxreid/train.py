@@ -2,12 +2,13 @@
 
 One `jax.jit` function per step (donated state): uint8 batch -> augment ->
 model -> method loss (SCL: selection against the banks) -> gradients -> optax
--> memory update. Data parallel over every local device through a
-`Mesh(("data",))`: the batch indices (and so the batch) are sharded, params,
-optimizer state and memory are replicated. Batch norm statistics come from
-fixed groups of `bn_group_size` samples, so the result does not depend on the
-number of devices. Nothing returns to the host inside an epoch except the
-metrics logged every `log_every` steps.
+-> memory update. Data parallel over every device of a `Mesh(("data",))`: the
+batch indices are sharded, params, optimizer state and memory replicated. The
+batch is cut into fixed batch-norm groups of `model.bn_group_size` samples,
+each device computes whole groups, and every sum over groups runs in a fixed
+order (jaxreid.parallel): the same config gives the same bits on 1 or 8
+devices, or on several processes. Nothing returns to the host inside an epoch
+except the metrics logged every `log_every` steps.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxreid import augment, evaluate, models, supervised
+from jaxreid import augment, evaluate, models, parallel, supervised
 from jaxreid.data.images import DecodedSplit
 from jaxreid.data.samplers import IdentitySampler, ShuffleSampler
 from jaxreid.methods import Method, get_method, prepare_config
@@ -57,8 +58,21 @@ class Data:
     gallery: DecodedSplit
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """The data-parallel mesh: every device, or the first `num_devices` of a
+    single-process run (for scaling studies on one host)."""
+    devices = jax.devices()
+    if num_devices:
+        if jax.process_count() > 1:
+            raise UserError(
+                "train.num_devices works in a single process; a multi-process run uses every device"
+            )
+        if num_devices > len(devices):
+            raise UserError(
+                f"train.num_devices = {num_devices} but only {len(devices)} devices exist"
+            )
+        devices = devices[:num_devices]
+    return Mesh(np.array(devices), ("data",))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -170,6 +184,29 @@ def format_metrics(title: str, results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def batch_groups(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """(group size, number of groups) of the training batch: the batch-norm
+    groups, which are also the units the devices share out. Raises UserError
+    when the batch cannot be split into whole groups per device."""
+    batch = config.train.batch_size
+    group = config.model.bn_group_size or batch
+    if batch % group:
+        raise UserError(
+            f"train.batch_size {batch} is not a multiple of model.bn_group_size {group}"
+        )
+    groups = batch // group
+    if groups % num_devices:
+        raise UserError(
+            f"train.batch_size {batch} in batch-norm groups of {group} makes {groups} "
+            f"group(s), which {num_devices} devices cannot share evenly: every device "
+            f"trains whole groups so that the result does not depend on the device count. "
+            f"Set model.bn_group_size (or train.batch_size) so that batch_size / "
+            f"bn_group_size is a multiple of {num_devices}, or run on fewer devices "
+            f"(CUDA_VISIBLE_DEVICES)"
+        )
+    return group, groups
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     graphdef,
@@ -178,29 +215,89 @@ def make_train_step(
     mesh: Mesh,
     warmup: bool,
 ) -> Callable:
-    """The compiled step: (state, train images, batch indices) -> (state, metrics)."""
+    """The compiled step: (state, train images, batch indices) -> (state, metrics).
+
+    The batch is cut into G groups of `model.bn_group_size` samples; each
+    device runs its G / n groups one after the other, each group its own
+    augmentation (key folded with the group number), forward, method loss and
+    gradient, with the same shapes whatever n. Loss, gradient and batch-norm
+    statistics are the mean over groups reduced in a fixed order
+    (jaxreid.parallel), so 1, 2, 4 or 8 devices give the same bits. The
+    optimizer and the memory update then run replicated on the whole batch.
+    Running the groups in sequence also bounds activation memory by one group.
+    """
     options = augment.AugmentOptions.from_config(config.augment)
     replicated = NamedSharding(mesh, P())
+    num_devices = mesh.size
+    group, num_groups = batch_groups(config, num_devices)
+    local_groups = num_groups // num_devices
+    feature_keys = method.feature_keys
+
+    def group_step(params, batch_stats, memory, key_data, images, indices):
+        # Inside shard_map: `indices` are this device's local_groups groups.
+        key = jax.random.wrap_key_data(key_data)
+        k_aug, k_method = jax.random.split(key)
+        first = jax.lax.axis_index(parallel.AXIS) * local_groups
+
+        def one_group(number, idx):
+            batch = augment.augment_batch(jax.random.fold_in(k_aug, number), images[idx], options)
+            cams = memory.cameras[idx]
+
+            def loss_fn(p):
+                outputs, new_stats = models.apply_model(graphdef, p, batch_stats, batch, train=True)
+                value, aux, metrics = method.loss(
+                    outputs, memory, idx, cams, jax.random.fold_in(k_method, number), warmup
+                )
+                return value, (new_stats, outputs, aux, metrics)
+
+            (value, (new_stats, outputs, aux, metrics)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True
+            )(params)
+            kept = {k: jax.lax.stop_gradient(outputs[k]) for k in feature_keys}
+            return grads, new_stats, kept, aux, {"loss": value, **metrics}
+
+        groups = indices.reshape(local_groups, group)
+
+        def body(i, stacked):
+            result = one_group(first + i, groups[i])
+            return jax.tree.map(lambda buf, x: buf.at[i].set(x), stacked, result)
+
+        shapes = jax.eval_shape(one_group, first, groups[0])
+        stacked = jax.tree.map(lambda s: jnp.zeros((local_groups, *s.shape), s.dtype), shapes)
+        # A loop whose trip count XLA cannot see: with a known count of 1 it
+        # inlines the body and fuses it differently, which changed the
+        # batch-norm statistics in the last bit (8 groups on 8 devices vs 1).
+        trips = jax.lax.optimization_barrier(jnp.int32(local_groups))
+        grads, stats, outputs, aux, metrics = jax.lax.fori_loop(0, trips, body, stacked)
+        # (G, group, ...) -> (B, ...): the whole batch, in batch order.
+        whole = parallel.gather_groups((outputs, aux, groups))
+        whole = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), whole)
+        return (
+            parallel.mean_gradients(grads, num_devices),
+            parallel.mean_over_groups(stats),
+            parallel.mean_over_groups(metrics),
+            whole,
+        )
+
+    sharded_step = jax.shard_map(
+        group_step,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(), P(parallel.AXIS)),
+        out_specs=P(),
+        check_vma=False,
+    )
 
     def step_fn(state: TrainState, images: jax.Array, indices: jax.Array):
-        key = jax.random.wrap_key_data(state.rng)
-        key = jax.random.fold_in(key, state.step)
-        k_aug, k_method = jax.random.split(key)
-        batch = augment.augment_batch(k_aug, images[indices], options)
-        cams = state.memory.cameras[indices]
-
-        def loss_fn(params):
-            outputs, new_stats = models.apply_model(
-                graphdef, params, state.batch_stats, batch, train=True
-            )
-            value, aux, metrics = method.loss(
-                outputs, state.memory, indices, cams, k_method, warmup
-            )
-            return value, (new_stats, outputs, aux, metrics)
-
-        (loss, (new_stats, outputs, aux, metrics)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, new_stats, metrics, (outputs, aux, all_indices) = sharded_step(
+            state.params,
+            state.batch_stats,
+            state.memory,
+            jax.random.key_data(key),
+            images,
+            indices,
+        )
+        loss = metrics["loss"]
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss keeps the old state and records the step.
@@ -210,7 +307,7 @@ def make_train_step(
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
         new_memory = method.update_memory(
-            state.memory, outputs, indices, aux, warmup, after=grads, enabled=finite
+            state.memory, outputs, all_indices, aux, warmup, after=grads, enabled=finite
         )
         new_state = state.replace(
             step=state.step + 1,
@@ -222,7 +319,7 @@ def make_train_step(
                 (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
             ),
         )
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
         return new_state, metrics
 
     return jax.jit(
@@ -468,11 +565,9 @@ def train_and_evaluate(
     """Trains `config.method` and returns the results dict of results.json."""
     start_time = time.time()
     config = prepare_config(config, data.train.pids)
-    mesh = make_mesh()
-    n_dev = len(jax.devices())
+    mesh = make_mesh(config.train.num_devices)
     batch_size = config.train.batch_size
-    if batch_size % n_dev:
-        raise ValueError(f"batch size {batch_size} is not a multiple of {n_dev} devices")
+    batch_groups(config, mesh.size)  # a clear error before any work
     method = get_method(config)
     one_pass = len(data.train.images) // batch_size
     if method.clustering:  # a fixed number of P x K steps ("iters") per epoch

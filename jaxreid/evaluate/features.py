@@ -3,9 +3,10 @@
 The forward pass is one `jax.jit` function with `apply_fn` and `flip` as static
 arguments, so repeated calls with the same `apply_fn` (query set, then gallery
 set; every evaluation of a training run when the weights are passed as
-`params`) reuse one compilation. Batches are sharded over every local device
-along a 1-d ("data",) mesh; the last batch is zero-padded to the full batch so
-that only one shape is ever compiled, and the padding is dropped on the host.
+`params`) reuse one compilation. Batches of `batch_size` images per device
+are sharded over every local device along a 1-d ("data",) mesh; the last
+batch is zero-padded to the full batch so that only one shape is ever
+compiled, and the padding is dropped on the host.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def extract_features(
         must be hashable (any function is) and is traced once per image shape.
         With `params` given it is called as `apply_fn(params, images)`.
       images: uint8 array (N, H, W, 3), RGB; may be a memmap.
-      batch_size: images per step, rounded down to a multiple of the device
-        count (at least one image per device).
+      batch_size: images per device per step (each step takes batch_size x
+        the local device count). Per device, so that every device sees the
+        same shapes whatever the device count, and features are the same bits
+        on 1 or 8 devices.
       flip: average the outputs of each image and its horizontal mirror, then
         L2-normalise every output with ndim >= 2 along its last axis (stripes
         of shape (B, P, D/P) are normalised stripe by stripe).
@@ -111,7 +114,7 @@ def extract_features(
     mesh = Mesh(np.array(devices), ("data",))
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    batch = max(1, batch_size // len(devices)) * len(devices)
+    batch = batch_size * len(devices)
     if params is not None:
         params = jax.device_put(jax.tree.map(_local_value, params), replicated)
     forward = functools.partial(_forward, apply_fn=apply_fn, flip=flip)

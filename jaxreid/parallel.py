@@ -1,0 +1,71 @@
+"""Cross-device reductions whose bits do not depend on the number of devices.
+
+An all-reduce (`psum`) adds per-device partial sums in an order set by the
+device count, so the same batch trained on 1 or 8 devices differs in the last
+bits, and training amplifies that (top-k selection, DBSCAN). Here the batch is
+cut into G fixed groups (the batch-norm groups); every device computes whole
+groups with the same shapes whatever the device count, and every reduction
+over groups is exact data movement (`all_gather`, `all_to_all`) followed by a
+sum in a pairwise order fixed by G alone. Meant to run inside `jax.shard_map`
+over the mesh axis `AXIS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+AXIS = "data"
+
+
+def pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over axis 0 as a balanced tree of elementwise adds: (((x0 + x1) +
+    (x2 + x3)) + ...). The order depends only on x.shape[0], and elementwise
+    adds give the same bits whatever the trailing shape."""
+    terms = [x[i] for i in range(x.shape[0])]
+    while len(terms) > 1:
+        paired = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        if len(terms) % 2:
+            paired.append(terms[-1])
+        terms = paired
+    return terms[0]
+
+
+def gather_groups(tree: Any) -> Any:
+    """Per-device stacks (k, ...) of consecutive groups -> (G, ...) with every
+    group in order, on every device (device d holds groups d*k ... d*k+k-1)."""
+    return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), tree)
+
+
+def mean_over_groups(tree: Any) -> Any:
+    """Per-device stacks (k, ...) -> the mean over all G groups, replicated.
+    For small leaves (losses, batch-norm statistics): everything is gathered."""
+    return jax.tree.map(lambda x: pairwise_sum(x) / x.shape[0], gather_groups(tree))
+
+
+def mean_gradients(stacked: Any, num_devices: int) -> Any:
+    """Per-device stacks (k, ...) of per-group gradients -> their mean over all
+    G = k * num_devices groups, replicated.
+
+    A reduce-scatter then all-gather, as an all-reduce does, but with exact
+    moves: `all_to_all` gives device j the j-th slice of every group's
+    flattened gradient, device j sums its slice over the G groups in the fixed
+    pairwise order, and `all_gather` reassembles the slices. The traffic is that
+    of a ring all-reduce (2 (n-1)/n of the gradient) when each device holds one
+    group.
+    """
+    flat = jax.vmap(lambda g: ravel_pytree(g)[0])(stacked)  # (k, P)
+    _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], stacked))
+    k, size = flat.shape
+    chunk = -(-size // num_devices)
+    flat = jnp.pad(flat, ((0, 0), (0, chunk * num_devices - size)))
+    # (k, n, chunk): slice j goes to device j; rows arrive in device order, so
+    # row d * k + i is group d * k + i.
+    parts = jax.lax.all_to_all(
+        flat.reshape(k, num_devices, chunk), AXIS, split_axis=1, concat_axis=0, tiled=True
+    ).reshape(k * num_devices, chunk)
+    mean = pairwise_sum(parts) / (k * num_devices)
+    return unravel(jax.lax.all_gather(mean, AXIS, tiled=True)[:size])
