@@ -20,15 +20,16 @@ from jaxreid.train import Data, TrainingInterrupted, train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def main_command(workdir: str, *flags: str) -> list[str]:
+    """`python -m jaxreid.main` on configs/synthetic.py with extra flags."""
+    config = f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}"
+    return [sys.executable, "-m", "jaxreid.main", config, f"--workdir={workdir}", *flags]
+
+
 def tiny_main_command(root: str, workdir: str) -> list[str]:
     """`python -m jaxreid.main` on the tiny set with the model of tiny_config."""
-    return [
-        sys.executable,
-        "-m",
-        "jaxreid.main",
-        "--config",
-        os.path.join(ROOT, "configs", "synthetic.py"),
-        f"--workdir={workdir}",
+    return main_command(
+        workdir,
         "--config.data.dataset=market_layout",
         f"--config.data.root={root}",
         "--config.data.cache_dir=",
@@ -40,7 +41,7 @@ def tiny_main_command(root: str, workdir: str) -> list[str]:
         "--config.method.k=2",
         "--config.method.n=8",
         "--config.train.batch_size=8",
-    ]
+    )
 
 
 def tiny_config(root: str, **overrides):
@@ -293,18 +294,7 @@ def test_short_training_raises_map(tmp_path):
 def test_default_synthetic_training_raises_map(tmp_path):
     """The README's default job: mAP must rise clearly above the untrained model."""
     workdir = str(tmp_path / "demo")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxreid.main",
-            "--config",
-            os.path.join(ROOT, "configs", "synthetic.py"),
-            f"--workdir={workdir}",
-        ],
-        check=True,
-        timeout=1800,
-    )
+    subprocess.run(main_command(workdir), check=True, timeout=1800)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert results["final"]["plain"]["mAP"] > results["initial"]["plain"]["mAP"] + 0.1
