@@ -18,8 +18,9 @@ compile different kernels from 1 or 2; `--host-devices 0` runs that way.
 
 Every run: EfficientNet-Lite0 from ImageNet at 128x64, a generated synthetic
 set (24 ids x 3 cameras), batch 16 in batch-norm groups of 2 (8 groups to
-share out), SGD lr 0.001, 3 epochs x 4 steps (SCL: 1 warm-up epoch; cluster
-contrast re-clusters every epoch).
+share out), SGD lr 0.001, 3 epochs of at most 4 steps (SCL: one pass over
+the 62 training images = 3 steps, 1 warm-up epoch; cluster contrast: 4 P x K
+steps, re-clustering every epoch).
 """
 
 from __future__ import annotations
