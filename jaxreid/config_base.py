@@ -245,3 +245,51 @@ def cpu_cluster_config(
     c.train.log_every = 20
     c.train.checkpoint_every_steps = 100
     return c
+
+
+OSNET_MSMT17 = "../shared/data/weights/osnet_x0_25_msmt17.pth"
+
+
+def uda_config(
+    dataset: str,
+    root: str,
+    method: str = "cluster_contrast",
+    source: str = OSNET_MSMT17,
+    backbone: str = "osnet_x0_25",
+) -> ml_collections.ConfigDict:
+    """Unsupervised adaptation of a torchreid OSNet re-id model (`source`) to an
+    unlabelled target (`dataset` at `root`), on a 2-core CPU: the cluster recipe
+    with the source's own 512-d `fc` embedding as the feature (head "fc"), batch
+    64 = 16 x 4. `method`: a key of RECIPE_METHODS or "scl"."""
+    if method == "scl":
+        c = base_config()
+        c.data.dataset, c.data.root = dataset, root
+        c.model.head = "scl"
+        c.model.num_stripes = 4
+        c.method.name = "scl"
+        c.method.k, c.method.n = 7, 500
+        c.method.warmup_epochs = 1
+        c.optimizer.name = "adam"
+        c.train.batch_size = 32
+    else:
+        c = cluster_config(dataset, root, method)
+        c.model.head = "fc"
+        c.train.batch_size = 64
+        c.train.num_instances = 4
+    c.data.height, c.data.width = 256, 128
+    c.augment.flip, c.augment.pad, c.augment.erasing_prob = True, 10, 0.5
+    c.model.backbone = backbone
+    c.model.pretrained = source
+    c.model.pooling = "avg"
+    c.model.embed_dim = 512
+    c.model.bn_group_size = 32
+    c.optimizer.lr = 3.5e-4
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.schedule = "constant"
+    c.train.epochs = 5
+    c.train.steps_per_epoch = 100
+    c.train.eval_every = 1
+    c.train.log_every = 20
+    c.train.checkpoint_every_steps = 100
+    c.eval.batch_size = 256
+    return c

@@ -10,6 +10,10 @@ of P small matmuls.
 BNNeckHead is the usual re-id BN neck: pool -> [Linear(C, D)] -> BatchNorm
 without bias; "global" is the BN output in training and its L2-normalised value
 in eval.
+
+FCHead is torchreid's embedding (OSNet's `fc`): pool -> Linear(C, D) ->
+BatchNorm1d -> ReLU; "global" is that feature (L2-normalised in eval), so a
+torchreid checkpoint's own feature is reproduced exactly.
 """
 
 from __future__ import annotations
@@ -147,4 +151,57 @@ class BNNeckHead(nnx.Module):
         outputs = {"global": neck, "pre_bn": pre_bn}
         if self.classifier is not None:
             outputs["logits"] = self.classifier(neck.astype(self.dtype)).astype(jnp.float32)
+        return outputs
+
+
+class FCHead(nnx.Module):
+    """pool -> Linear(C, D) -> BatchNorm1d -> ReLU (torchreid's `fc`, keys
+    fc.0.* / fc.1.*). Outputs "global" (the feature; L2-normalised in eval) and
+    "pre_bn" (the same feature, for the triplet loss as torchreid uses it); with
+    `num_classes` > 0 a bias-free classifier adds "logits" in train mode."""
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        embed_dim: int,
+        pooling: str,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        bn_group_size: int = 0,
+        num_classes: int = 0,
+    ):
+        if embed_dim < 1:
+            raise ValueError(f"head 'fc' needs embed_dim >= 1, got {embed_dim}")
+        self.dtype = dtype
+        self.pool = make_pool(pooling)
+        self.fc = nnx.List(
+            [
+                _linear(in_features, embed_dim, dtype, rngs),
+                GhostBatchNorm(embed_dim, group_size=bn_group_size),
+            ]
+        )
+        self.classifier = (
+            nnx.Linear(
+                embed_dim,
+                num_classes,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nnx.initializers.normal(0.001),
+                rngs=rngs,
+            )
+            if num_classes
+            else None
+        )
+
+    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
+        linear, norm = self.fc
+        hidden = linear(self.pool(feature_map).astype(self.dtype))
+        feature = jax.nn.relu(norm(hidden, train)).astype(jnp.float32)
+        if not train:
+            return {"global": l2_normalize(feature), "pre_bn": feature}
+        outputs = {"global": feature, "pre_bn": feature}
+        if self.classifier is not None:
+            outputs["logits"] = self.classifier(feature.astype(self.dtype)).astype(jnp.float32)
         return outputs

@@ -19,8 +19,9 @@ import ml_collections
 from flax import nnx
 
 from jaxreid.models.efficientnet import EfficientNetLite0
-from jaxreid.models.heads import BNNeckHead, SCLHead
-from jaxreid.models.pretrained import load_backbone_weights
+from jaxreid.models.heads import BNNeckHead, FCHead, SCLHead
+from jaxreid.models.osnet import OSNET_WIDTHS, OSNet
+from jaxreid.models.pretrained import load_pretrained
 from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
 
 # Channels of each backbone's final feature map.
@@ -29,6 +30,7 @@ FEATURE_DIMS = {
     "resnet34": 512,
     "resnet50": 2048,
     "efficientnet_lite0": 1280,
+    **{name: widths[-1] for name, widths in OSNET_WIDTHS.items()},
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,7 +46,7 @@ def feature_dim(backbone: str) -> int:
 def embedding_dim(config: ml_collections.ConfigDict) -> int:
     """D of outputs["global"] for this config."""
     channels = feature_dim(config.backbone)
-    if config.head == "scl" or config.embed_dim not in (0, channels):
+    if config.head in ("scl", "fc") or config.embed_dim not in (0, channels):
         return int(config.embed_dim)
     return channels
 
@@ -52,12 +54,16 @@ def embedding_dim(config: ml_collections.ConfigDict) -> int:
 def default_model_config() -> ml_collections.ConfigDict:
     """The paper's model: ResNet-50, last stride 1, SCL head with D = 2048, P = 8."""
     config = ml_collections.ConfigDict()
-    config.backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
-    config.pretrained = ""  # "" random init | "imagenet" (efficientnet_lite0) | path to .pth
-    config.last_stride = 1  # stride of the last strided stage (1 or 2)
+    # resnet18 | resnet34 | resnet50 | efficientnet_lite0 | osnet_x1_0 | osnet_x0_75 |
+    # osnet_x0_5 | osnet_x0_25
+    config.backbone = "resnet50"
+    # "" random init | "imagenet" (efficientnet_lite0) | path to a .pth (torchvision
+    # ImageNet ResNet, or a torchreid OSNet re-id checkpoint: backbone + `fc`)
+    config.pretrained = ""
+    config.last_stride = 1  # stride of the last strided stage (1 or 2; not OSNet)
     config.ibn = False  # IBN-a in layer1-3 (ResNets only)
     config.pooling = "avg"  # avg | gem (global branch)
-    config.head = "scl"  # scl | bnneck
+    config.head = "scl"  # scl | bnneck | fc (torchreid's Linear + BN1d + ReLU embedding)
     config.embed_dim = 2048  # D; bnneck: 0 (or C) = no projection
     config.num_stripes = 8  # P (scl head)
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
@@ -89,6 +95,11 @@ class ReIDModel(nnx.Module):
             self.backbone = EfficientNetLite0(
                 rngs=rngs, last_stride=int(config.last_stride), dtype=dtype, bn_group_size=group
             )
+        elif config.backbone in OSNET_WIDTHS:
+            if config.ibn:
+                raise ValueError("ibn is only available for the ResNet backbones")
+            # OSNet's last stage never strides: last_stride does not apply.
+            self.backbone = OSNet(config.backbone, rngs=rngs, dtype=dtype, bn_group_size=group)
         else:
             feature_dim(config.backbone)  # raises with the list of names
         channels = self.backbone.num_features
@@ -112,8 +123,18 @@ class ReIDModel(nnx.Module):
                 bn_group_size=group,
                 num_classes=int(config.get("num_classes", 0)),
             )
+        elif config.head == "fc":
+            self.head = FCHead(
+                channels,
+                embed_dim=int(config.embed_dim),
+                pooling=config.pooling,
+                rngs=rngs,
+                dtype=dtype,
+                bn_group_size=group,
+                num_classes=int(config.get("num_classes", 0)),
+            )
         else:
-            raise ValueError(f"unknown head {config.head!r}; expected 'scl' or 'bnneck'")
+            raise ValueError(f"unknown head {config.head!r}; expected 'scl', 'bnneck' or 'fc'")
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         outputs = self.head(self.backbone(images, train), train)
@@ -121,11 +142,12 @@ class ReIDModel(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ReIDModel:
-    """Builds the model; loads `config.pretrained` into the backbone (the head
-    stays randomly initialised)."""
+    """Builds the model; loads `config.pretrained` into the backbone (and, for a
+    torchreid checkpoint with head "fc", into the head; other heads stay randomly
+    initialised)."""
     model = ReIDModel(config, rngs=rngs)
     if config.pretrained:
-        load_backbone_weights(model.backbone, config.backbone, config.pretrained)
+        load_pretrained(model, config.backbone, config.head, config.pretrained)
     return model
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import logging
 import math
 import os
 import pickle
@@ -324,6 +325,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # -------------------------------------------------------------------------- mapping
 
+# Keys named per kind in a does-not-fit error (one line).
+_MAX_KEYS_SHOWN = 8
+
 # Flax leaf name -> torch parameter / buffer name.
 _LEAF_NAMES = {
     "kernel": "weight",
@@ -393,15 +397,17 @@ def load_state_dict(
         if tuple(state[key].shape) != expected:
             misshaped.append(f"{key}: checkpoint {tuple(state[key].shape)}, model {expected}")
     if missing or unexpected or misshaped:
-        lines = [f"{source} does not fit the model:"]
+        parts = []
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("mis-shaped keys", misshaped),
         ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise CheckpointError("\n".join(lines))
+                shown = ", ".join(items[:_MAX_KEYS_SHOWN])
+                more = f", ... ({len(items) - _MAX_KEYS_SHOWN} more)" if len(items) > _MAX_KEYS_SHOWN else ""
+                parts.append(f"{title} ({len(items)}): {shown}{more}")
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
     for key, variable in targets.items():
         value = _flax_layout(np.asarray(state[key]))
         variable[...] = np.ascontiguousarray(value).astype(variable[...].dtype)
@@ -451,3 +457,48 @@ def load_backbone_weights(backbone: nnx.Module, backbone_name: str, pretrained: 
         )
     else:
         load_state_dict(backbone, state, ignore=lambda k: k.startswith("fc."), source=pretrained)
+
+
+def load_torchreid_osnet(model: nnx.Module, head: str, pretrained: str) -> dict[str, int]:
+    """Loads a torchreid OSNet checkpoint into `model` (a ReIDModel), in place.
+
+    The backbone takes conv1..conv5; with head "fc" the head takes torchreid's
+    `fc` embedding (fc.0 Linear, fc.1 BatchNorm1d), otherwise fc.* is unused.
+    `classifier.*` (the source identities) is never loaded. Returns the counts of
+    ignored entries by reason, e.g. {"classifier": 2}.
+    """
+    state = read_checkpoint(pretrained)
+    is_fc = {k: k.startswith("fc.") for k in state}
+    is_classifier = {k: k.startswith("classifier.") for k in state}
+    load_state_dict(
+        model.backbone,
+        state,
+        ignore=lambda k: is_fc[k] or is_classifier[k],
+        source=pretrained,
+    )
+    ignored = {"classifier": sum(is_classifier.values())}
+    if head == "fc":
+        fc_state = {k.removeprefix("fc."): v for k, v in state.items() if is_fc[k]}
+        load_state_dict(model.head.fc, fc_state, source=f"{pretrained} (fc.*)")
+    else:
+        ignored[f"fc (unused by head {head!r})"] = sum(is_fc.values())
+    return {reason: count for reason, count in ignored.items() if count}
+
+
+def load_pretrained(model: nnx.Module, backbone_name: str, head: str, pretrained: str) -> None:
+    """Loads `config.model.pretrained` into a ReIDModel: ImageNet backbones
+    (load_backbone_weights) or torchreid OSNet re-id checkpoints."""
+    if backbone_name.startswith("osnet"):
+        if pretrained == "imagenet":
+            raise CheckpointError(
+                f"no ImageNet weights are bundled for {backbone_name}; pass a torchreid "
+                "checkpoint, e.g. pretrained='../shared/data/weights/osnet_x0_25_msmt17.pth'"
+            )
+        ignored = load_torchreid_osnet(model, head, pretrained)
+        if ignored:
+            counts = ", ".join(f"{count} {reason}" for reason, count in ignored.items())
+            logging.getLogger("jaxreid").info(
+                "%s: loaded; entries not loaded: %s", pretrained, counts
+            )
+        return
+    load_backbone_weights(model.backbone, backbone_name, pretrained)

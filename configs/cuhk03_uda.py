@@ -1,0 +1,28 @@
+"""Unsupervised domain adaptation: torchreid's OSNet-x0.25 trained on MSMT17
+(../shared/data/weights/osnet_x0_25_msmt17.pth) adapted to the unlabelled CUHK03
+training crops (../shared/data/cuhk03), evaluated on the CUHK03 query/gallery
+split every epoch (jaxreid.config_base.uda_config).
+
+    python -m jaxreid.main --config=configs/cuhk03_uda.py --workdir=/tmp/uda_cc
+    python -m jaxreid.main --config=configs/cuhk03_uda.py:hhcl --workdir=/tmp/uda_hhcl
+
+Methods: cluster_contrast (default), cluster_contrast_hard, self_paced, cap,
+hhcl, joint, scl; supervised is the labelled upper bound on the same recipe.
+Another source or target: --config.model.pretrained=... --config.data.root=...
+(and --config.data.dataset for a non-Market layout).
+"""
+
+import os
+
+from jaxreid.config_base import uda_config
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def get_config(method: str = "cluster_contrast"):
+    return uda_config(
+        "cuhk03",
+        os.path.join(SHARED, "cuhk03"),
+        method or "cluster_contrast",
+        source=os.path.join(SHARED, "weights", "osnet_x0_25_msmt17.pth"),
+    )
