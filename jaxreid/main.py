@@ -87,60 +87,21 @@ def _setup_logging(workdir: str, process: int) -> logging.Logger:
     return logger
 
 
-def load_data(config, log):
-    """Reads the dataset and decodes the three splits once (cached)."""
-    from jaxreid.data import load_dataset
-    from jaxreid.data.images import decode_split
-    from jaxreid.train import Data
-
-    dataset = load_dataset(config.data.dataset, config.data.root)
-    cache = os.path.expanduser(config.data.cache_dir) if config.data.cache_dir else None
-    splits = {}
-    for split in ("train", "query", "gallery"):
-        splits[split] = decode_split(
-            dataset.split(split),
-            config.data.height,
-            config.data.width,
-            cache_dir=cache,
-            max_bad_fraction=config.data.max_bad_fraction,
-            desc=f"{dataset.name}-{split}",
-        )
-    counts = ", ".join(f"{s} {len(d.records):,}" for s, d in splits.items())
-    log(f"dataset {dataset.name} at {dataset.root}: {counts} images")
-    return Data(**splits)
-
-
 def run_eval(config, workdir: str, data, log) -> dict:
     """--mode=eval: a checkpoint (or the initial model) on query/gallery."""
-    from flax import nnx
-
-    from jaxreid import models
+    from jaxreid.checkpoints import load_model_for_eval
     from jaxreid.methods import prepare_config
     from jaxreid.train import evaluate_features, format_metrics, query_gallery_features
 
     config = prepare_config(config, data.train.pids)
-    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
-    graphdef, params, batch_stats = models.split_model(model)
-    source = "initial model"
     path = config.eval.checkpoint or os.path.join(workdir, "checkpoints", "latest")
-    if os.path.isdir(path):
-        import orbax.checkpoint as ocp
-
-        with ocp.CheckpointManager(os.path.abspath(path)) as manager:
-            step = manager.latest_step()
-            if step is not None:
-                restored = manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
-                )["state"]
-                params = _match(params, restored["params"], "params", path)
-                batch_stats = _match(batch_stats, restored["batch_stats"], "batch_stats", path)
-                source = f"checkpoint {path} step {step}"
-    elif config.eval.checkpoint:
+    if config.eval.checkpoint and not os.path.isdir(path):
         from jaxreid.utils import UserError
 
         raise UserError(
             f"checkpoint folder {path!r} does not exist; check --config.eval.checkpoint"
         )
+    graphdef, params, batch_stats, source = load_model_for_eval(config, path)
     log(f"evaluating the {source}")
     q, g = query_gallery_features(config, graphdef, params, batch_stats, data)
     results = evaluate_features(config, q, g, data)
@@ -148,46 +109,6 @@ def run_eval(config, workdir: str, data, log) -> dict:
     if config.eval.plots:
         _write_plots(config, q, g, data, workdir, log)
     return {"eval": results, "source": source}
-
-
-def _path_names(path) -> tuple[str, ...]:
-    """A tree path as plain names: nnx.State ends its leaves in `.value`
-    attributes, the restored checkpoint in 'value' dict keys."""
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-    return tuple(names)
-
-
-def _match(template, restored, name: str, path: str):
-    """Restored arrays must have the model's tree and shapes; one error lists all."""
-    import jax
-    import numpy as np
-
-    from jaxreid.utils import UserError
-
-    flat_t = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
-    flat_r = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    problems = [f"missing {'/'.join(k)}" for k in flat_t if k not in flat_r]
-    problems += [f"unexpected {'/'.join(k)}" for k in flat_r if k not in flat_t]
-    problems += [
-        f"{'/'.join(k)}: checkpoint {np.shape(flat_r[k])} vs model {np.shape(v)}"
-        for k, v in flat_t.items()
-        if k in flat_r and np.shape(flat_r[k]) != np.shape(v)
-    ]
-    if problems:
-        raise UserError(
-            f"checkpoint {path} does not fit the configured model ({name}, "
-            f"{len(problems)} problems): "
-            + "; ".join(problems[:20])
-            + " -- evaluate with the config the checkpoint was trained with"
-        )
-    return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(template), [flat_r[k] for k in flat_t]
-    )
 
 
 def _write_plots(config, q, g, data, workdir, log) -> None:
@@ -250,6 +171,8 @@ def main(argv) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     try:
+        from jaxreid.data.loading import load_data
+
         data = load_data(config, log)
         if mode == "eval":
             results = run_eval(config, workdir, data, log)

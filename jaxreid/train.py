@@ -75,9 +75,11 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, trainable: Any = None):
     """SGD (Nesterov) or Adam with coupled weight decay (added to the gradient,
-    as torch's `weight_decay`, biases included) and a per-step schedule."""
+    as torch's `weight_decay`, biases included) and a per-step schedule.
+    `trainable`: a bool pytree over the params (models.trainable_mask); False
+    leaves (frozen stages) are never updated, weight decay included."""
     o = config.optimizer
     if o.schedule == "constant":
         lr = o.lr
@@ -95,7 +97,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         base = optax.adam(lr)
     else:
         raise ValueError(f"unknown optimizer {o.name!r}: sgd | adam")
-    return optax.chain(optax.add_decayed_weights(o.weight_decay), base)
+    tx = optax.chain(optax.add_decayed_weights(o.weight_decay), base)
+    if trainable is None or all(jax.tree_util.tree_leaves(trainable)):
+        return tx
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def eval_apply_fn(graphdef) -> Callable:
@@ -498,9 +504,10 @@ def initial_state(config, model, tx, method: Method, data: Data, mesh: Mesh):
 
 def recluster(
     config, graphdef, state: TrainState, method: Method, data: Data, mesh: Mesh, epoch: int
-) -> tuple[TrainState, dict[str, float]]:
+) -> tuple[TrainState, dict[str, float], np.ndarray]:
     """Extracts the training set (eval mode, no augmentation), clusters it and
-    puts the method's fresh memory into the state. Returns (state, stats)."""
+    puts the method's fresh memory into the state. Returns (state, stats,
+    pseudo-labels)."""
     from jaxreid import clustering
 
     start = time.time()
@@ -530,7 +537,7 @@ def recluster(
         "extract_s": extracted - start,
         "cluster_s": time.time() - extracted,
     }
-    return state, stats
+    return state, stats, labels
 
 
 def make_sampler(config, method: Method, state: TrainState, data: Data, epoch_steps: int):
@@ -575,9 +582,10 @@ def train_and_evaluate(
     else:
         steps_per_epoch = min(config.train.steps_per_epoch or one_pass, one_pass)
     total_steps = steps_per_epoch * config.train.epochs
-    tx = make_optimizer(config, steps_per_epoch)
-
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    _, params, _ = models.split_model(model)
+    tx = make_optimizer(config, steps_per_epoch, models.trainable_mask(model, params))
+    del params
     graphdef, state = initial_state(config, model, tx, method, data, mesh)
     del model
     checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
@@ -606,8 +614,14 @@ def train_and_evaluate(
             epoch, in_epoch = divmod(step, steps_per_epoch)
             warmup = not method.clustering and epoch < config.method.warmup_epochs
             if method.clustering and in_epoch == 0:
-                state, stats = recluster(config, graphdef, state, method, data, mesh, epoch)
+                state, stats, labels = recluster(
+                    config, graphdef, state, method, data, mesh, epoch
+                )
                 writer.write(step, {f"cluster/{k}": v for k, v in stats.items()})
+                if jax.process_index() == 0:  # for benchmarks/pseudo_label_quality.py
+                    labels_dir = os.path.join(workdir, "pseudo_labels")
+                    os.makedirs(labels_dir, exist_ok=True)
+                    np.save(os.path.join(labels_dir, f"epoch_{epoch + 1:03d}.npy"), labels)
                 log(
                     f"epoch {epoch + 1}: {stats['num_clusters']} clusters, "
                     f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "

@@ -19,6 +19,7 @@ from jaxreid.models.model import (
     embedding_dim,
     feature_dim,
     split_model,
+    trainable_mask,
 )
 from jaxreid.models.pretrained import CheckpointError, UnsafeCheckpointError, read_checkpoint
 
@@ -39,4 +40,5 @@ __all__ = [
     "split_model",
     "stripe_bins",
     "stripe_pool",
+    "trainable_mask",
 ]

@@ -69,7 +69,21 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
     config.bn_group_size = 0  # ghost-BN group size in samples; 0 = whole batch
     config.num_classes = 0  # bnneck: identity classifier (supervised training); 0 = none
+    # OSNet: the first n stages (stem, conv2, ...) get no gradient and no weight
+    # decay (their batch-norm statistics still adapt). 0 = train everything.
+    config.freeze_stages = 0
     return config
+
+
+def trainable_mask(model: ReIDModel, params: nnx.State) -> nnx.State:
+    """A pytree of bools over `params`: False for the frozen backbone stages."""
+    frozen = getattr(model.backbone, "frozen_prefixes", lambda: ())()
+
+    def trainable(path, _leaf) -> bool:
+        names = [str(getattr(p, "key", p)) for p in path]
+        return not (len(names) > 1 and names[0] == "backbone" and names[1] in frozen)
+
+    return jax.tree_util.tree_map_with_path(trainable, params)
 
 
 class ReIDModel(nnx.Module):
@@ -99,9 +113,19 @@ class ReIDModel(nnx.Module):
             if config.ibn:
                 raise ValueError("ibn is only available for the ResNet backbones")
             # OSNet's last stage never strides: last_stride does not apply.
-            self.backbone = OSNet(config.backbone, rngs=rngs, dtype=dtype, bn_group_size=group)
+            self.backbone = OSNet(
+                config.backbone,
+                rngs=rngs,
+                dtype=dtype,
+                bn_group_size=group,
+                freeze_stages=int(config.get("freeze_stages", 0)),
+            )
         else:
             feature_dim(config.backbone)  # raises with the list of names
+        if config.get("freeze_stages", 0) and not hasattr(self.backbone, "frozen_prefixes"):
+            raise ValueError(
+                f"model.freeze_stages is only available for OSNet, not {config.backbone}"
+            )
         channels = self.backbone.num_features
         if config.head == "scl":
             self.head = SCLHead(

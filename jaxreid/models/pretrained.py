@@ -375,7 +375,7 @@ def torch_key_map(
 
 
 def load_state_dict(
-    module: nnx.Module,
+    module: nnx.Module | Mapping[str, nnx.Module],
     state: Mapping[str, np.ndarray],
     *,
     key_prefix: Callable[[str], str] = lambda part: part,
@@ -384,10 +384,17 @@ def load_state_dict(
 ) -> None:
     """Copies a torch state dict into `module`'s variables, in place.
 
-    Checks everything first and raises ONE CheckpointError listing all missing,
-    unexpected and mis-shaped keys; `module` is untouched in that case.
+    `module` may also be a mapping {key prefix: module} (e.g. {"": backbone,
+    "fc.": head.fc}) that one checkpoint fills together. Checks everything first
+    and raises ONE CheckpointError listing all missing, unexpected and mis-shaped
+    keys (by their checkpoint names); nothing is written in that case.
     """
-    targets = torch_key_map(module, key_prefix)
+    parts = module if isinstance(module, Mapping) else {"": module}
+    targets = {
+        prefix + key: variable
+        for prefix, part in parts.items()
+        for key, variable in torch_key_map(part, key_prefix).items()
+    }
     wanted = {k for k in state if not k.endswith("num_batches_tracked") and not ignore(k)}
     missing = sorted(set(targets) - wanted)
     unexpected = sorted(wanted - set(targets))
@@ -405,7 +412,8 @@ def load_state_dict(
         ):
             if items:
                 shown = ", ".join(items[:_MAX_KEYS_SHOWN])
-                more = f", ... ({len(items) - _MAX_KEYS_SHOWN} more)" if len(items) > _MAX_KEYS_SHOWN else ""
+                hidden = len(items) - _MAX_KEYS_SHOWN
+                more = f", ... ({hidden} more)" if hidden > 0 else ""
                 parts.append(f"{title} ({len(items)}): {shown}{more}")
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
     for key, variable in targets.items():
@@ -462,25 +470,32 @@ def load_backbone_weights(backbone: nnx.Module, backbone_name: str, pretrained: 
 def load_torchreid_osnet(model: nnx.Module, head: str, pretrained: str) -> dict[str, int]:
     """Loads a torchreid OSNet checkpoint into `model` (a ReIDModel), in place.
 
-    The backbone takes conv1..conv5; with head "fc" the head takes torchreid's
-    `fc` embedding (fc.0 Linear, fc.1 BatchNorm1d), otherwise fc.* is unused.
-    `classifier.*` (the source identities) is never loaded. Returns the counts of
-    ignored entries by reason, e.g. {"classifier": 2}.
+    The backbone takes conv1..conv5. torchreid's `fc` embedding (fc.0 Linear,
+    fc.1 BatchNorm1d) goes to head "fc" as it is, and to head "scl"'s global
+    branch (global_fc, global_bn: the same Linear + BN, without the ReLU); head
+    "bnneck" does not use it. `classifier.*` (the source identities) is never
+    loaded. Returns the counts of entries not loaded by reason, e.g.
+    {"classifier": 2}.
     """
     state = read_checkpoint(pretrained)
     is_fc = {k: k.startswith("fc.") for k in state}
     is_classifier = {k: k.startswith("classifier.") for k in state}
+    if head == "fc":
+        fc_parts = {"fc.": model.head.fc}
+    elif head == "scl":
+        fc_parts = {"fc.0.": model.head.global_fc, "fc.1.": model.head.global_bn}
+    else:
+        fc_parts = {}
+    # One load for backbone and fc: one error names every problem by its
+    # checkpoint key, and nothing is written unless everything fits.
     load_state_dict(
-        model.backbone,
+        {"": model.backbone, **fc_parts},
         state,
-        ignore=lambda k: is_fc[k] or is_classifier[k],
+        ignore=lambda k: is_classifier[k] or (is_fc[k] and not fc_parts),
         source=pretrained,
     )
     ignored = {"classifier": sum(is_classifier.values())}
-    if head == "fc":
-        fc_state = {k.removeprefix("fc."): v for k, v in state.items() if is_fc[k]}
-        load_state_dict(model.head.fc, fc_state, source=f"{pretrained} (fc.*)")
-    else:
+    if not fc_parts:
         ignored[f"fc (unused by head {head!r})"] = sum(is_fc.values())
     return {reason: count for reason, count in ignored.items() if count}
 
