@@ -614,9 +614,7 @@ def train_and_evaluate(
             epoch, in_epoch = divmod(step, steps_per_epoch)
             warmup = not method.clustering and epoch < config.method.warmup_epochs
             if method.clustering and in_epoch == 0:
-                state, stats, labels = recluster(
-                    config, graphdef, state, method, data, mesh, epoch
-                )
+                state, stats, labels = recluster(config, graphdef, state, method, data, mesh, epoch)
                 writer.write(step, {f"cluster/{k}": v for k, v in stats.items()})
                 if jax.process_index() == 0:  # for benchmarks/pseudo_label_quality.py
                     labels_dir = os.path.join(workdir, "pseudo_labels")

@@ -351,6 +351,68 @@ def test_imagenet_is_an_error_for_osnet():
     assert "osnet_x0_25" in message and "torchreid" in message, message
 
 
+def test_frozen_stages_get_no_gradient_and_no_update():
+    """freeze_stages = 2: the stem and conv2 get zero gradients and the optimizer
+    (with weight decay) leaves them as they are; conv3 on and the head move; the
+    frozen stages' batch-norm statistics still follow the batch."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from jaxreid.train import make_optimizer
+
+    model = models.build_model(_config(freeze_stages=2), nnx.Rngs(0))
+    graphdef, params, batch_stats = models.split_model(model)
+    images = _images(4)
+
+    def loss(p):
+        outputs, stats = models.apply_model(graphdef, p, batch_stats, images, train=True)
+        return jnp.sum(outputs["global"] ** 2), stats
+
+    grads, new_stats = jax.grad(loss, has_aux=True)(params)
+    config = ml_collections.ConfigDict(
+        {
+            "optimizer": dict(
+                name="adam",
+                lr=1e-2,
+                weight_decay=5e-4,
+                schedule="constant",
+                momentum=0.9,
+                nesterov=False,
+                step_epochs=1,
+                step_factor=0.1,
+            ),
+            "train": dict(epochs=1),
+        }
+    )
+    mask = models.trainable_mask(model, params)
+    tx = make_optimizer(config, 1, mask)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = jax.tree_util.tree_map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+    for (path, trainable), (_, grad), (_, did_move) in zip(
+        jax.tree_util.tree_leaves_with_path(mask),
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree_util.tree_leaves_with_path(moved),
+        strict=True,
+    ):
+        name = jax.tree_util.keystr(path)
+        frozen = "'conv1'" in name.split("]")[1] or "'conv2'" in name.split("]")[1]
+        frozen = frozen and name.startswith("['backbone']")
+        assert trainable == (not frozen), name
+        if frozen:
+            assert not np.any(np.asarray(grad)), name
+            assert not did_move, name
+    assert any(jax.tree_util.tree_leaves(moved))  # the rest trains
+    old = np.asarray(batch_stats["backbone"]["conv1"]["bn"]["mean"][...])
+    assert np.any(np.asarray(new_stats["backbone"]["conv1"]["bn"]["mean"][...]) != old)
+    # Nothing frozen: the plain chain, so existing configs keep their bits.
+    unfrozen = models.build_model(_config(), nnx.Rngs(0))
+    _, unfrozen_params, _ = models.split_model(unfrozen)
+    state = make_optimizer(config, 1, models.trainable_mask(unfrozen, unfrozen_params)).init(
+        unfrozen_params
+    )
+    assert isinstance(state, tuple) and len(state) == 2  # add_decayed_weights, adam
+
+
 # ---------------------------------------- the shared MSMT17 model on CUHK03
 
 
