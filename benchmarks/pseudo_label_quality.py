@@ -134,7 +134,7 @@ def main(argv) -> None:
     rows = []
     for eps in [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]:
         config.cluster.eps = eps
-        labels = clustering.cluster_features(features, config.cluster)
+        labels = clustering.cluster_features(features, config.cluster, data.train.cameras)
         rows.append(quality_row(f"eps {eps:g}", labels, truth))
     print_table(rows, len(np.unique(truth)))
 

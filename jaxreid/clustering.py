@@ -31,7 +31,8 @@ def default_cluster_config():
 
     Fields: k1, k2 (k-reciprocal sizes), eps, min_samples (DBSCAN), knn_backend ("faiss" |
     "jax"), knn_block_size (0 = from the memory budget), giant_cluster_fraction (warn when one
-    cluster holds more than this fraction of the points).
+    cluster holds more than this fraction of the points), camera_centering (cluster features
+    minus their camera's mean; see `camera_centered`).
     """
     import ml_collections
 
@@ -44,8 +45,27 @@ def default_cluster_config():
             knn_backend="faiss",
             knn_block_size=0,
             giant_cluster_fraction=0.5,
+            camera_centering=False,
         )
     )
+
+
+def camera_centered(features: np.ndarray, cameras: np.ndarray) -> np.ndarray:
+    """Unit features minus the mean of their camera, re-normalised.
+
+    Why: what all images of one camera share (background, light) pulls them into
+    camera-bound clusters; removing each camera's mean lets more clusters span
+    cameras (source OSNet on CUHK03, DBSCAN eps 0.5: cross-camera pair recall
+    8.1% -> 11.4% at the same precision; benchmarks/pseudo_label_quality.py).
+    """
+    f = np.asarray(features, np.float32)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    cameras = np.asarray(cameras)
+    out = np.empty_like(f)
+    for camera in np.unique(cameras):
+        rows = cameras == camera
+        out[rows] = f[rows] - f[rows].mean(0)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def dbscan(sparse_distance: sp.spmatrix | np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -126,7 +146,9 @@ def pseudo_label_stats(labels: np.ndarray) -> dict[str, Any]:
     }
 
 
-def cluster_features(features: np.ndarray, config: Any = None) -> np.ndarray:
+def cluster_features(
+    features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None
+) -> np.ndarray:
     """Pseudo-labels of (N, D) features: kNN -> Jaccard (k1, k2) -> DBSCAN (eps, min_samples).
 
     `config`: a ConfigDict or mapping with the fields of `default_cluster_config()` (missing
@@ -141,6 +163,10 @@ def cluster_features(features: np.ndarray, config: Any = None) -> np.ndarray:
         else:  # any object with attributes
             params.update({k: getattr(config, k, v) for k, v in params.items()})
     features = np.asarray(features, dtype=np.float32)
+    if params["camera_centering"]:
+        if cameras is None:
+            raise ValueError("cluster.camera_centering needs the images' cameras")
+        features = camera_centered(features, cameras)
     n = len(features)
     if n == 0:
         logger.warning("cluster_features: no features; returning no labels")

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.cluster.knn_backend = "faiss"  # faiss | jax (on the accelerator)
     c.cluster.knn_block_size = 0  # 0 = from the memory budget
     c.cluster.giant_cluster_fraction = 0.5  # warn when one cluster holds more
+    c.cluster.camera_centering = False  # cluster features minus their camera's mean
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam
@@ -290,10 +291,19 @@ def uda_config(
     # The source's features give purer clusters at 0.5 than the recipe's 0.6 on
     # CUHK03 (benchmarks/pseudo_label_quality.py: pairwise precision 39% vs 13%).
     c.cluster.eps = 0.5
+    # Cluster features minus their camera's mean: more clusters span cameras
+    # (cross-camera pair recall 8.1% -> 11.4% on the source's CUHK03 features).
+    c.cluster.camera_centering = True
+    if method == "cap":
+        # CUHK03's clusters rarely span cameras (8% cross-camera pair recall at
+        # the start), so the inter-camera term's hardest negatives are mostly the
+        # sample's own identity in the other camera: measured after 2 epochs,
+        # weight 0.5 -> 13.6 mAP, 0 (intra-camera proxies only) -> 15.2.
+        c.method.inter_camera_weight = 0.0
     c.optimizer.lr = 3.5e-4
     c.optimizer.weight_decay = 5e-4
     c.optimizer.schedule = "constant"
-    c.train.epochs = 5
+    c.train.epochs = 8
     c.train.steps_per_epoch = 100
     c.train.eval_every = 1
     c.train.log_every = 20

@@ -184,7 +184,9 @@ def supervised_method(config: ml_collections.ConfigDict) -> Method:
 
     def loss(outputs, mem, indices, cams, rng, warmup: bool):
         if "logits" not in outputs:
-            raise ValueError("method 'supervised' needs a classifier: model.head = 'bnneck' or 'fc'")
+            raise ValueError(
+                "method 'supervised' needs a classifier: model.head = 'bnneck' or 'fc'"
+            )
         labels = mem.labels[indices]
         ce = supervised.smoothed_cross_entropy(outputs["logits"], labels, m.label_smoothing)
         triplet = supervised.batch_hard_triplet(outputs["pre_bn"], labels, m.triplet_margin)

@@ -515,7 +515,9 @@ def recluster(
         graphdef, state.params, state.batch_stats, data.train.images, config.eval.batch_size
     )
     extracted = time.time()
-    labels = clustering.cluster_features(features["global"], config.cluster)
+    labels = clustering.cluster_features(
+        features["global"], config.cluster, cameras=data.train.cameras
+    )
     stats = clustering.pseudo_label_stats(labels)
     memory = method.init_memory(
         {k: features[k] for k in method.feature_keys}, data.train.cameras, labels

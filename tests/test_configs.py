@@ -26,12 +26,16 @@ def test_config_loads_and_names_a_method(path):
     config = _load(path)
     method = get_method(config)
     name = os.path.basename(path)[:-3]
-    expected = {"cuhk03_cc": "cluster_contrast", "cuhk03_cc_hard": "cluster_contrast"}
+    expected = {
+        "cuhk03_cc": "cluster_contrast",
+        "cuhk03_cc_hard": "cluster_contrast",
+        "cuhk03_uda": "cluster_contrast",
+    }
     if name.startswith("cuhk03_"):
         assert config.method.name == expected.get(name, name[len("cuhk03_") :])
     if method.clustering or method.reads_identities:
         assert config.train.batch_size % config.train.num_instances == 0
-        assert config.model.head == "bnneck"
+        assert config.model.head in ("bnneck", "fc")
 
 
 def test_cluster_recipe_settings():
@@ -52,3 +56,32 @@ def test_cluster_recipe_settings():
     assert (hhcl.method.name, hhcl.method.memory_update) == ("hhcl", "hard")
     with pytest.raises(ValueError, match="unknown method"):
         _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "nope")
+
+
+def test_adaptation_configs():
+    """configs/cuhk03_uda.py:<method>: every unsupervised method and the
+    supervised bound adapt the torchreid OSNet source at 256x128 with the same
+    budget; the same function builds any Market-layout target from any
+    torchreid OSNet checkpoint."""
+    from jaxreid.config_base import RECIPE_METHODS, uda_config
+
+    path = CONFIGS[[os.path.basename(p) for p in CONFIGS].index("cuhk03_uda.py")]
+    budgets = set()
+    for name in [*RECIPE_METHODS, "scl"]:
+        config = _load(path, name)
+        get_method(config)
+        assert config.model.backbone == "osnet_x0_25"
+        assert config.model.pretrained.endswith("weights/osnet_x0_25_msmt17.pth")
+        assert (config.data.height, config.data.width) == (256, 128)
+        assert config.model.head == ("scl" if name == "scl" else "fc")
+        budgets.add((config.train.epochs, config.train.steps_per_epoch))
+    assert len(budgets) == 1
+    other = uda_config(
+        "market1501", "/data/market", "hhcl", source="/w/osnet_x1_0_duke.pth", backbone="osnet_x1_0"
+    )
+    assert (other.data.dataset, other.data.root) == ("market1501", "/data/market")
+    assert (other.model.pretrained, other.model.backbone) == (
+        "/w/osnet_x1_0_duke.pth",
+        "osnet_x1_0",
+    )
+    assert other.method.name == "hhcl"
