@@ -151,19 +151,25 @@ def main(argv) -> None:
     del argv
     if _MULTIPROCESS.value:
         _start_distributed()
+    # Libraries (jax's backend probe, orbax, clu) log through absl at INFO;
+    # keep the console for ours (set before jax initialises its backends).
+    absl_logging.set_verbosity(absl_logging.WARNING)
     import jax
 
-    process = jax.process_index()
+    from jaxreid.utils import UserError, machine_description
+    from jaxreid.validate import prepare_workdir, validate
+
     config = _CONFIG.value
-    workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
     mode = _MODE.value or config.mode
+    try:
+        validate(config, mode)
+        workdir = prepare_workdir(_WORKDIR.value)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    process = jax.process_index()
     logger = _setup_logging(workdir, process)
     log = logger.info
-    # Libraries (orbax, clu) log through absl at INFO; keep the console for ours.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
-    from jaxreid.utils import UserError, machine_description
 
     started = time.time()
     log(f"jaxreid {mode}: {machine_description()}")
@@ -201,5 +207,27 @@ def main(argv) -> None:
     log(f"wrote {path}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with config override mistakes (unknown key, wrong type,
+    bad config file) as one line and exit status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        print(
+            f"error: unknown config key {key!r} in {' '.join(bad) or 'the overrides'}; "
+            "check the spelling against the config file (e.g. --config.train.epochs=2)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except (TypeError, ValueError) as e:
+        print(f"error: bad config file or override: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -347,7 +347,11 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous saves: the loop waits for each save anyway, and async
+        # managers warn at every save that they waited for the previous one.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
         self.best = ocp.CheckpointManager(
@@ -401,7 +405,9 @@ class MetricWriter:
         if jax.process_index() == 0:
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
-                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+                # TensorFlow's start-up chatter (TF only writes the summaries).
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+                os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
                 from clu import metric_writers
 
                 self.clu = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -529,7 +535,16 @@ def recluster(
             f"epoch {epoch + 1}: clustering gave {stats['num_clusters']} clusters and "
             f"{stats['num_outliers']} outliers of {stats['num_samples']} images, but a batch "
             f"needs {needed} pseudo-identities (train.batch_size / train.num_instances). "
-            f"Raise cluster.eps (now {config.cluster.eps}) or lower train.batch_size"
+            + (
+                # Mostly outliers: the neighbourhoods are too tight.
+                f"Raise cluster.eps (now {config.cluster.eps}) or lower cluster.min_samples "
+                f"(now {config.cluster.min_samples}), or lower train.batch_size"
+                if stats["num_outliers"] > stats["num_samples"] / 2
+                # Few, large clusters: neighbourhoods merge different people.
+                else f"Lower cluster.eps (now {config.cluster.eps}) or raise "
+                f"cluster.min_samples (now {config.cluster.min_samples}), or lower "
+                f"train.batch_size"
+            )
         )
     state = state.replace(memory=jax.device_put(memory, NamedSharding(mesh, P())))
     stats = {

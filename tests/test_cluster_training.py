@@ -58,6 +58,12 @@ def test_everything_an_outlier_is_a_clear_error(tiny_root, tmp_path):
         train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=lambda s: None)
 
 
+def test_one_giant_cluster_asks_for_a_lower_eps(tiny_root, tmp_path):
+    config = _cluster_config(tiny_root, **{"cluster.eps": 1.0})
+    with pytest.raises(ClusteringError, match=r"Lower cluster.eps .* raise cluster.min_samples"):
+        train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=lambda s: None)
+
+
 @pytest.fixture(scope="module")
 def learn_root(tmp_path_factory):
     from jaxreid.data import synthetic

@@ -47,11 +47,37 @@ class DecodedSplit:
         return [r.path for r in self.records]
 
 
+# 16-bit integer modes: full scale 65535 -> 255.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb(image, path: str):
+    """Any PIL mode as an RGB image. 16-bit and 32-bit integer images are scaled
+    to 8 bits (convert("RGB") would clip them to white); float images have no
+    agreed range and are refused by name."""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode != "I" or values.max(initial=0) > 255 else 255.0
+        if image.mode == "I" and (values.min(initial=0) < 0 or values.max(initial=0) > 65535):
+            raise DataError(
+                f"image {path!r} is 32-bit integer with values outside 0-65535; "
+                "save it as 8-bit RGB"
+            )
+        gray = np.round(values * (255.0 / full_scale)).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB")
+    if image.mode == "F":
+        raise DataError(f"image {path!r} is floating point (mode F); save it as 8-bit RGB")
+    return image.convert("RGB")
+
+
 def decode_image(path: str, height: int, width: int) -> tuple[np.ndarray, bool]:
     """Reads one image as RGB uint8 (height, width, 3), bilinear resize.
 
     Returns (pixels, converted) where converted tells that the file was not
-    RGB. Raises DataError naming the file when it cannot be decoded.
+    RGB. Raises DataError naming the file when it cannot be decoded (an image
+    above PIL's decompression-bomb limit included).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -60,12 +86,17 @@ def decode_image(path: str, height: int, width: int) -> tuple[np.ndarray, bool]:
             image.load()
             converted = image.mode != "RGB"
             if converted:
-                image = image.convert("RGB")
+                image = _to_rgb(image, path)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8), converted
     except FileNotFoundError as e:
         raise DataError(f"image {path!r} does not exist; restore it or remove it") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"image {path!r} is larger than PIL's decompression-bomb limit ({e}); "
+            "downscale or delete it"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"cannot decode image {path!r} ({type(e).__name__}: {e}); replace or delete the file"
@@ -73,7 +104,7 @@ def decode_image(path: str, height: int, width: int) -> tuple[np.ndarray, bool]:
 
 
 def _cache_key(records: Sequence[Record], height: int, width: int) -> str:
-    digest = hashlib.sha256(f"v1:{height}x{width}".encode())
+    digest = hashlib.sha256(f"v2:{height}x{width}".encode())  # v2: 16-bit scaling
     for r in records:
         try:
             st = os.stat(r.path)
@@ -154,7 +185,10 @@ def decode_split(
         )
     num_converted = int(converted.sum())
     if num_converted:
-        logging.info("%s: converted %d non-RGB image(s) to RGB", desc, num_converted)
+        first = records[int(np.flatnonzero(converted)[0])].path
+        logging.warning(
+            "%s: converted %d non-RGB image(s) to RGB (first: %s)", desc, num_converted, first
+        )
     kept_ids = np.flatnonzero(ok)
     images = images[kept_ids] if num_bad else images
     kept = [dataclasses.replace(records[i], index=j) for j, i in enumerate(kept_ids)]

@@ -145,17 +145,21 @@ def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> Non
                 f"{path}: query_{name} {q.shape} and gallery_{name} {g.shape} differ in "
                 "feature shape; extract both with the same model"
             )
+    for side in ("query", "gallery"):
+        if len(data[f"{side}_features"]) == 0:
+            raise InputError(f"{path}: no {side} rows; the npz needs at least one of each")
     for key in feature_ndims:
         a = data[key]
+        if 0 in a.shape[1:]:
+            raise InputError(
+                f"{path}: {key} has shape {a.shape}: features of width 0; re-extract them"
+            )
         bad_rows = int((~np.isfinite(a.reshape(len(a), -1))).any(axis=1).sum())
         if bad_rows:
             raise InputError(
                 f"{path}: {key} has {bad_rows} of {len(a)} rows with NaN/inf; "
                 "re-extract (check the model for divergence)"
             )
-    for side in ("query", "gallery"):
-        if len(data[f"{side}_features"]) == 0:
-            raise InputError(f"{path}: no {side} rows; the npz needs at least one of each")
 
 
 def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray:
@@ -233,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_rank=args.max_rank,
             max_block_bytes=args.max_block_bytes,
         )
+        if result["num_valid_queries"] == 0:
+            raise InputError(
+                f"{args.features}: no query has a match in the gallery under the protocol "
+                "(same identity, other camera); check the pids / cams arrays"
+            )
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

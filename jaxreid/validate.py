@@ -1,0 +1,132 @@
+"""Checks a run's config before any data is read or anything compiled, so a
+bad setting fails in a second with every problem named, not after extraction
+or clustering."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from jaxreid.utils import UserError
+
+HEADS = ("scl", "bnneck", "fc")
+POOLINGS = ("avg", "gem")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key} = {value!r}: must be a whole number >= 1")
+
+
+def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> list[str]:
+    """Every problem of `config` as 'setting = value: fix' lines (empty: fine)."""
+    from jaxreid.data.datasets import READERS
+    from jaxreid.methods import METHODS
+    from jaxreid.models.model import FEATURE_DIMS
+
+    problems: list[str] = []
+    choices = (
+        ("data.dataset", config.data.dataset, [*READERS, "auto"]),
+        ("method.name", config.method.name, sorted(METHODS)),
+        ("model.backbone", config.model.backbone, sorted(FEATURE_DIMS)),
+        ("model.head", config.model.head, HEADS),
+        ("model.pooling", config.model.pooling, POOLINGS),
+        ("model.dtype", config.model.dtype, DTYPES),
+        ("optimizer.name", config.optimizer.name, OPTIMIZERS),
+        ("optimizer.schedule", config.optimizer.schedule, SCHEDULES),
+    )
+    for key, value, allowed in choices:
+        if value not in allowed:
+            problems.append(f"{key} = {value!r}: unknown; one of {', '.join(allowed)}")
+    _positive(problems, config, "data.height", "data.width", "eval.batch_size")
+    if mode == "train":
+        _positive(
+            problems,
+            config,
+            "train.epochs",
+            "train.batch_size",
+            "train.eval_every",
+            "train.log_every",
+            "train.checkpoint_every_steps",
+            "train.num_instances",
+        )
+        if config.train.steps_per_epoch < 0:
+            problems.append(
+                f"train.steps_per_epoch = {config.train.steps_per_epoch}: must be >= 0 "
+                "(0 = one pass over the training set)"
+            )
+    batch, instances = config.train.batch_size, config.train.num_instances
+    group = config.model.bn_group_size
+    if mode == "train" and isinstance(batch, int) and batch >= 1:
+        if group < 0 or (group and batch % group):
+            problems.append(
+                f"model.bn_group_size = {group}: must divide train.batch_size = {batch} "
+                "(0 = the whole batch)"
+            )
+        clustered = config.method.name not in ("scl",)
+        if clustered and instances >= 1 and batch % instances:
+            problems.append(
+                f"train.batch_size = {batch}: must be a multiple of train.num_instances = "
+                f"{instances} (the P x K sampler draws K images of each of P identities)"
+            )
+    if config.model.head == "scl":
+        stripes, dim = config.model.num_stripes, config.model.embed_dim
+        if stripes < 1 or dim < 1 or dim % stripes:
+            problems.append(
+                f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "
+                f"= {stripes} (each stripe gets embed_dim / num_stripes dimensions)"
+            )
+    eps, min_samples = config.cluster.eps, config.cluster.min_samples
+    if not 0 < eps <= 1:
+        problems.append(
+            f"cluster.eps = {eps}: must be in (0, 1] (a Jaccard distance; 0.5-0.6 is usual)"
+        )
+    if not isinstance(min_samples, int) or min_samples < 1:
+        problems.append(f"cluster.min_samples = {min_samples!r}: must be a whole number >= 1")
+    for key in ("k1", "k2"):
+        if config.cluster[key] < 1:
+            problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")
+    pretrained = config.model.pretrained
+    if pretrained and pretrained != "imagenet":
+        path = os.path.expanduser(pretrained)
+        if not os.path.isfile(path):
+            problems.append(
+                f"model.pretrained = {pretrained!r}: no such file; point it at a torch "
+                "checkpoint, or set it to '' for random initialisation"
+            )
+    return problems
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+    """Raises one UserError listing every problem of `config`."""
+    problems = config_problems(config, mode)
+    if problems:
+        raise UserError(
+            f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+            + "; ".join(problems)
+        )
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` (absolute path returned); a clear error when it is a
+    file, lies under a file, or cannot be written."""
+    workdir = os.path.abspath(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"--workdir {workdir}: it, or a folder above it, is an existing file; "
+            "pass a folder path"
+        ) from None
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: not writable; pass a folder you can write")
+    return workdir
