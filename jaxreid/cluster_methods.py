@@ -142,6 +142,15 @@ def _mean_over(values: jax.Array, use: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(use, values, 0.0)) / jnp.maximum(jnp.sum(use), 1)
 
 
+def same_camera_rows(memory: ClusterMemory, cams: jax.Array) -> jax.Array:
+    """(B, R) bool: rows with at least one member image from sample i's camera."""
+    num_rows = memory.prototypes.shape[0]
+    members = memory.cameras[:, None] == cams[None, :]  # (N, B)
+    rows = jnp.where(memory.rows >= 0, memory.rows, num_rows)  # images in no row: dropped
+    present = jax.ops.segment_max(members.astype(jnp.int32), rows, num_segments=num_rows + 1)
+    return present[:num_rows].T > 0
+
+
 def masked_nce(
     features: jax.Array,
     prototypes: jax.Array,
@@ -197,12 +206,14 @@ def hard_instance_loss(
     instance_labels: jax.Array,
     temperature: float,
     num_hard_negatives: int,
+    negatives_used: jax.Array | None = None,
 ) -> jax.Array:
     """HHCL's instance term: CE of [hardest positive; hardest negatives] with
     the positive as target. The hardest positive is the instance of the same
     cluster least similar to f; the negatives the `num_hard_negatives` most
     similar instances of other clusters (outliers of the bank count as
-    negatives). Samples with label < 0 are skipped."""
+    negatives; only those where `negatives_used` (B, N) holds, when given).
+    Samples with label < 0 are skipped."""
     f = l2_normalize(features.astype(jnp.float32))
     s = f @ jax.lax.stop_gradient(instances).T / temperature
     same = (instance_labels[None, :] == labels[:, None]) & (labels[:, None] >= 0)
@@ -210,7 +221,8 @@ def hard_instance_loss(
     use = (labels >= 0) & jnp.isfinite(hardest_pos)
     hardest_pos = jnp.where(use, hardest_pos, 0.0)  # finite, so gradients stay finite
     k = min(num_hard_negatives, s.shape[1])
-    negs, _ = jax.lax.top_k(jnp.where(same, -jnp.inf, s), k)
+    excluded = same if negatives_used is None else same | ~negatives_used
+    negs, _ = jax.lax.top_k(jnp.where(excluded, -jnp.inf, s), k)
     logits = jnp.concatenate([hardest_pos[:, None], negs], axis=1)
     ce = jax.nn.logsumexp(logits, axis=1) - hardest_pos
     return _mean_over(ce, use)
@@ -223,19 +235,23 @@ def multi_positive_instance_loss(
     instance_labels: jax.Array,
     indices: jax.Array,
     temperature: float,
+    negatives_used: jax.Array | None = None,
 ) -> jax.Array:
     """Joint memory's instance term: -mean_{j in Pos(i)} log softmax_j(f . I^T / tau)
-    over the whole instance bank, Pos(i) = the instances of i's cluster (or i
+    over the whole instance bank (or, with `negatives_used` (B, N), over Pos(i)
+    and the instances it marks), Pos(i) = the instances of i's cluster (or i
     itself when i is an outlier)."""
     f = l2_normalize(features.astype(jnp.float32))
     s = f @ jax.lax.stop_gradient(instances).T / temperature
-    log_p = s - jax.nn.logsumexp(s, axis=1, keepdims=True)
     columns = jnp.arange(instances.shape[0])[None, :]
     positive = jnp.where(
         labels[:, None] >= 0,
         instance_labels[None, :] == labels[:, None],
         columns == indices[:, None],
     )
+    if negatives_used is not None:
+        s = jnp.where(positive | negatives_used, s, _NEG)
+    log_p = s - jax.nn.logsumexp(s, axis=1, keepdims=True)
     per_sample = -jnp.sum(jnp.where(positive, log_p, 0.0), 1) / jnp.maximum(jnp.sum(positive, 1), 1)
     return jnp.mean(per_sample)
 
@@ -251,8 +267,15 @@ def cluster_loss(
     instance_weight: float = 1.0,
     inter_camera_weight: float = 0.5,
     num_hard_negatives: int = 50,
+    camera_negatives: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) of method `kind` for a batch (pure; memory is constant)."""
+    """(loss, metrics) of method `kind` for a batch (pure; memory is constant).
+
+    `camera_negatives`: the softmaxes of cluster_contrast / self_paced / hhcl /
+    joint only contrast a sample with rows (and instances) of its own camera,
+    besides its positives, as cap's intra-camera term does. On a target whose
+    clusters rarely span cameras, the other rows of other cameras are mostly
+    the sample's own identity seen elsewhere."""
     f = outputs["global"]
     targets = memory.rows[indices]
     if kind == "cap":
@@ -262,17 +285,34 @@ def cluster_loss(
             f, memory, memory.pseudo_labels[indices], temperature, num_hard_negatives
         )
         return intra + inter_camera_weight * inter, {"loss_intra": intra, "loss_inter": inter}
-    cluster = masked_nce(f, memory.prototypes, memory.valid, targets, temperature)
+    rows_used = memory.valid
+    instances_used = None
+    if camera_negatives:
+        rows_used = memory.valid[None, :] & same_camera_rows(memory, cams)
+        instances_used = memory.cameras[None, :] == cams[:, None]
+    cluster = masked_nce(f, memory.prototypes, rows_used, targets, temperature)
     if kind in ("cluster_contrast", "self_paced"):
         return cluster, {"loss_cluster": cluster}
     labels = memory.pseudo_labels[indices]
     if kind == "hhcl":
         instance = hard_instance_loss(
-            f, memory.instances, labels, memory.pseudo_labels, temperature, num_hard_negatives
+            f,
+            memory.instances,
+            labels,
+            memory.pseudo_labels,
+            temperature,
+            num_hard_negatives,
+            negatives_used=instances_used,
         )
     elif kind == "joint":
         instance = multi_positive_instance_loss(
-            f, memory.instances, labels, memory.pseudo_labels, indices, temperature
+            f,
+            memory.instances,
+            labels,
+            memory.pseudo_labels,
+            indices,
+            temperature,
+            negatives_used=instances_used,
         )
     else:
         raise ValueError(f"unknown cluster method {kind!r}; one of {KINDS}")

@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.instance_weight = 1.0  # hhcl / joint: weight of the instance term
     c.method.inter_camera_weight = 0.5  # cap
     c.method.num_hard_negatives = 50  # cap proxies / hhcl instances
+    # Contrast each sample only with memory rows of its own camera (besides its
+    # positives): cluster_contrast / self_paced / hhcl / joint (cap's intra term
+    # always does).
+    c.method.camera_negatives = False
     # Supervised reference (method "supervised"): identity CE + batch-hard triplet.
     c.method.label_smoothing = 0.1
     c.method.triplet_margin = 0.3

@@ -136,6 +136,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             instance_weight=m.instance_weight,
             inter_camera_weight=m.inter_camera_weight,
             num_hard_negatives=m.num_hard_negatives,
+            camera_negatives=bool(m.get("camera_negatives", False)),
         )
         return value, None, metrics
 

@@ -689,3 +689,70 @@ def test_disabled_update_under_jit_with_a_traced_flag():
     on = step(memory, jnp.asarray(True))
     assert not np.array_equal(on.prototypes, memory.prototypes)
     assert not np.array_equal(on.instances, memory.instances)
+
+
+def _np_camera_negatives_loss(kind, f, m, indices, cams, tau, instance_weight, k):
+    """cluster_loss with camera_negatives=True, from the definition: each
+    sample's softmax keeps its positives and the rows / instances with a
+    member from its own camera."""
+    f = _unit(f)
+    n = len(m["rows"])
+    cluster_terms, instance_terms = [], []
+    for i in range(len(f)):
+        own_camera_rows = {m["rows"][j] for j in range(n) if m["cameras"][j] == cams[i]}
+        t = m["rows"][indices[i]]
+        if t >= 0:
+            z = f[i] @ m["prototypes"].astype(np.float64).T / tau
+            keep = [r for r in range(len(z)) if m["valid"][r] and r in own_camera_rows]
+            assert t in keep
+            cluster_terms.append(_lse(z[keep]) - z[t])
+        s = f[i] @ m["instances"].astype(np.float64).T / tau
+        y = m["pseudo_labels"][indices[i]]
+        own = [j for j in range(n) if m["cameras"][j] == cams[i]]
+        if kind == "hhcl" and y >= 0:
+            same = [j for j in range(n) if m["pseudo_labels"][j] == y]
+            others = sorted((s[j] for j in own if m["pseudo_labels"][j] != y), reverse=True)
+            positive = min(s[j] for j in same)
+            instance_terms.append(_lse([positive, *others[:k]]) - positive)
+        elif kind == "joint":
+            pos = [j for j in range(n) if m["pseudo_labels"][j] == y] if y >= 0 else [indices[i]]
+            keep = sorted(set(pos) | set(own))
+            instance_terms.append(-np.mean(s[pos] - _lse(s[keep])))
+    cluster = float(np.mean(cluster_terms))
+    if kind in ("cluster_contrast", "self_paced"):
+        return cluster
+    return cluster + instance_weight * float(np.mean(instance_terms))
+
+
+@pytest.mark.parametrize("kind", ["cluster_contrast", "self_paced", "hhcl", "joint"])
+def test_camera_negatives_match_numpy(kind):
+    f, memory = _case(kind)
+    cams = CAMERAS[INDICES]
+    params = {**PARAMS, "camera_negatives": True}
+    mem, loss = _jax_loss(kind, memory, INDICES, cams, params=params)
+    total, _ = loss(jnp.asarray(f), mem.prototypes, mem.instances)
+    m = _np_memory(memory)
+    expected = _np_camera_negatives_loss(
+        kind, f, m, INDICES, cams, TAU, PARAMS["instance_weight"], PARAMS["num_hard_negatives"]
+    )
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    if kind != "cluster_contrast":  # its 3 clusters each span all 3 cameras
+        plain, _ = _jax_loss(kind, memory, INDICES, cams)[1](
+            jnp.asarray(f), mem.prototypes, mem.instances
+        )
+        assert abs(float(plain) - expected) > 1e-4  # the restriction is not a no-op
+
+
+def test_same_camera_rows():
+    # 6 images; rows 0 (cams 0, 1), 1 (cam 2), 2 (cam 1); image 5 in no row.
+    _, memory = _case("cluster_contrast")
+    memory = _to_jax(memory).replace(
+        rows=jnp.array([0, 0, 1, 2, 2, -1] + [-1] * 6),
+        cameras=jnp.array([0, 1, 2, 1, 1, 0] + [3] * 6),
+    )
+    present = cluster_methods.same_camera_rows(memory, jnp.array([0, 1, 2, 3]))
+    expected = np.zeros((4, 12), bool)
+    expected[0, 0] = True  # camera 0: row 0 (image 5 is in no row)
+    expected[1, [0, 2]] = True
+    expected[2, 1] = True
+    np.testing.assert_array_equal(np.asarray(present), expected)
