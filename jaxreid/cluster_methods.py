@@ -175,15 +175,19 @@ def cap_inter_camera_loss(
     clusters: jax.Array,
     temperature: float,
     num_hard_negatives: int,
+    negatives_used: jax.Array | None = None,
 ) -> jax.Array:
     """Inter-camera term of camera-aware proxies: for sample i of cluster y,
     -1/|P_y| sum_{p in P_y} log(exp(s_p) / (sum_{P_y} exp(s) + sum_{H_i} exp(s)))
     with s = f . proxy / tau, P_y all proxies of y, H_i the `num_hard_negatives`
-    most similar proxies of other clusters."""
+    most similar proxies of other clusters (among those `negatives_used` (B, R)
+    marks, when given)."""
     f = l2_normalize(features.astype(jnp.float32))
     s = f @ jax.lax.stop_gradient(memory.prototypes).T / temperature
     positive = memory.valid[None, :] & (memory.row_cluster[None, :] == clusters[:, None])
     negative = memory.valid[None, :] & ~positive
+    if negatives_used is not None:
+        negative = negative & negatives_used
     k = min(num_hard_negatives, s.shape[1])
     hard, _ = jax.lax.top_k(jnp.where(negative, s, _NEG), k)
     hard = jnp.where(hard > _NEG / 2, hard, -jnp.inf)  # fewer negatives than k
@@ -273,7 +277,8 @@ def cluster_loss(
 
     `camera_negatives`: the softmaxes of cluster_contrast / self_paced / hhcl /
     joint only contrast a sample with rows (and instances) of its own camera,
-    besides its positives, as cap's intra-camera term does. On a target whose
+    besides its positives, as cap's intra-camera term does; cap's inter-camera
+    term takes its hard negatives from the sample's camera only. On a target whose
     clusters rarely span cameras, the other rows of other cameras are mostly
     the sample's own identity seen elsewhere."""
     f = outputs["global"]
@@ -282,7 +287,14 @@ def cluster_loss(
         same_camera = memory.valid[None, :] & (memory.row_camera[None, :] == cams[:, None])
         intra = masked_nce(f, memory.prototypes, same_camera, targets, temperature)
         inter = cap_inter_camera_loss(
-            f, memory, memory.pseudo_labels[indices], temperature, num_hard_negatives
+            f,
+            memory,
+            memory.pseudo_labels[indices],
+            temperature,
+            num_hard_negatives,
+            # Own-camera proxies only: the other cameras' proxies of other
+            # clusters are mostly the sample's identity seen elsewhere.
+            negatives_used=same_camera if camera_negatives else None,
         )
         return intra + inter_camera_weight * inter, {"loss_intra": intra, "loss_inter": inter}
     rows_used = memory.valid

@@ -175,7 +175,8 @@ def _np_cap_intra(f, m, indices, cams, tau):
     return float(np.mean(losses)) if losses else 0.0
 
 
-def _np_cap_inter(f, m, clusters, tau, k):
+def _np_cap_inter(f, m, clusters, tau, k, cams=None):
+    """cams given: hard negatives only among the proxies of the sample's camera."""
     f = _unit(f)
     losses = []
     for i in range(len(f)):
@@ -187,6 +188,8 @@ def _np_cap_inter(f, m, clusters, tau, k):
         if not pos:
             continue
         neg = [r for r in range(len(s)) if m["valid"][r] and m["row_cluster"][r] != y]
+        if cams is not None:
+            neg = [r for r in neg if m["row_camera"][r] == cams[i]]
         hard = sorted(neg, key=lambda r: -s[r])[:k]  # the k most similar of other clusters
         denominator = _lse(np.concatenate([s[pos], s[hard]]))
         losses.append(-np.mean([s[p] - denominator for p in pos]))
@@ -756,3 +759,21 @@ def test_same_camera_rows():
     expected[1, [0, 2]] = True
     expected[2, 1] = True
     np.testing.assert_array_equal(np.asarray(present), expected)
+
+
+def test_cap_camera_negatives_match_numpy():
+    f, memory = _case("cap")
+    cams = CAMERAS[INDICES]
+    params = {**PARAMS, "camera_negatives": True}
+    mem, loss = _jax_loss("cap", memory, INDICES, cams, params=params)
+    total, parts = loss(jnp.asarray(f), mem.prototypes, mem.instances)
+    m = _np_memory(memory)
+    labels = m["pseudo_labels"][INDICES]
+    inter = _np_cap_inter(f, m, labels, TAU, PARAMS["num_hard_negatives"], cams=cams)
+    np.testing.assert_allclose(float(parts["loss_inter"]), inter, rtol=1e-5)
+    plain = _np_cap_inter(f, m, labels, TAU, PARAMS["num_hard_negatives"])
+    assert abs(plain - inter) > 1e-4
+    intra = _np_cap_intra(f, m, INDICES, cams, TAU)
+    np.testing.assert_allclose(
+        float(total), intra + PARAMS["inter_camera_weight"] * inter, rtol=1e-5
+    )
