@@ -48,6 +48,22 @@ def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     )
 
 
+def _classifier(dim: int, num_classes: int, dtype, rngs: nnx.Rngs) -> nnx.Linear | None:
+    """Bias-free identity classifier (supervised training), small init as the
+    BoT baseline (std 0.001); None when num_classes is 0."""
+    if not num_classes:
+        return None
+    return nnx.Linear(
+        dim,
+        num_classes,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.001),
+        rngs=rngs,
+    )
+
+
 class SCLHead(nnx.Module):
     """Outputs "global" (B, D) and "stripes" (B, P, D/P), both unit norm, and
     "pre_bn" (B, D), the global Linear output before its BatchNorm.
@@ -125,21 +141,9 @@ class BNNeckHead(nnx.Module):
             self.projection = None
             dim = in_features
         self.bn = GhostBatchNorm(dim, group_size=bn_group_size, use_bias=False)
-        # Small init, as the BoT baseline (std 0.001); assigned once (nnx
-        # fixes an attribute's kind, data or static, at first assignment).
-        self.classifier = (
-            nnx.Linear(
-                dim,
-                num_classes,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nnx.initializers.normal(0.001),
-                rngs=rngs,
-            )
-            if num_classes
-            else None
-        )
+        # Assigned once: nnx fixes an attribute's kind, data or static, at
+        # first assignment.
+        self.classifier = _classifier(dim, num_classes, dtype, rngs)
 
     def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
         pre_bn = self.pool(feature_map)
@@ -181,19 +185,7 @@ class FCHead(nnx.Module):
                 GhostBatchNorm(embed_dim, group_size=bn_group_size),
             ]
         )
-        self.classifier = (
-            nnx.Linear(
-                embed_dim,
-                num_classes,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nnx.initializers.normal(0.001),
-                rngs=rngs,
-            )
-            if num_classes
-            else None
-        )
+        self.classifier = _classifier(embed_dim, num_classes, dtype, rngs)
 
     def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
         linear, norm = self.fc
