@@ -137,18 +137,9 @@ class ReIDModel(nnx.Module):
                 dtype=dtype,
                 bn_group_size=group,
             )
-        elif config.head == "bnneck":
-            self.head = BNNeckHead(
-                channels,
-                embed_dim=int(config.embed_dim),
-                pooling=config.pooling,
-                rngs=rngs,
-                dtype=dtype,
-                bn_group_size=group,
-                num_classes=int(config.get("num_classes", 0)),
-            )
-        elif config.head == "fc":
-            self.head = FCHead(
+        elif config.head in ("bnneck", "fc"):  # the same arguments
+            head = BNNeckHead if config.head == "bnneck" else FCHead
+            self.head = head(
                 channels,
                 embed_dim=int(config.embed_dim),
                 pooling=config.pooling,
