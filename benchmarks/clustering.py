@@ -109,7 +109,7 @@ def _current_rss_gib() -> float:
 
 
 def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
-    from jaxreid import clustering, kreciprocal, neighbors
+    from jaxreid.pseudo_labels import clustering, kreciprocal, neighbors
 
     features = clustered_features(n, dim)
     base = _current_rss_gib()

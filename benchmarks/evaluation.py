@@ -129,7 +129,7 @@ def main() -> None:
     rerank_fn = None
     if not args.skip_rerank:
         try:
-            from jaxreid import kreciprocal
+            from jaxreid.pseudo_labels import kreciprocal
 
             rerank_fn = getattr(kreciprocal, "k_reciprocal_rerank", None)
         except ImportError:

@@ -65,7 +65,7 @@ def pairwise_precision_recall(pseudo: np.ndarray, truth: np.ndarray) -> tuple[fl
 
 
 def quality_row(name: str, pseudo: np.ndarray, truth: np.ndarray) -> dict:
-    from jaxreid import clustering
+    from jaxreid.pseudo_labels import clustering
 
     stats = clustering.pseudo_label_stats(pseudo)
     precision, recall = pairwise_precision_recall(pseudo, truth)
@@ -116,20 +116,21 @@ def main(argv) -> None:
         return
     if _CONFIG.value is None:
         raise SystemExit("pass --workdir or --config")
-    from jaxreid import clustering, train
     from jaxreid.checkpoints import load_model_for_eval
     from jaxreid.data.loading import load_data
-    from jaxreid.methods import prepare_config
+    from jaxreid.evaluate.protocol import extract
+    from jaxreid.methods import configured
+    from jaxreid.pseudo_labels import clustering
 
     config = _CONFIG.value
     data = load_data(config, print)
-    config = prepare_config(config, data.train.pids)
+    config = configured(config, data.train.pids)
     path = os.path.join(_CHECKPOINT.value or "/nonexistent", "checkpoints", "latest")
     graphdef, params, batch_stats, source = load_model_for_eval(config, path)
     print(f"features of the {source}")
-    features = train.extract(
-        graphdef, params, batch_stats, data.train.images, config.eval.batch_size
-    )["global"]
+    features = extract(graphdef, params, batch_stats, data.train.images, config.eval.batch_size)[
+        "global"
+    ]
     truth = data.train.pids
     rows = []
     for eps in [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]:

@@ -24,7 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxreid import losses, memory, selection
+from jaxreid.methods.scl import banks as memory
+from jaxreid.methods.scl import loss as losses
+from jaxreid.methods.scl import selection
 from jaxreid.utils import machine_description
 
 RELEASE_SECONDS = {"selection": 0.12, "loss": 0.30, "total": 0.42}  # batch 8, same CPU

@@ -46,12 +46,29 @@ class AugmentOptions:
     def from_config(cls, config) -> AugmentOptions:
         """Builds options from a ConfigDict with the same field names."""
         return cls(
-            flip=bool(config.get("flip", True)),
-            pad=int(config.get("pad", 0)),
-            erasing_prob=float(config.get("erasing_prob", 0.0)),
-            erasing_area=tuple(config.get("erasing_area", (0.02, 0.4))),
-            erasing_min_aspect=float(config.get("erasing_min_aspect", 0.3)),
+            flip=bool(config.flip),
+            pad=int(config.pad),
+            erasing_prob=float(config.erasing_prob),
+            erasing_area=tuple(config.erasing_area),
+            erasing_min_aspect=float(config.erasing_min_aspect),
         )
+
+
+def default_augment_config():
+    """The config section `augment` (ml_collections.ConfigDict): flip, pad (pixels
+    of zero padding before the random crop back to size), random erasing."""
+    import ml_collections
+
+    o = AugmentOptions()
+    return ml_collections.ConfigDict(
+        dict(
+            flip=o.flip,
+            pad=o.pad,
+            erasing_prob=o.erasing_prob,
+            erasing_area=o.erasing_area,
+            erasing_min_aspect=o.erasing_min_aspect,
+        )
+    )
 
 
 def horizontal_flip(images: jax.Array, do_flip: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Restoring a trained model's parameters from a workdir's orbax checkpoints
-(for evaluation and later use), with one error listing every mismatch."""
+"""Orbax checkpoints of a run: the latest state (resume) and the best one (by
+plain mAP) with the loop's history, and the model parameters restored for
+evaluation and inference, with one error listing every mismatch."""
 
 from __future__ import annotations
 
@@ -14,26 +15,84 @@ from jaxreid import models
 from jaxreid.utils import UserError
 
 
+class Checkpoints:
+    """orbax managers for the latest state (for resume) and the best one (by
+    plain mAP), each with a JSON sidecar holding the loop's history."""
+
+    def __init__(self, workdir: str, keep: int = 1):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        # Synchronous saves: the loop waits for each save anyway, and async
+        # managers warn at every save that they waited for the previous one.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
+        root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
+        self.best = ocp.CheckpointManager(
+            os.path.join(root, "best"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        )
+
+    def save(self, manager, state, meta: dict) -> None:
+        ocp = self._ocp
+        step = int(state.step)
+        if manager.latest_step() == step:
+            return
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        manager.wait_until_finished()
+
+    def restore(self, manager, abstract_state, step: int | None = None):
+        ocp = self._ocp
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None, None
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def restore_model(path: str, params, batch_stats):
+    """(params, batch_stats, step) of the latest checkpoint under `path` (a
+    workdir's checkpoints/latest or best), checked against the model's trees;
+    step None (and the arguments unchanged) when `path` holds none."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(path):
+        return params, batch_stats, None
+    with ocp.CheckpointManager(os.path.abspath(path)) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return params, batch_stats, None
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    state = restored["state"]
+    params = _match(params, state["params"], "params", path)
+    batch_stats = _match(batch_stats, state["batch_stats"], "batch_stats", path)
+    return params, batch_stats, step
+
+
 def load_model_for_eval(config: ml_collections.ConfigDict, path: str):
     """(graphdef, params, batch_stats, source): the model of `config` with the
     latest checkpoint under `path` (a workdir's checkpoints/latest) restored,
     or the initial model when `path` holds none."""
-
     model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats = models.split_model(model)
-    source = "initial model"
-    if os.path.isdir(path):
-        import orbax.checkpoint as ocp
-
-        with ocp.CheckpointManager(os.path.abspath(path)) as manager:
-            step = manager.latest_step()
-            if step is not None:
-                restored = manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
-                )["state"]
-                params = _match(params, restored["params"], "params", path)
-                batch_stats = _match(batch_stats, restored["batch_stats"], "batch_stats", path)
-                source = f"checkpoint {path} step {step}"
+    params, batch_stats, step = restore_model(path, params, batch_stats)
+    source = "initial model" if step is None else f"checkpoint {path} step {step}"
     return graphdef, params, batch_stats, source
 
 

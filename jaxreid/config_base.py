@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxreid import augment
+from jaxreid.models.model import default_model_config
+from jaxreid.pseudo_labels.clustering import default_cluster_config
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -18,29 +22,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.width = 128
     c.data.cache_dir = "~/.cache/jaxreid/decoded"  # decoded uint8 arrays; "" = no cache
     c.data.max_bad_fraction = 0.01  # corrupt images skipped (counted) up to this fraction
-    c.data.on_device = True  # keep the decoded train set on the accelerator(s)
 
-    c.augment = ml_collections.ConfigDict()
-    c.augment.flip = True
-    c.augment.pad = 0
-    c.augment.erasing_prob = 0.0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet50"
-    c.model.pretrained = ""  # "" | "imagenet" (EfficientNet-Lite0) | path to a .pth
-    c.model.last_stride = 1
-    c.model.ibn = False
-    c.model.pooling = "avg"
-    c.model.head = "scl"
-    c.model.embed_dim = 2048
-    c.model.num_stripes = 8
-    c.model.dtype = "float32"
-    # Batch-norm statistics over groups of this many samples (0 = the whole
-    # batch). The groups are also what devices share: batch_size /
-    # bn_group_size must be a multiple of the device count.
-    c.model.bn_group_size = 0
-    c.model.num_classes = 0  # set from the training identities by method "supervised"
-    c.model.freeze_stages = 0  # OSNet: first n stages get no gradient / weight decay
+    # Sections owned by one module take that module's defaults.
+    c.augment = augment.default_augment_config()
+    c.model = default_model_config()
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "scl"
@@ -75,16 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.triplet_margin = 0.3
     c.method.triplet_weight = 1.0
 
-    # Re-clustering between epochs (jaxreid.clustering.cluster_features).
-    c.cluster = ml_collections.ConfigDict()
-    c.cluster.k1 = 30
-    c.cluster.k2 = 6
-    c.cluster.eps = 0.6
-    c.cluster.min_samples = 4
-    c.cluster.knn_backend = "faiss"  # faiss | jax (on the accelerator)
-    c.cluster.knn_block_size = 0  # 0 = from the memory budget
-    c.cluster.giant_cluster_fraction = 0.5  # warn when one cluster holds more
-    c.cluster.camera_centering = False  # cluster features minus their camera's mean
+    # Re-clustering between epochs (jaxreid.pseudo_labels.clustering.cluster_features).
+    c.cluster = default_cluster_config()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam

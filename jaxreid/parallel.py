@@ -16,9 +16,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
+
+from jaxreid.utils import UserError
 
 AXIS = "data"
+
+
+def make_mesh(num_devices: int = 0, devices: list | None = None) -> Mesh:
+    """The data-parallel mesh over `devices` (default: every device), or the
+    first `num_devices` of a single-process run (for scaling studies)."""
+    devices = jax.devices() if devices is None else devices
+    if num_devices:
+        if jax.process_count() > 1:
+            raise UserError(
+                "train.num_devices works in a single process; a multi-process run uses every device"
+            )
+        if num_devices > len(devices):
+            raise UserError(
+                f"train.num_devices = {num_devices} but only {len(devices)} devices exist"
+            )
+        devices = devices[:num_devices]
+    return Mesh(np.array(devices), (AXIS,))
 
 
 def pairwise_sum(x: jax.Array) -> jax.Array:
@@ -69,3 +90,24 @@ def mean_gradients(stacked: Any, num_devices: int) -> Any:
     ).reshape(k * num_devices, chunk)
     mean = pairwise_sum(parts) / (k * num_devices)
     return unravel(jax.lax.all_gather(mean, AXIS, tiled=True)[:size])
+
+
+def start_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """jax.distributed.initialize with explicit settings or auto-detection
+    (SLURM, Open MPI, ...). CPU processes exchange collectives through gloo."""
+    import importlib.util
+
+    # Must not initialise a backend before jax.distributed.initialize.
+    accelerator = any(
+        importlib.util.find_spec(name) is not None
+        for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+    )
+    if jax.config.jax_platforms in (None, "", "cpu") and not accelerator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )

@@ -28,13 +28,13 @@ def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str
 def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> list[str]:
     """Every problem of `config` as 'setting = value: fix' lines (empty: fine)."""
     from jaxreid.data.datasets import READERS
-    from jaxreid.methods import METHODS
+    from jaxreid.methods import method_names
     from jaxreid.models.model import FEATURE_DIMS
 
     problems: list[str] = []
     choices = (
         ("data.dataset", config.data.dataset, [*READERS, "auto"]),
-        ("method.name", config.method.name, sorted(METHODS)),
+        ("method.name", config.method.name, method_names()),
         ("model.backbone", config.model.backbone, sorted(FEATURE_DIMS)),
         ("model.head", config.model.head, HEADS),
         ("model.pooling", config.model.pooling, POOLINGS),
@@ -130,3 +130,28 @@ def prepare_workdir(workdir: str) -> str:
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise UserError(f"--workdir {workdir}: not writable; pass a folder you can write")
     return workdir
+
+
+def parse_flags(flags, argv: list[str]) -> list[str]:
+    """absl's parser (`flags.FLAGS`), with config override mistakes (unknown
+    key, wrong type, bad config file) as one line and exit status 2 instead
+    of a traceback."""
+    import sys
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        print(
+            f"error: unknown config key {key!r} in {' '.join(bad) or 'the overrides'}; "
+            "check the spelling against the config file (e.g. --config.train.epochs=2)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except (TypeError, ValueError) as e:
+        print(f"error: bad config file or override: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreid import cluster_memory
+from jaxreid.methods import centroids as cluster_memory
 
 
 def _unit(x):

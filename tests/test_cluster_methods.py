@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreid import cluster_methods
-from jaxreid.cluster_methods import KINDS
+from jaxreid.methods import cluster as cluster_methods
+from jaxreid.methods.cluster import KINDS
 
 # ------------------------------------------------------------------ helpers
 
@@ -658,40 +658,16 @@ def test_instance_rows_move_with_instance_momentum(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["mean", "hard", "sequential"])
-def test_disabled_update_returns_memory_unchanged(kind, mode):
+def test_update_with_negative_indices_returns_memory_unchanged(kind, mode):
+    """The train step passes indices of -1 for a non-finite step."""
     memory = cluster_methods.build_memory(kind, _hand_features(), HAND_CAMERAS, HAND_LABELS)
     f = np.random.default_rng(14).normal(size=(4, 4)).astype(np.float32)
-    new = _update(kind, memory, f, np.array([0, 5, 1, 3]), mode=mode, enabled=False)
+    new = _update(kind, memory, f, np.full(4, -1), mode=mode)
     for before, after in zip(jax.tree.leaves(_to_jax(memory)), jax.tree.leaves(new), strict=True):
         assert np.asarray(before).dtype == np.asarray(after).dtype
         np.testing.assert_array_equal(after, before)
-
-
-def test_disabled_update_under_jit_with_a_traced_flag():
-    memory = _to_jax(
-        cluster_methods.build_memory("joint", _hand_features(), HAND_CAMERAS, HAND_LABELS)
-    )
-    f = jnp.asarray(np.random.default_rng(15).normal(size=(4, 4)).astype(np.float32))
-
-    @jax.jit
-    def step(mem, enabled):
-        return cluster_methods.update_cluster_memory(
-            "joint",
-            mem,
-            f,
-            jnp.asarray([0, 5, 1, 3]),
-            momentum=0.2,
-            mode="mean",
-            instance_momentum=0.6,
-            enabled=enabled,
-        )
-
-    off = step(memory, jnp.asarray(False))
-    for before, after in zip(jax.tree.leaves(memory), jax.tree.leaves(off), strict=True):
-        np.testing.assert_array_equal(after, before)
-    on = step(memory, jnp.asarray(True))
+    on = _update(kind, memory, f, np.array([0, 5, 1, 3]), mode=mode)
     assert not np.array_equal(on.prototypes, memory.prototypes)
-    assert not np.array_equal(on.instances, memory.instances)
 
 
 def _np_camera_negatives_loss(kind, f, m, indices, cams, tau, instance_weight, k):

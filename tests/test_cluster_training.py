@@ -9,7 +9,8 @@ import pytest
 from test_train import _losses, tiny_config, tiny_data
 
 from jaxreid.config_base import RECIPE_METHODS
-from jaxreid.train import ClusteringError, TrainingInterrupted, train_and_evaluate
+from jaxreid.methods.cluster import ClusteringError
+from jaxreid.train import TrainingInterrupted, train_and_evaluate
 
 # Small sets: k-reciprocal sizes and min_samples scaled down with them.
 CLUSTER = {"cluster.k1": 10, "cluster.k2": 4, "cluster.min_samples": 2}

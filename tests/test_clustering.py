@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jaxreid import clustering, kreciprocal
+from jaxreid.pseudo_labels import clustering, kreciprocal
 
 
 def reference_dbscan(distance: np.ndarray, eps: float, min_samples: int) -> np.ndarray:

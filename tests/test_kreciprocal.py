@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jaxreid import kreciprocal, neighbors
+from jaxreid.pseudo_labels import kreciprocal, neighbors
 
 
 def _clustered(n: int, dim: int, num_clusters: int, seed: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_max_distance_keeps_the_close_pairs_only():
 
 def test_small_n_warns_and_uses_k1_equal_n(caplog):
     x = _clustered(12, 8, 3, seed=5)
-    with caplog.at_level(logging.WARNING, logger="jaxreid.kreciprocal"):
+    with caplog.at_level(logging.WARNING, logger="jaxreid.pseudo_labels.kreciprocal"):
         result = kreciprocal.jaccard_distance(x, 30, 6)
     assert "k1=30 > N=12" in caplog.text
     np.testing.assert_allclose(kreciprocal.densify(result), reference_jaccard(x, 12, 6), atol=1e-5)

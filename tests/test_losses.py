@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreid import losses
+from jaxreid.methods.scl import loss as losses
 
 N, D, P, B, K, NEG = 30, 16, 4, 3, 3, 6
 HP = dict(lam_t=0.5, lam_p=0.3, alpha=1.75, temperature=0.1)

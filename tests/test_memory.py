@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreid import memory
+from jaxreid.methods.scl import banks as memory
+from jaxreid.step import computed_after
 
 N, D, P, B, K = 40, 16, 4, 6, 3
 
@@ -182,20 +183,21 @@ def test_update_banks_positives_and_warmup(data, warmup):
         np.testing.assert_array_equal(new.mixture_bank[20:], banks.mixture_bank[20:])
 
 
-def test_update_banks_disabled_is_identity(data):
+def test_update_banks_with_negative_indices_is_identity(data):
+    """The train step passes indices of -1 for a non-finite step: nothing is written."""
     _, banks, g, st = data
-    idx = jnp.arange(B, dtype=jnp.int32)
     candidates = jnp.tile(jnp.arange(1 + K + 4, dtype=jnp.int32), (B, 1))
-    step = jax.jit(lambda b, ok: memory.update_banks(b, idx, g, st, candidates, K, enabled=ok))
-    same = step(banks, jnp.asarray(False))
+    step = jax.jit(lambda b, idx: memory.update_banks(b, idx, g, st, candidates, K))
+    same = step(banks, jnp.full(B, -1, jnp.int32))
     for new, old in zip(jax.tree.leaves(same), jax.tree.leaves(banks), strict=True):
         np.testing.assert_array_equal(new, old)
-    changed = step(banks, jnp.asarray(True))
+    changed = step(banks, jnp.arange(B, dtype=jnp.int32))
     assert np.abs(np.asarray(changed.mixture_bank) - np.asarray(banks.mixture_bank)).max() > 0.1
 
 
 def test_step_updates_donated_banks_in_place(data):
-    """Selection-like reads, a loss gradient, then update_banks(after=...): no bank copy."""
+    """Selection-like reads, a loss gradient, then update_banks with the features
+    computed after the gradients (as the train step does): no bank copy."""
     _, banks, g, st = data
     idx = jnp.arange(B, dtype=jnp.int32)
 
@@ -204,7 +206,9 @@ def test_step_updates_donated_banks_in_place(data):
         candidates = jnp.concatenate([idx[:, None], jax.lax.top_k(-dist, K + 2)[1]], axis=1)
         grads = jax.grad(lambda g: jnp.sum(banks.mixture_bank[candidates] @ g[0]))(g)
         ok = jnp.all(jnp.isfinite(grads))
-        return memory.update_banks(banks, idx, g, st, candidates, K, after=grads, enabled=ok), grads
+        g, st = computed_after((g, st), (candidates, grads))
+        rows = jnp.where(ok, idx, -1)
+        return memory.update_banks(banks, rows, g, st, candidates, K), grads
 
     hlo = jax.jit(step, donate_argnums=0).lower(banks, g, st).compile().as_text()
     bank_shapes = (f"f32[{N},{D}]", f"f32[{P},{N},{D // P}]", f"f32[{P * N},{D // P}]")

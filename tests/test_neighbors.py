@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxreid import neighbors
+from jaxreid.pseudo_labels import neighbors
 
 # (backend, extra keyword arguments): small blocks so several blocks and padding are exercised.
 VARIANTS = [

@@ -358,7 +358,7 @@ def test_frozen_stages_get_no_gradient_and_no_update():
     import jax.numpy as jnp
     import ml_collections
 
-    from jaxreid.train import make_optimizer
+    from jaxreid.step import make_optimizer
 
     model = models.build_model(_config(freeze_stages=2), nnx.Rngs(0))
     graphdef, params, batch_stats = models.split_model(model)
@@ -457,7 +457,7 @@ def test_msmt17_map_on_cuhk03():
     with torch above."""
     from jaxreid import evaluate
     from jaxreid.data.images import decode_split
-    from jaxreid.train import extract
+    from jaxreid.evaluate.protocol import extract
 
     dataset = _cuhk03()
     graphdef, params, batch_stats = _msmt17_model()

@@ -13,7 +13,7 @@ import pytest
 
 from jaxreid.config_base import base_config
 from jaxreid.parallel import pairwise_sum
-from jaxreid.train import batch_groups
+from jaxreid.step import batch_groups
 from jaxreid.utils import UserError
 
 

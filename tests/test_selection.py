@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreid import memory, selection
+from jaxreid.methods.scl import banks as memory
+from jaxreid.methods.scl import selection
 
 N, D, P, B = 257, 32, 4, 5
 LAM_G, LAM_C = 0.5, 0.05

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreid import supervised
+from jaxreid.methods import supervised
 
 
 def _np_smoothed_ce(z, y, eps):

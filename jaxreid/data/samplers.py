@@ -18,23 +18,30 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 class ShuffleSampler:
-    """Plain shuffle: every image once per epoch, incomplete last batch dropped."""
+    """Plain shuffle: every image once per pass, incomplete last batch dropped.
+    An epoch has `num_steps` batches (default one pass); more than one pass
+    continues with further permutations."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0):
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, num_steps: int = 0):
         if batch_size <= 0 or num_items < batch_size:
             raise ValueError(
                 f"batch size {batch_size} needs at least that many items, got {num_items}"
             )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.num_steps = num_steps or num_items // batch_size
 
     def __len__(self) -> int:
-        return self.num_items // self.batch_size
+        return self.num_steps
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """(steps, batch_size) int32 indices of epoch `epoch`."""
-        order = _epoch_rng(self.seed, epoch).permutation(self.num_items)
-        steps = len(self)
-        return order[: steps * self.batch_size].reshape(steps, self.batch_size).astype(np.int32)
+        """(num_steps, batch_size) int32 indices of epoch `epoch`."""
+        rng = _epoch_rng(self.seed, epoch)
+        per_pass = self.num_items // self.batch_size
+        passes = []
+        for _ in range(-(-self.num_steps // per_pass)):
+            order = rng.permutation(self.num_items)[: per_pass * self.batch_size]
+            passes.append(order.reshape(per_pass, self.batch_size))
+        return np.concatenate(passes)[: self.num_steps].astype(np.int32)
 
 
 class IdentitySampler:

@@ -7,7 +7,7 @@ gallery_pids, query_cams, gallery_cams (1-d integers) and, for
 Distances: cosine (default) L2-normalises the features first; euclidean and
 scl use them as stored (models output L2-normalised features); `--rerank`
 L2-normalises the global features and applies k-reciprocal re-ranking
-(jaxreid.kreciprocal), which builds its own distance, so it goes with the
+(jaxreid.pseudo_labels.kreciprocal), which builds its own distance, so it goes with the
 default `--distance cosine` only.
 
 Bad input ends with one line on stderr naming the file and the fix, exit 2.
@@ -165,7 +165,9 @@ def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> Non
 def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray:
     qf, gf = data["query_features"], data["gallery_features"]
     if args.rerank:
-        from jaxreid.kreciprocal import k_reciprocal_rerank  # faiss: imported on demand
+        from jaxreid.pseudo_labels.kreciprocal import (
+            k_reciprocal_rerank,  # faiss: imported on demand
+        )
 
         return np.asarray(
             k_reciprocal_rerank(

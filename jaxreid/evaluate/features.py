@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxreid.parallel import make_mesh
 
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
 
@@ -82,7 +84,8 @@ def extract_features(
         dict of arrays with leading dimension B (e.g. "global", "stripes"). It
         must be hashable (any function is) and is traced once per image shape.
         With `params` given it is called as `apply_fn(params, images)`.
-      images: uint8 array (N, H, W, 3), RGB; may be a memmap.
+      images: uint8 array (N, H, W, 3), RGB; may be a memmap, or a jax.Array
+        already on this process's devices.
       batch_size: images per device per step (each step takes batch_size x
         the local device count). Per device, so that every device sees the
         same shapes whatever the device count, and features are the same bits
@@ -99,7 +102,10 @@ def extract_features(
     Returns:
       dict with the keys of `apply_fn`'s output, each a numpy array (N, ...).
     """
-    if not isinstance(images, np.ndarray):  # memmaps are ndarrays and stay lazy
+    # memmaps are ndarrays and stay lazy; a jax.Array (the training images the
+    # train step keeps on the devices) is sliced there, never re-uploaded.
+    on_device = isinstance(images, jax.Array)
+    if not on_device and not isinstance(images, np.ndarray):
         images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must have shape (N, H, W, 3), got {images.shape}")
@@ -111,7 +117,7 @@ def extract_features(
     # This process's devices only: in a multi-process run every process
     # extracts on its own (the training set is clustered on every host).
     devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",))
+    mesh = make_mesh(devices=devices)
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     batch = batch_size * len(devices)
@@ -150,8 +156,9 @@ def extract_features(
         chunk = images[start : start + batch]
         num_valid = chunk.shape[0]
         if num_valid < batch:
-            pad = np.zeros((batch - num_valid, *chunk.shape[1:]), np.uint8)
-            chunk = np.concatenate([chunk, pad])
+            xp = jnp if on_device else np
+            pad = xp.zeros((batch - num_valid, *chunk.shape[1:]), np.uint8)
+            chunk = xp.concatenate([chunk, pad])
         outputs = forward(params, jax.device_put(chunk, data_sharding))
         if pending is not None:
             collect(*pending)

@@ -118,11 +118,11 @@ class ReIDModel(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 bn_group_size=group,
-                freeze_stages=int(config.get("freeze_stages", 0)),
+                freeze_stages=int(config.freeze_stages),
             )
         else:
             feature_dim(config.backbone)  # raises with the list of names
-        if config.get("freeze_stages", 0) and not hasattr(self.backbone, "frozen_prefixes"):
+        if config.freeze_stages and not hasattr(self.backbone, "frozen_prefixes"):
             raise ValueError(
                 f"model.freeze_stages is only available for OSNet, not {config.backbone}"
             )
@@ -146,7 +146,7 @@ class ReIDModel(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
                 bn_group_size=group,
-                num_classes=int(config.get("num_classes", 0)),
+                num_classes=int(config.num_classes),
             )
         else:
             raise ValueError(f"unknown head {config.head!r}; expected 'scl', 'bnneck' or 'fc'")

@@ -7,7 +7,8 @@ encoding V sparse: memory is O(N k) besides the output, never N x N.
 
 Definitions (features L2-normalised, s = inner product, d = 2 - 2 s = squared Euclidean):
 
-- `order[i]`: the neighbour list of i from `jaxreid.neighbors.knn` (i first, ties by index).
+- `order[i]`: the neighbour list of i from `jaxreid.pseudo_labels.neighbors.knn` (i first,
+  ties by index).
 - R(i, k) = {j in order[i][:k] : i in order[j][:k]}, the k-reciprocal set (contains i).
 - Expansion: E(i) = R(i, kf) U R(c, kh) over every c in R(i, kf) with
   |R(c, kh) & R(i, kf)| > 2/3 |R(c, kh)|, where kh = round(k1 / 2) + 1 (round half to even, as
@@ -27,8 +28,8 @@ final = (1 - lambda) d_J + lambda dist for query rows and gallery columns.
 
 Deviations from the public code, all below 1e-5 on the result: V and the Jaccard sums are float64
 (the public code uses float32 or float16), similarities come from the kNN search (FAISS or XLA
-float32) and the tie order is the one documented in `jaxreid.neighbors` (`np.argsort` order in the
-public code).
+float32) and the tie order is the one documented in `jaxreid.pseudo_labels.neighbors`
+(`np.argsort` order in the public code).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from jaxreid import neighbors
+from jaxreid.pseudo_labels import neighbors
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def half_k(k1: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks (all take the (N, K) neighbour lists from `jaxreid.neighbors.knn`)
+# Building blocks (all take the (N, K) neighbour lists from `jaxreid.pseudo_labels.neighbors.knn`)
 
 
 def reciprocal_sets(order: np.ndarray, k: int) -> sp.csr_matrix:
@@ -214,7 +215,7 @@ def jaccard_distance(
     Args:
       features: (N, D); L2-normalised here (no-op when they already are).
       k1, k2: k-reciprocal and query-expansion sizes (k1 counts the point itself).
-      backend: kNN backend, "faiss" or "jax" (see `jaxreid.neighbors`).
+      backend: kNN backend, "faiss" or "jax" (see `jaxreid.pseudo_labels.neighbors`).
       max_distance: keep only pairs with d_J <= max_distance (e.g. DBSCAN's eps) to save
         memory; None keeps every pair with d_J < 1.
       knn_block_size: rows per block of the JAX kNN (None: from its memory budget).

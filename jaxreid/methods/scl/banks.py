@@ -33,8 +33,9 @@ row hit several times is chained: the second update sees the first's result.
 Modes
 -----
 * `"sequential"`: the literal list, one update per `lax.fori_loop` iteration.
-  The reference; cost grows with the number of updates (2 B (k+1) for M).
-* `"vectorized"` (default): exact as well, not an approximation. Updates to
+  The reference and the training default (`method.mixture_update`); cost
+  grows with the number of updates (2 B (k+1) for M).
+* `"vectorized"`: exact as well, not an approximation. Updates to
   different rows commute, so only the order *within* a row matters. Each
   update gets its occurrence rank within its row (stable sort), and round r
   applies every update of rank r with one gather + one scatter (its rows are
@@ -53,8 +54,6 @@ positive of i is i itself).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,22 +204,6 @@ def apply_row_updates(
     return bank.at[target].set(work[slot], mode="drop")
 
 
-def computed_after(x: Any, deps: Any) -> Any:
-    """x unchanged (bit for bit), but with a data dependency on every leaf of deps.
-
-    `lax.optimization_barrier` does not survive XLA's CPU pipeline, and a write
-    that does not depend on a read of the same donated buffer forces a copy of
-    that buffer. One element of every leaf, times 0.0, added to x: XLA keeps
-    `0.0 * s` (it is NaN for s = inf), and s is made finite first.
-    """
-    tails = [jnp.ravel(leaf)[-1:] for leaf in jax.tree.leaves(deps) if jnp.size(leaf)]
-    if not tails:
-        return x
-    s = sum(jnp.sum(t.astype(jnp.float32)) for t in tails)
-    zero = 0.0 * jnp.where(jnp.isfinite(s), s, 0.0)
-    return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
-
-
 def update_feature_banks(
     banks: SCLBanks,
     indices: jax.Array,
@@ -313,8 +296,6 @@ def update_banks(
     warmup: bool | jax.Array = False,
     mode: str = "vectorized",
     order: str = "global_then_local",
-    after: Any = None,
-    enabled: bool | jax.Array = True,
 ) -> SCLBanks:
     """All bank updates after a step: G, L, then M with the step's positives.
 
@@ -327,23 +308,16 @@ def update_banks(
       warmup: during warm-up the only positive is the sample itself (the
         other columns are random negatives); a Python or traced bool.
       mode, order: see `update_mixture_bank`.
-      after: any pytree that must be computed before the banks are overwritten,
-        e.g. the gradients of the step (the loss reads M in its backward pass).
-        With `candidates` (which selection computes from all of G and L) it
-        becomes a data dependency of the bank writes, so with donated banks
-        XLA writes the few touched rows in place after every read of the step
-        instead of copying the three (N, D) banks first (~100 ms per step on a
-        2-core CPU at N = 12,936, more than everything else).
-      enabled: False (may be traced, e.g. `isfinite(loss)`) skips every write
-        and returns the banks unchanged. Cheaper than `jnp.where(ok, new, old)`
-        over the banks, which reads and writes all of them and keeps both
-        versions alive.
+
+    A negative index skips every write of its sample (the train step passes
+    -1 for all when the loss is not finite). The step also makes the writes
+    wait for the gradients (the loss reads M in its backward pass), so that
+    XLA updates the donated banks in place (jaxreid.step.computed_after).
     """
-    g, l = computed_after((g, l), (candidates, after))  # noqa: E741
-    indices = jnp.where(enabled, jnp.asarray(indices, jnp.int32), -1)
+    indices = jnp.asarray(indices, jnp.int32)
     positives = jnp.asarray(candidates[:, : k + 1], jnp.int32)
     not_self = jnp.arange(k + 1)[None, :] > 0
-    skip = jnp.logical_or(jnp.logical_and(warmup, not_self), jnp.logical_not(enabled))
+    skip = jnp.logical_or(jnp.logical_and(warmup, not_self), (indices < 0)[:, None])
     positives = jnp.where(skip, -1, positives)
     banks = update_feature_banks(banks, indices, g, l, mode)
     b = g.shape[0]

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
+
+from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, no_update, register
 
 
 class SupervisedMemory(struct.PyTreeNode):
@@ -55,3 +58,37 @@ def batch_hard_triplet(features: jax.Array, labels: jax.Array, margin: float) ->
     use = jnp.any(positive, 1) & jnp.any(negative, 1)
     gap = jnp.where(use, hardest_pos - hardest_neg + margin, 0.0)
     return jnp.sum(jnp.maximum(gap, 0.0)) / jnp.maximum(jnp.sum(use), 1)
+
+
+@register("supervised")
+def supervised_method(config: ml_collections.ConfigDict) -> Method:
+    """Supervised upper bound: smoothed identity CE on the classifier + batch-hard
+    triplet on the pre-BN feature, P x K over the true identities."""
+    m = config.method
+
+    def init_memory(train: TrainSet) -> SupervisedMemory:
+        return SupervisedMemory(
+            labels=relabel(train.identities), cameras=np.asarray(train.cameras, np.int32)
+        )
+
+    def start_epoch(epoch: int, train: TrainSet, memory: SupervisedMemory, resumed: bool):
+        # One (N,) leaf leaves the device, not the whole memory.
+        return EpochPlan(sampler_labels=np.asarray(memory.labels))
+
+    def loss(outputs, memory: SupervisedMemory, batch: Batch, rng, phase):
+        if "logits" not in outputs:
+            raise ValueError(
+                "method 'supervised' needs a classifier: model.head = 'bnneck' or 'fc'"
+            )
+        labels = memory.labels[batch.indices]
+        ce = smoothed_cross_entropy(outputs["logits"], labels, m.label_smoothing)
+        triplet = batch_hard_triplet(outputs["pre_bn"], labels, m.triplet_margin)
+        return ce + m.triplet_weight * triplet, None, {"loss_id": ce, "loss_triplet": triplet}
+
+    def configure(config: ml_collections.ConfigDict, identities: np.ndarray):
+        # The classifier gets one output per training identity (a copy).
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.num_classes = len(np.unique(identities))
+        return config
+
+    return Method("supervised", init_memory, start_epoch, loss, no_update, configure=configure)

@@ -1,6 +1,6 @@
 """Cluster memory of the clustering family (cluster-family.md): pure pieces.
 
-After clustering (jaxreid.clustering) every training image has a pseudo-label
+After clustering (jaxreid.pseudo_labels.clustering) every training image has a pseudo-label
 (-1 = outlier). The memory holds one L2-normalised prototype per cluster; a
 step contrasts each sample against all prototypes (ClusterNCE) and then moves
 the prototypes of its clusters towards the batch features with momentum.

@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxreid.memory import SCLBanks
+from jaxreid.methods.scl.banks import SCLBanks
 
 # block_size=None: one pass over the whole bank while the largest intermediate,
 # the (P, R, B) per-stripe dot products, has at most this many entries (64 MiB

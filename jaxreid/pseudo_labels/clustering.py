@@ -7,7 +7,7 @@ points; a border point (not core, within eps of a core point) joins the cluster 
 label among the cores that reach it, which is the first cluster scikit-learn's scan in index
 order reaches it with; clusters are numbered 0..C-1 in the order of their lowest core index
 (scikit-learn's order); outliers are -1. It works on the sparse Jaccard matrix of
-`jaxreid.kreciprocal.jaccard_distance`, where pairs not stored have distance 1.
+`jaxreid.pseudo_labels.kreciprocal.jaccard_distance`, where pairs not stored have distance 1.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from jaxreid import kreciprocal
+from jaxreid.pseudo_labels import kreciprocal
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,168 @@
+"""The evaluation protocol of a trained model: extract query and gallery in
+eval mode, rank with the global cosine distance (and SCL's distance for models
+with stripes), Market-1501 mAP / CMC, the printed table and pictures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxreid import evaluate, models
+
+
+def eval_apply_fn(graphdef) -> Callable:
+    """(variables, float images) -> outputs in eval mode, for extraction."""
+
+    def apply(variables, images):
+        outputs, _ = models.apply_model(
+            graphdef, variables["params"], variables["batch_stats"], images, train=False
+        )
+        return outputs
+
+    return apply
+
+
+def extract(graphdef, params, batch_stats, images, batch_size: int, flip: bool = False):
+    """Eval-mode outputs of `images` (host uint8, or the device-resident
+    training images) as host arrays."""
+    return evaluate.extract_features(
+        eval_apply_fn(graphdef),
+        images,
+        batch_size,
+        flip=flip,
+        params={"params": params, "batch_stats": batch_stats},
+    )
+
+
+def output_shapes(graphdef, params, batch_stats, height: int, width: int) -> dict[str, tuple]:
+    """Per-sample shapes of the model's eval outputs (traced, nothing computed)."""
+    image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    out = jax.eval_shape(
+        eval_apply_fn(graphdef), {"params": params, "batch_stats": batch_stats}, image
+    )
+    return {k: v.shape[1:] for k, v in out.items()}
+
+
+def query_gallery_features(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, data
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Model outputs of the query and gallery images (eval mode, config.eval.flip)."""
+    return tuple(
+        extract(
+            graphdef, params, batch_stats, split.images, config.eval.batch_size, config.eval.flip
+        )
+        for split in (data.query, data.gallery)
+    )
+
+
+def evaluate_model(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, data
+) -> dict[str, Any]:
+    """Extracts query / gallery features and evaluates them (`evaluate_features`)."""
+    q, g = query_gallery_features(config, graphdef, params, batch_stats, data)
+    return evaluate_features(config, q, g, data)
+
+
+def evaluate_features(
+    config: ml_collections.ConfigDict,
+    q: dict[str, np.ndarray],
+    g: dict[str, np.ndarray],
+    data,
+) -> dict[str, Any]:
+    """Plain protocol (global cosine) and, for models with stripes, the SCL
+    distance; returns {"plain": metrics, "scl": metrics} (no arrays)."""
+    labels = (data.query.pids, data.gallery.pids, data.query.cameras, data.gallery.cameras)
+    results = {}
+    if config.eval.rerank:
+        from jaxreid.pseudo_labels.kreciprocal import k_reciprocal_rerank
+
+        distance = k_reciprocal_rerank(q["global"], g["global"])
+    else:
+        distance = evaluate.cosine_distance(q["global"], g["global"])
+    results["plain"] = evaluate.evaluate_ranking(distance, *labels)
+    if "stripes" in q:
+        distance = evaluate.scl_distance(
+            q["global"],
+            g["global"],
+            q["stripes"],
+            g["stripes"],
+            data.query.cameras,
+            data.gallery.cameras,
+            lam_g=config.method.lam_g,
+            lam_c=config.method.lam_c,
+        )
+        results["scl"] = evaluate.evaluate_ranking(distance, *labels)
+    for metrics in results.values():
+        metrics.pop("cmc", None)
+    return {name: {k: float(v) for k, v in m.items()} for name, m in results.items()}
+
+
+def format_metrics(title: str, results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{title}:", f"  {'distance':<8} {'mAP':>6} {'rank1':>6} {'rank5':>6} {'rank10':>6}"]
+    for name, m in results.items():
+        lines.append(
+            f"  {name:<8} {100 * m['mAP']:6.1f} {100 * m['rank1']:6.1f} "
+            f"{100 * m['rank5']:6.1f} {100 * m['rank10']:6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_plots(config, q, g, data, workdir: str, log) -> None:
+    """Ranked-list grid and CMC curve from the features just evaluated."""
+    from jaxreid.evaluate import plots
+
+    distance = evaluate.cosine_distance(q["global"], g["global"])
+    rng = np.random.default_rng(config.seed)
+    count = min(config.eval.num_plot_queries, len(data.query.records))
+    chosen = np.sort(rng.choice(len(data.query.records), count, replace=False))
+    grid = os.path.join(workdir, "ranked_lists.png")
+    plots.ranked_list_grid(
+        distance,
+        data.query.paths,
+        data.gallery.paths,
+        data.query.pids,
+        data.gallery.pids,
+        data.query.cameras,
+        data.gallery.cameras,
+        chosen,
+        grid,
+    )
+    metrics = evaluate.evaluate_ranking(
+        distance,
+        data.query.pids,
+        data.gallery.pids,
+        data.query.cameras,
+        data.gallery.cameras,
+        max_rank=50,
+    )
+    curve = os.path.join(workdir, "cmc.png")
+    plots.cmc_curve_plot({"global cosine": metrics["cmc"]}, curve)
+    log(f"wrote {grid} and {curve}")
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str, data, log) -> dict:
+    """--mode=eval: a checkpoint (or the initial model) on query/gallery."""
+    from jaxreid.checkpoints import load_model_for_eval
+    from jaxreid.methods import configured
+    from jaxreid.utils import UserError
+
+    config = configured(config, data.train.pids)
+    path = config.eval.checkpoint or os.path.join(workdir, "checkpoints", "latest")
+    if config.eval.checkpoint and not os.path.isdir(path):
+        raise UserError(
+            f"checkpoint folder {path!r} does not exist; check --config.eval.checkpoint"
+        )
+    graphdef, params, batch_stats, source = load_model_for_eval(config, path)
+    log(f"evaluating the {source}")
+    q, g = query_gallery_features(config, graphdef, params, batch_stats, data)
+    results = evaluate_features(config, q, g, data)
+    log(format_metrics("evaluation", results))
+    if config.eval.plots:
+        write_plots(config, q, g, data, workdir, log)
+    return {"eval": results, "source": source}

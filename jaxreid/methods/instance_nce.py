@@ -1,0 +1,49 @@
+"""Instance discrimination (the worked example of docs/new_method.md): every
+training image is its own class, contrasted with InfoNCE against a momentum
+memory of all images' features.
+
+    loss_i = -log softmax_i(f_i . M^T / temperature)       (f_i unit-norm)
+    M[i]  <- normalize(m M[i] + (1 - m) f_i)               after the step
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+
+from jaxreid.methods import Batch, Method, TrainSet, keep_memory, register
+from jaxreid.methods.centroids import update_centroids
+from jaxreid.models.layers import l2_normalize
+
+
+class InstanceMemory(struct.PyTreeNode):
+    features: jax.Array  # (N, D) unit rows, one per training image
+
+
+@register("instance_nce")
+def instance_nce_method(config: ml_collections.ConfigDict) -> Method:
+    m = config.method
+
+    def init_memory(train: TrainSet) -> InstanceMemory:
+        features = train.extract()["global"]
+        return InstanceMemory(features=l2_normalize(jnp.asarray(features, jnp.float32)))
+
+    def loss(outputs, memory: InstanceMemory, batch: Batch, rng, phase):
+        f = l2_normalize(outputs["global"].astype(jnp.float32))
+        logits = f @ memory.features.T / m.temperature
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        value = -jnp.mean(jnp.take_along_axis(log_p, batch.indices[:, None], axis=1))
+        return value, None, {}
+
+    def update(memory: InstanceMemory, outputs, batch: Batch, aux, phase):
+        # Negative indices (a non-finite step) write nothing; repeats are averaged.
+        features = update_centroids(
+            memory.features, outputs["global"], batch.indices, m.instance_momentum, "mean"
+        )
+        return memory.replace(features=features)
+
+    return Method(
+        "instance_nce", init_memory, keep_memory, loss, update, feature_keys=("global",)
+    )

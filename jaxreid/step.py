@@ -1,0 +1,262 @@
+"""The training state and the compiled train step.
+
+One `jax.jit` function per step (donated state): uint8 batch -> augment ->
+model -> method loss -> gradients -> optax -> method memory update. Data
+parallel over every device of a `Mesh(("data",))`: the epoch's batch indices
+are sharded along the batch, params, optimizer state and memory replicated.
+The batch is cut into fixed batch-norm groups of `model.bn_group_size`
+samples, each device computes whole groups, and every sum over groups runs in
+a fixed order (jaxreid.parallel): the same config gives the same bits on 1 or
+8 devices, or on several processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxreid import augment, models, parallel
+from jaxreid.methods import Batch, Method
+from jaxreid.utils import UserError
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    memory: Any
+    rng: jax.Array  # raw uint32 key (checkpointable as a plain array)
+    # First step whose loss was NaN/inf (-1: none). Such a step leaves the
+    # state unchanged, so nothing corrupt is ever saved.
+    nonfinite_step: jax.Array
+
+
+class TrainArrays(struct.PyTreeNode):
+    """The training set on the devices, uploaded once (replicated)."""
+
+    images: jax.Array  # (N, H, W, 3) uint8
+    cameras: jax.Array  # (N,) int32
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, trainable: Any = None):
+    """SGD (Nesterov) or Adam with coupled weight decay (added to the gradient,
+    as torch's `weight_decay`, biases included) and a per-step schedule.
+    `trainable`: a bool pytree over the params (models.trainable_mask); False
+    leaves (frozen stages) are never updated, weight decay included."""
+    o = config.optimizer
+    if o.schedule == "constant":
+        lr = o.lr
+    elif o.schedule == "step":
+        lr = optax.exponential_decay(
+            o.lr, o.step_epochs * steps_per_epoch, o.step_factor, staircase=True
+        )
+    elif o.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(o.lr, config.train.epochs * steps_per_epoch)
+    else:
+        raise ValueError(f"unknown schedule {o.schedule!r}: constant | step | cosine")
+    if o.name == "sgd":
+        base = optax.sgd(lr, momentum=o.momentum, nesterov=o.nesterov)
+    elif o.name == "adam":
+        base = optax.adam(lr)
+    else:
+        raise ValueError(f"unknown optimizer {o.name!r}: sgd | adam")
+    tx = optax.chain(optax.add_decayed_weights(o.weight_decay), base)
+    if trainable is None or all(jax.tree_util.tree_leaves(trainable)):
+        return tx
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def batch_groups(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """(group size, number of groups) of the training batch: the batch-norm
+    groups, which are also the units the devices share out. Raises UserError
+    when the batch cannot be split into whole groups per device."""
+    batch = config.train.batch_size
+    group = config.model.bn_group_size or batch
+    if batch % group:
+        raise UserError(
+            f"train.batch_size {batch} is not a multiple of model.bn_group_size {group}"
+        )
+    groups = batch // group
+    if groups % num_devices:
+        raise UserError(
+            f"train.batch_size {batch} in batch-norm groups of {group} makes {groups} "
+            f"group(s), which {num_devices} devices cannot share evenly: every device "
+            f"trains whole groups so that the result does not depend on the device count. "
+            f"Set model.bn_group_size (or train.batch_size) so that batch_size / "
+            f"bn_group_size is a multiple of {num_devices}, or run on fewer devices "
+            f"(CUDA_VISIBLE_DEVICES)"
+        )
+    return group, groups
+
+
+def computed_after(x: Any, deps: Any) -> Any:
+    """x unchanged (bit for bit), but with a data dependency on every leaf of deps.
+
+    The memory writes must wait for every read of the memory in the step (the
+    backward pass reads it): with that dependency XLA updates the donated
+    memory in place instead of copying it first (~100 ms per step on a 2-core
+    CPU for SCL's banks at N = 12,936). `lax.optimization_barrier` does not
+    survive XLA's CPU pipeline. One element of every leaf, times 0.0, added
+    to x: XLA keeps `0.0 * s` (it is NaN for s = inf), and s is made finite
+    first.
+    """
+    tails = [jnp.ravel(leaf)[-1:] for leaf in jax.tree.leaves(deps) if jnp.size(leaf)]
+    if not tails:
+        return x
+    s = sum(jnp.sum(t.astype(jnp.float32)) for t in tails)
+    zero = 0.0 * jnp.where(jnp.isfinite(s), s, 0.0)
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef,
+    tx,
+    method: Method,
+    mesh: Mesh,
+    phase: Hashable,
+) -> Callable:
+    """The compiled step: (state, train arrays, epoch batches, i) -> (state, metrics),
+    training on batch `i` of the epoch's (steps, B) index array (on the devices
+    once per epoch).
+
+    The batch is cut into G groups of `model.bn_group_size` samples; each
+    device runs its G / n groups one after the other, each group its own
+    augmentation (key folded with the group number), forward, method loss and
+    gradient, with the same shapes whatever n. Loss, gradient and batch-norm
+    statistics are the mean over groups reduced in a fixed order
+    (jaxreid.parallel), so 1, 2, 4 or 8 devices give the same bits. The
+    optimizer and the memory update then run replicated on the whole batch.
+    Running the groups in sequence also bounds activation memory by one group.
+    """
+    options = augment.AugmentOptions.from_config(config.augment)
+    replicated = NamedSharding(mesh, P())
+    num_devices = mesh.size
+    group, num_groups = batch_groups(config, num_devices)
+    local_groups = num_groups // num_devices
+    feature_keys = method.feature_keys
+
+    def group_step(params, batch_stats, memory, key_data, arrays, batches, i):
+        # Inside shard_map: `batches` holds this device's local_groups groups
+        # of every batch of the epoch.
+        key = jax.random.wrap_key_data(key_data)
+        k_aug, k_method = jax.random.split(key)
+        first = jax.lax.axis_index(parallel.AXIS) * local_groups
+        indices = batches[i]
+
+        def one_group(number, idx):
+            images = augment.augment_batch(
+                jax.random.fold_in(k_aug, number), arrays.images[idx], options
+            )
+            batch = Batch(indices=idx, cameras=arrays.cameras[idx])
+
+            def loss_fn(p):
+                outputs, new_stats = models.apply_model(
+                    graphdef, p, batch_stats, images, train=True
+                )
+                value, aux, metrics = method.loss(
+                    outputs, memory, batch, jax.random.fold_in(k_method, number), phase
+                )
+                return value, (new_stats, outputs, aux, metrics)
+
+            (value, (new_stats, outputs, aux, metrics)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True
+            )(params)
+            kept = {k: jax.lax.stop_gradient(outputs[k]) for k in feature_keys}
+            return grads, new_stats, kept, aux, {"loss": value, **metrics}
+
+        groups = indices.reshape(local_groups, group)
+
+        def body(g, stacked):
+            result = one_group(first + g, groups[g])
+            return jax.tree.map(lambda buf, x: buf.at[g].set(x), stacked, result)
+
+        shapes = jax.eval_shape(one_group, first, groups[0])
+        stacked = jax.tree.map(lambda s: jnp.zeros((local_groups, *s.shape), s.dtype), shapes)
+        # A loop whose trip count XLA cannot see: with a known count of 1 it
+        # inlines the body and fuses it differently, which changed the
+        # batch-norm statistics in the last bit (8 groups on 8 devices vs 1).
+        trips = jax.lax.optimization_barrier(jnp.int32(local_groups))
+        grads, stats, outputs, aux, metrics = jax.lax.fori_loop(0, trips, body, stacked)
+        # (G, group, ...) -> (B, ...): the whole batch, in batch order.
+        whole = parallel.gather_groups((outputs, aux, groups))
+        whole = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), whole)
+        return (
+            parallel.mean_gradients(grads, num_devices),
+            parallel.mean_over_groups(stats),
+            parallel.mean_over_groups(metrics),
+            whole,
+        )
+
+    sharded_step = jax.shard_map(
+        group_step,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(), P(None, parallel.AXIS), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+
+    def step_fn(state: TrainState, arrays: TrainArrays, batches: jax.Array, i: jax.Array):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, new_stats, metrics, (outputs, aux, indices) = sharded_step(
+            state.params,
+            state.batch_stats,
+            state.memory,
+            jax.random.key_data(key),
+            arrays,
+            batches,
+            i,
+        )
+        loss = metrics["loss"]
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss keeps the old state and records the step.
+        finite = jnp.isfinite(loss)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        # The writes wait for the gradients (and aux, e.g. SCL's candidates,
+        # which read the whole memory); a non-finite step writes nothing.
+        outputs = computed_after(outputs, (aux, grads))
+        batch = Batch(indices=jnp.where(finite, indices, -1), cameras=arrays.cameras[indices])
+        new_memory = method.update(state.memory, outputs, batch, aux, phase)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            batch_stats=keep(new_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+            memory=new_memory,
+            nonfinite_step=jnp.where(
+                (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+            ),
+        )
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        out_shardings=(replicated, replicated),
+    )
+
+
+def put_epoch_batches(batches: np.ndarray, mesh: Mesh) -> jax.Array:
+    """(steps, B) global batch indices -> one array sharded along B; each
+    process feeds its slice of every batch."""
+    sharding = NamedSharding(mesh, P(None, parallel.AXIS))
+    per_process = batches.shape[1] // jax.process_count()
+    start = jax.process_index() * per_process
+    local = np.ascontiguousarray(batches[:, start : start + per_process])
+    return jax.make_array_from_process_local_data(sharding, local, batches.shape)
