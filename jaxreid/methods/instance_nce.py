@@ -44,6 +44,4 @@ def instance_nce_method(config: ml_collections.ConfigDict) -> Method:
         )
         return memory.replace(features=features)
 
-    return Method(
-        "instance_nce", init_memory, keep_memory, loss, update, feature_keys=("global",)
-    )
+    return Method("instance_nce", init_memory, keep_memory, loss, update, feature_keys=("global",))
