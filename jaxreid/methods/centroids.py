@@ -1,9 +1,6 @@
-"""Cluster memory of the clustering family (cluster-family.md): pure pieces.
-
-After clustering (jaxreid.pseudo_labels.clustering) every training image has a pseudo-label
-(-1 = outlier). The memory holds one L2-normalised prototype per cluster; a
-step contrasts each sample against all prototypes (ClusterNCE) and then moves
-the prototypes of its clusters towards the batch features with momentum.
+"""Momentum updates of memory rows (prototypes of the clustering family,
+cluster-family.md; instance banks): after the loss, each row is moved towards
+the batch features assigned to it.
 
 Update rules (after the loss, features as constants):
 
@@ -24,50 +21,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxreid.evaluate.distances import l2_normalize as l2_normalize_host
 from jaxreid.models.layers import l2_normalize as _normalize
 
 UPDATE_MODES = ("sequential", "mean", "hard")
-
-
-def init_centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(C, D) float32: the normalised mean of the (normalised) features of every
-    cluster 0..C-1; outliers (label < 0) are ignored. Host-side, between epochs."""
-    features = l2_normalize_host(np.asarray(features, np.float32))
-    labels = np.asarray(labels)
-    num_clusters = int(labels.max(initial=-1)) + 1
-    if num_clusters == 0:
-        raise ValueError("no clusters: every sample is an outlier")
-    keep = labels >= 0
-    sums = np.zeros((num_clusters, features.shape[1]), np.float64)
-    np.add.at(sums, labels[keep], features[keep])
-    counts = np.bincount(labels[keep], minlength=num_clusters)
-    if np.any(counts == 0):
-        raise ValueError(
-            f"cluster ids must be 0..C-1 without gaps; empty: {np.flatnonzero(counts == 0)[:5]}"
-        )
-    return l2_normalize_host(sums / counts[:, None]).astype(np.float32)
-
-
-def cluster_nce_loss(
-    features: jax.Array, centroids: jax.Array, labels: jax.Array, temperature: float = 0.05
-) -> jax.Array:
-    """Mean over non-outlier samples of CE(f . C^T / temperature, y).
-
-    `features` (B, D) are L2-normalised here; `centroids` (C, D) are a constant
-    (no gradient reaches the memory).
-    """
-    f = _normalize(features.astype(jnp.float32))
-    logits = f @ jax.lax.stop_gradient(centroids).T / temperature
-    valid = labels >= 0
-    target = jnp.where(valid, labels, 0)
-    ce = (
-        jax.nn.logsumexp(logits, axis=-1)
-        - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-    )
-    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def update_centroids(

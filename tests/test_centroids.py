@@ -8,22 +8,20 @@ import numpy as np
 import pytest
 
 from jaxreid.methods import centroids as cluster_memory
+from jaxreid.methods import cluster
 
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_init_centroids_are_normalised_cluster_means():
+def test_prototypes_are_normalised_cluster_means():
     features = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 5.0], [1.0, 1.0]])
     labels = np.array([0, 1, 1, -1])
-    c = cluster_memory.init_centroids(features, labels)
+    memory = cluster.build_memory("cluster_contrast", features, np.zeros(4), labels)
     # Cluster 0: (1, 0); cluster 1: mean of (0, 1) and (0, 1) = (0, 1); outlier ignored.
-    np.testing.assert_allclose(c, [[1.0, 0.0], [0.0, 1.0]], atol=1e-7)
-    with pytest.raises(ValueError, match="every sample is an outlier"):
-        cluster_memory.init_centroids(features, np.full(4, -1))
-    with pytest.raises(ValueError, match="without gaps"):
-        cluster_memory.init_centroids(features, np.array([0, 2, 2, -1]))
+    np.testing.assert_allclose(memory.prototypes[:2], [[1.0, 0.0], [0.0, 1.0]], atol=1e-7)
+    np.testing.assert_array_equal(memory.valid, [True, True, False, False])
 
 
 def _numpy_loss(f, c, y, tau):
@@ -42,11 +40,12 @@ def test_cluster_nce_value_and_gradient_match_numpy():
     f = rng.normal(size=(6, 5)).astype(np.float32)
     c = _unit(rng.normal(size=(4, 5))).astype(np.float32)
     y = np.array([0, 3, -1, 1, 1, 2])
-    value = cluster_memory.cluster_nce_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(y), 0.5)
+    def loss(f, c):
+        return cluster.masked_nce(f, c, jnp.ones(len(c), bool), jnp.asarray(y), 0.5)
+
+    value = loss(jnp.asarray(f), jnp.asarray(c))
     np.testing.assert_allclose(value, _numpy_loss(f, c, y, 0.5), rtol=1e-5)
-    grad_f, grad_c = jax.grad(cluster_memory.cluster_nce_loss, argnums=(0, 1))(
-        jnp.asarray(f), jnp.asarray(c), jnp.asarray(y), 0.5
-    )
+    grad_f, grad_c = jax.grad(loss, argnums=(0, 1))(jnp.asarray(f), jnp.asarray(c))
     assert np.all(np.asarray(grad_c) == 0)  # the memory is a constant
     assert np.all(np.asarray(grad_f)[2] == 0)  # the outlier contributes nothing
     eps = 1e-3
