@@ -1,9 +1,15 @@
-"""Small shared helpers: machine description for benchmarks, logging set-up."""
+"""Small shared helpers: the user-error type, L2 normalisation, the machine
+description of benchmarks and logs."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
+
+import numpy as np
+
+NORM_EPS = 1e-12  # zero vectors stay zero
 
 
 class UserError(Exception):
@@ -37,3 +43,22 @@ def machine_description() -> str:
         f"{len(devices)} x {'/'.join(kinds)} ({jax.default_backend()}); "
         f"Python {platform.python_version()}"
     )
+
+
+def l2_normalize(x, axis: int = -1, eps: float = NORM_EPS):
+    """x / max(||x||, eps) along `axis` (torch.nn.functional.normalize).
+
+    A jax array (or tracer) gives a jax array, computed as a multiply by rsqrt:
+    XLA rewrites a division by a broadcast into a multiply by its reciprocal
+    in some programs and not in others, which made the same step differ in
+    the last bit between 1 and 2 devices. Anything else gives a numpy array
+    of at least float32 (no jax import: the evaluation CLI runs without it).
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        squared = jax.numpy.sum(jax.numpy.square(x), axis=axis, keepdims=True)
+        return x * jax.lax.rsqrt(jax.numpy.maximum(squared, eps * eps))
+    x = np.asarray(x)
+    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps)

@@ -40,6 +40,7 @@ def test_cluster_nce_value_and_gradient_match_numpy():
     f = rng.normal(size=(6, 5)).astype(np.float32)
     c = _unit(rng.normal(size=(4, 5))).astype(np.float32)
     y = np.array([0, 3, -1, 1, 1, 2])
+
     def loss(f, c):
         return cluster.masked_nce(f, c, jnp.ones(len(c), bool), jnp.asarray(y), 0.5)
 

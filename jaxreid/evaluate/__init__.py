@@ -11,10 +11,10 @@ from jaxreid.evaluate.distances import (
     DEFAULT_MAX_BLOCK_BYTES,
     cosine_distance,
     euclidean_distance,
-    l2_normalize,
     scl_distance,
 )
 from jaxreid.evaluate.metrics import evaluate_ranking, ranked_gallery
+from jaxreid.utils import l2_normalize
 
 if TYPE_CHECKING:
     from jaxreid.evaluate.features import extract_features

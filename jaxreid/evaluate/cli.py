@@ -28,10 +28,10 @@ from jaxreid.evaluate.distances import (
     DEFAULT_MAX_BLOCK_BYTES,
     cosine_distance,
     euclidean_distance,
-    l2_normalize,
     scl_distance,
 )
 from jaxreid.evaluate.metrics import evaluate_ranking
+from jaxreid.utils import l2_normalize
 
 REQUIRED_KEYS = (
     "query_features",

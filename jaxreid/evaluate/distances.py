@@ -15,17 +15,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from jaxreid.utils import l2_normalize
+
 DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20
-
-_NORM_EPS = 1e-12
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """x / ||x|| along `axis` (zero vectors stay zero); float32 or float64."""
-    x = np.asarray(x)
-    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, _NORM_EPS)
 
 
 def _compute_dtype(*arrays: np.ndarray) -> np.dtype:

@@ -22,16 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxreid.parallel import make_mesh
+from jaxreid.utils import l2_normalize
 
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
-
-# Guards the re-normalisation of flip-averaged features against zero vectors.
-_NORM_EPS = 1e-12
-
-
-def _l2_normalize_last(x: jax.Array) -> jax.Array:
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, _NORM_EPS)
 
 
 def _call(apply_fn: ApplyFn, params: Any, images: jax.Array) -> dict[str, jax.Array]:
@@ -55,7 +48,7 @@ def _forward(
         mean = (value + mirrored[key]) / 2
         # (B, D) and (B, P, D/P) alike: normalise along the feature axis, which
         # for stripes means every stripe on its own.
-        averaged[key] = _l2_normalize_last(mean) if mean.ndim >= 2 else mean
+        averaged[key] = l2_normalize(mean) if mean.ndim >= 2 else mean
     return averaged
 
 

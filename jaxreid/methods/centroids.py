@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxreid.models.layers import l2_normalize as _normalize
+from jaxreid.utils import l2_normalize as _normalize
 
 UPDATE_MODES = ("sequential", "mean", "hard")
 

@@ -45,11 +45,9 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxreid.evaluate.distances import l2_normalize as l2_normalize_host
 from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
 from jaxreid.methods.centroids import update_centroids
-from jaxreid.models.layers import l2_normalize
-from jaxreid.utils import UserError
+from jaxreid.utils import UserError, l2_normalize
 
 _NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
 
@@ -81,7 +79,7 @@ def _segment_mean_rows(features: np.ndarray, segment: np.ndarray, num: int) -> n
     sums = np.zeros((num, features.shape[1]), np.float64)
     np.add.at(sums, segment, features)
     counts = np.bincount(segment, minlength=num)
-    return l2_normalize_host(sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    return l2_normalize(sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def cluster_rows(labels: np.ndarray, cameras: np.ndarray):
@@ -122,7 +120,7 @@ def build_memory(
     placeholder of the right shapes before the first clustering.
     """
     record = _kind(kind)
-    f = l2_normalize_host(np.asarray(features, np.float32))
+    f = l2_normalize(np.asarray(features, np.float32))
     n, d = f.shape
     cameras = np.asarray(cameras, np.int32)
     labels = np.asarray(labels, np.int64)

@@ -15,7 +15,7 @@ from flax import struct
 
 from jaxreid.methods import Batch, Method, TrainSet, keep_memory, register
 from jaxreid.methods.centroids import update_centroids
-from jaxreid.models.layers import l2_normalize
+from jaxreid.utils import l2_normalize
 
 
 class InstanceMemory(struct.PyTreeNode):

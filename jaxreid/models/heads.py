@@ -27,10 +27,10 @@ from jaxreid.models.layers import (
     he_normal_fan_out,
     host_zeros,
     kaiming_fan_out,
-    l2_normalize,
     make_pool,
     stripe_pool,
 )
+from jaxreid.utils import l2_normalize
 
 # He-normal fan-out for the stacked (P, C, D/P) stripe kernel: fan_out = D/P.
 _stripe_kernel_init = he_normal_fan_out(batch_axis=(0,))

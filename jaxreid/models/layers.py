@@ -235,17 +235,6 @@ def stripe_pool(feature_map: jax.Array, num_stripes: int) -> jax.Array:
     return jnp.einsum("ph,bhc->bpc", weights, rows, precision=jax.lax.Precision.HIGHEST)
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along `axis` (torch.nn.functional.normalize).
-
-    Written as a multiply by rsqrt: XLA rewrites a division by a broadcast
-    into a multiply by its reciprocal in some programs and not in others,
-    which made the same step differ in the last bit between 1 and 2 devices.
-    """
-    squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
-
-
 # ----------------------------------------------------------------- convolutions
 # XLA's CPU backend is slow on two convolution kinds this project uses a lot
 # (measured on the 2-core dev machine, batch 8): the backward of 1x1 convolutions

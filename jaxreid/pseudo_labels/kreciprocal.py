@@ -41,6 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from jaxreid.pseudo_labels import neighbors
+from jaxreid.utils import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,15 @@ logger = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1_000_000
 
 
-def l2_normalize(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (float32); zero rows stay zero.
-
-    Features that already are unit-norm (within 1e-5) come back as they are, without a copy.
-    """
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """Rows at unit norm (float32). Features that already are unit-norm (within
+    1e-5, norms in float64) come back as they are, without a copy or a change
+    in the last bit."""
     features = np.asarray(features, dtype=np.float32)
     norms = np.sqrt(np.einsum("nd,nd->n", features, features, dtype=np.float64))
     if np.all(np.abs(norms - 1.0) <= 1e-5):
         return features
-    return (features / np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
+    return l2_normalize(features)
 
 
 def half_k(k1: int) -> int:
@@ -226,7 +226,7 @@ def jaccard_distance(
       d_J < 1 (and <= max_distance), the diagonal included with an explicit 0; every pair not
       stored has distance 1. Never call `eliminate_zeros` on it; use `densify` for small N.
     """
-    features = l2_normalize(features)
+    features = unit_rows(features)
     n = len(features)
     if n == 0:
         return sp.csr_matrix((0, 0), dtype=np.float32)
@@ -297,8 +297,8 @@ def k_reciprocal_rerank(
     (i included); final = (1 - lambda) * Jaccard + lambda * original. Memory: the (Q, G) output
     plus O((Q + G) k1); the kNN and the row maxima are blocked searches.
     """
-    query = l2_normalize(query_features)
-    gallery = l2_normalize(gallery_features)
+    query = unit_rows(query_features)
+    gallery = unit_rows(gallery_features)
     num_query, num_gallery = len(query), len(gallery)
     if num_query == 0 or num_gallery == 0:
         return np.zeros((num_query, num_gallery), np.float32)
