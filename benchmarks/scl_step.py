@@ -1,4 +1,5 @@
-"""SCL step cost without the model: selection + loss (fwd + bwd) + bank updates.
+"""SCL step cost without the model: selection + loss (fwd + bwd) + bank updates,
+through the method the training loop calls (jaxreid.methods.scl).
 
 Compares with the released PyTorch code on a 2-core CPU (scl-method.md): 0.42 s
 per step at batch 8 (selection 0.12 s + contrastive loss fwd + bwd 0.30 s),
@@ -9,9 +10,12 @@ N = 12,936 bank rows, D = 2048, P = 8, k = 7, n = 500. Target: >= 5x faster.
 
 Every function is compiled once (plain jax.jit) and timed after two warm-up
 calls with `block_until_ready`; the table gives the median and [min-max] of
-`--repeats` calls. "step" is one compiled function doing all three parts, with
-the banks donated (updated in place), as the train step does. `--scaling`
-times selection alone at larger N (rows x D, P = 8) where memory allows.
+`--repeats` calls. "loss fwd" is the method's loss (selection included),
+"fwd+bwd" with its gradient, "updates" the method's bank update, "step" one
+compiled function doing all of it with the banks donated (updated in place)
+and the writes ordered after the gradients, as the train step does.
+`--scaling` times selection alone at larger N (rows x D, P = 8) where memory
+allows.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxreid.config_base import base_config
+from jaxreid.methods import Batch, get_method
 from jaxreid.methods.scl import banks as memory
-from jaxreid.methods.scl import loss as losses
 from jaxreid.methods.scl import selection
+from jaxreid.step import computed_after
 from jaxreid.utils import machine_description
 
 RELEASE_SECONDS = {"selection": 0.12, "loss": 0.30, "total": 0.42}  # batch 8, same CPU
@@ -76,48 +82,54 @@ def fmt(times: list[float]) -> str:
     return f"{1e3 * statistics.median(times):.1f} [{1e3 * min(times):.1f}-{1e3 * max(times):.1f}]"
 
 
+def scl_config(args):
+    config = base_config()
+    m = config.method
+    m.k, m.n, m.approx_topk, m.mixture_update = args.k, args.n, args.approx, args.mode
+    if args.block_size:
+        m.selection_block = args.block_size
+    return config
+
+
 def bench_batch(args, banks: memory.SCLBanks, batch: int) -> dict[str, list[float]]:
     idx, cams, g, st = random_batch(jax.random.key(batch), banks, batch)
-    select = functools.partial(
-        selection.select_candidates,
-        k=args.k,
-        n=args.n,
-        lam_g=0.5,
-        lam_c=0.05,
-        block_size=args.block_size,
-        use_approx=args.approx,
-        unit_rows=args.unit_rows,
-    )
-    loss = functools.partial(losses.scl_loss, k=args.k, lam_t=0.5, lam_p=0.5, alpha=1.75)
-    loss_grad = jax.value_and_grad(
-        lambda g, st, m, c: loss(g, st.reshape(g.shape[0], -1), m, c), argnums=(0, 1)
-    )
-    update = functools.partial(memory.update_banks, k=args.k, mode=args.mode)
+    method = get_method(scl_config(args))
+    phase = "select"
+    key = jax.random.key(0)
 
-    def step(banks, idx, cams, g, st):
-        cand = select(g, st, idx, cams, banks)
-        value, grads = loss_grad(g, st, banks.mixture_bank, cand)
-        # after=grads: the writes wait for every read of M, so the banks stay in place.
-        return update(banks, idx, g, st, cand, after=grads), value, grads
+    def loss(banks, batch_, g, st):
+        return method.loss({"global": g, "stripes": st}, banks, batch_, key, phase)
 
-    cand = jax.jit(select)(g, st, idx, cams, banks)
+    def loss_grad(banks, batch_, g, st):
+        (value, cand), grads = jax.value_and_grad(
+            lambda g, st: loss(banks, batch_, g, st)[:2], argnums=(0, 1), has_aux=True
+        )(g, st)
+        return value, cand, grads
+
+    def update(banks, batch_, g, st, cand):
+        return method.update(banks, {"global": g, "stripes": st}, batch_, cand, phase)
+
+    def step(banks, batch_, g, st):
+        value, cand, grads = loss_grad(banks, batch_, g, st)
+        outputs = computed_after({"global": g, "stripes": st}, (cand, grads))
+        return method.update(banks, outputs, batch_, cand, phase), value, grads
+
+    batch_ = Batch(indices=idx, cameras=cams)
+    cand = jax.jit(loss)(banks, batch_, g, st)[1]
     results = {
-        "selection": time_calls(jax.jit(select), (g, st, idx, cams, banks), args.repeats),
-        "loss": time_calls(jax.jit(loss_grad), (g, st, banks.mixture_bank, cand), args.repeats),
+        "loss": time_calls(jax.jit(loss), (banks, batch_, g, st), args.repeats),
+        "loss_grad": time_calls(jax.jit(loss_grad), (banks, batch_, g, st), args.repeats),
     }
     banks_copy = jax.tree.map(jnp.copy, banks)
     results["updates"] = time_calls(
-        jax.jit(lambda b, i, g, st, c: (update(b, i, g, st, c),), donate_argnums=0),
-        (banks_copy, idx, g, st, cand),
+        jax.jit(lambda b, *rest: (update(b, *rest),), donate_argnums=0),
+        (banks_copy, batch_, g, st, cand),
         args.repeats,
         feed_back=True,
     )
     banks_copy = jax.tree.map(jnp.copy, banks)
     results["step"] = time_calls(
-        jax.jit(step, donate_argnums=0),
-        (banks_copy, idx, cams, g, st),
-        args.repeats,
-        feed_back=True,
+        jax.jit(step, donate_argnums=0), (banks_copy, batch_, g, st), args.repeats, feed_back=True
     )
     return results
 
@@ -133,7 +145,7 @@ def bench_scaling(args, rows: int, dim: int, batch: int) -> list[float]:
             n=args.n,
             block_size=args.block_size,
             use_approx=args.approx,
-            unit_rows=args.unit_rows,
+            unit_rows=True,  # as the method: bank rows are unit-norm
         )
     )
     return time_calls(select, (g, st, idx, cams, banks), args.repeats)
@@ -154,12 +166,6 @@ def main() -> None:
         help="bank rows per selection block (default: automatic)",
     )
     parser.add_argument("--mode", default="vectorized", choices=["vectorized", "sequential"])
-    parser.add_argument(
-        "--unit-rows",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="selection takes bank rows as unit-norm (as the train step)",
-    )
     parser.add_argument(
         "--bank-dtype",
         default="float32",
@@ -189,8 +195,8 @@ def main() -> None:
     print()
     banks = random_banks(jax.random.key(0), args.num_rows, args.dim, args.stripes, args.bank_dtype)
     print(
-        "| batch | selection ms | loss fwd+bwd ms | bank updates ms | one compiled step ms "
-        "| release (PyTorch) ms | speed-up |"
+        "| batch | loss fwd (incl. selection) ms | loss fwd+bwd ms | bank updates ms "
+        "| one compiled step ms | release (PyTorch) ms | speed-up |"
     )
     print("|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -201,7 +207,7 @@ def main() -> None:
         else:
             release, speedup = "n/a", "n/a"
         print(
-            f"| {batch} | {fmt(res['selection'])} | {fmt(res['loss'])} | "
+            f"| {batch} | {fmt(res['loss'])} | {fmt(res['loss_grad'])} | "
             f"{fmt(res['updates'])} | {fmt(res['step'])} | {release} | {speedup} |",
             flush=True,
         )
