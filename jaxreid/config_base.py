@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "scl"
+    c.method.module = ""  # import path of a module registering more methods
     # SCL (scl-method.md), released configuration.
     c.method.k = 7
     c.method.n = 500

@@ -32,6 +32,14 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
     from jaxreid.models.model import FEATURE_DIMS
 
     problems: list[str] = []
+    module = config.method.get("module", "")
+    if module:
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            problems.append(f"method.module = {module!r}: cannot be imported ({e})")
     choices = (
         ("data.dataset", config.data.dataset, [*READERS, "auto"]),
         ("method.name", config.method.name, method_names()),

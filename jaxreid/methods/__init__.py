@@ -123,7 +123,15 @@ def register(*names: str) -> Callable[[MethodFactory], MethodFactory]:
 
 
 def get_method(config: ml_collections.ConfigDict) -> Method:
+    """The Method of `config.method.name`. `config.method.module` (an import
+    path, e.g. "mylab.my_loss") is imported first: a method written outside
+    jaxreid registers itself there and trains through a config alone."""
     _import_builtin_methods()
+    module = config.method.get("module", "")
+    if module:
+        import importlib
+
+        importlib.import_module(module)
     name = config.method.name
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
