@@ -165,7 +165,12 @@ def main() -> None:
         default=None,
         help="bank rows per selection block (default: automatic)",
     )
-    parser.add_argument("--mode", default="vectorized", choices=["vectorized", "sequential"])
+    parser.add_argument(
+        "--mode",
+        default=base_config().method.mixture_update,
+        choices=["vectorized", "sequential"],
+        help="mixture-bank update mode (default: the training default, method.mixture_update)",
+    )
     parser.add_argument(
         "--bank-dtype",
         default="float32",

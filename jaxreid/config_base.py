@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     # cluster_contrast | self_paced | cap | hhcl | joint). method.temperature
     # is shared with SCL (the recipe's 0.05 is set by cluster_config).
     c.method.momentum = 0.1  # weight of the OLD prototype in its momentum update
-    c.method.memory_update = "mean"  # mean | hard | sequential (cluster_memory)
+    c.method.memory_update = "mean"  # mean | hard | sequential (methods/centroids.py)
     c.method.instance_momentum = 0.2  # hhcl / joint instance bank
     c.method.instance_weight = 1.0  # hhcl / joint: weight of the instance term
     c.method.inter_camera_weight = 0.5  # cap

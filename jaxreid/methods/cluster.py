@@ -12,7 +12,7 @@ the number of clusters of its epoch. The unused rows cost one masked
 Methods (each: build the memory, a pure loss, a pure update):
 
   cluster_contrast  rows = clusters; ClusterNCE; momentum update
-                    (`mean` | `hard` | `sequential`, see cluster_memory).
+                    (`mean` | `hard` | `sequential`, see centroids).
   self_paced        rows = clusters + one row per outlier (its own feature);
                     NCE over all of them (outliers are their own classes,
                     negatives to every sample; the sampler draws clusters
