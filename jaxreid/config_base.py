@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 128  # images per device per extraction step
     c.eval.flip = False
     c.eval.rerank = False
+    # Also rank with each camera's mean feature (over its query and gallery
+    # images) removed: row "centred" beside "plain" (no labels read).
+    c.eval.camera_centering = False
     c.eval.checkpoint = ""  # --mode=eval: "" = latest in workdir, else a path; none = initial
     c.eval.plots = False  # ranked-list grid + CMC curve PNGs in the workdir
     c.eval.num_plot_queries = 8

@@ -572,3 +572,33 @@ def test_cmc_curve_plot(tmp_path):
     )
     with image_module.open(out) as image:
         assert image.format == "PNG" and image.size == (500, 400)
+
+
+def test_camera_centred_ranking_removes_a_camera_offset():
+    """Cameras 0 and 2 share a style s, camera 1 has style t (e_i, s, t
+    orthonormal, style weight 3). Queries: persons 0, 1 in camera 0; gallery:
+    persons 0, 1 in camera 1 and strangers 2, 3 in camera 2. Plain cosine
+    (all norms sqrt(10)): a query scores 9 with both strangers, 1 with its own
+    person, so its match is third: AP 1/3. Each camera's mean removed, query
+    0 is (e0 - e1)/2, its match the same, person 1 the opposite, the strangers
+    orthogonal: AP 1."""
+    from types import SimpleNamespace
+
+    from jaxreid.config_base import base_config
+    from jaxreid.evaluate.protocol import evaluate_features
+
+    e0, e1, e2, e3, s, t = np.eye(6)
+    q = np.stack([e0 + 3 * s, e1 + 3 * s]).astype(np.float32)
+    g = np.stack([e0 + 3 * t, e1 + 3 * t, e2 + 3 * s, e3 + 3 * s]).astype(np.float32)
+    data = SimpleNamespace(
+        query=SimpleNamespace(pids=np.array([0, 1]), cameras=np.array([0, 0])),
+        gallery=SimpleNamespace(pids=np.array([0, 1, 2, 3]), cameras=np.array([1, 1, 2, 2])),
+    )
+    config = base_config()
+    config.eval.camera_centering = True
+    results = evaluate_features(config, {"global": q}, {"global": g}, data)
+    assert results["plain"]["mAP"] == pytest.approx(1 / 3)
+    assert results["plain"]["rank1"] == 0.0
+    assert results["centred"]["mAP"] == pytest.approx(1.0)
+    config.eval.camera_centering = False
+    assert "centred" not in evaluate_features(config, {"global": q}, {"global": g}, data)

@@ -86,6 +86,10 @@ def evaluate_features(
     else:
         distance = evaluate.cosine_distance(q["global"], g["global"])
     results["plain"] = evaluate.evaluate_ranking(distance, *labels)
+    if config.eval.camera_centering:
+        results["centred"] = evaluate.evaluate_ranking(
+            _camera_centred_distance(q["global"], g["global"], data), *labels
+        )
     if "stripes" in q:
         distance = evaluate.scl_distance(
             q["global"],
@@ -101,6 +105,17 @@ def evaluate_features(
     for metrics in results.values():
         metrics.pop("cmc", None)
     return {name: {k: float(v) for k, v in m.items()} for name, m in results.items()}
+
+
+def _camera_centred_distance(q: np.ndarray, g: np.ndarray, data) -> np.ndarray:
+    """Cosine distance after removing each camera's mean unit feature, the mean
+    taken over the camera's query and gallery images together (camera-wise
+    normalisation at test time; uses cameras, never identities)."""
+    from jaxreid.pseudo_labels.clustering import camera_centered
+
+    cameras = np.concatenate([data.query.cameras, data.gallery.cameras])
+    both = camera_centered(np.concatenate([q, g]), cameras)
+    return evaluate.cosine_distance(both[: len(q)], both[len(q) :])
 
 
 def format_metrics(title: str, results: dict[str, dict[str, float]]) -> str:
