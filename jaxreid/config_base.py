@@ -40,9 +40,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.alpha = 1.75
     c.method.temperature = 0.1  # logits are <x, M_j> / temperature (the spec's t = 10)
     c.method.warmup_epochs = 3
+    # The release's behaviour where it departs from the clean definition.
+    c.method.mixture_update = "release"
+    c.method.gradient = "release"
+    c.method.warmup_sampling = "release"
     c.method.selection_block = 65536  # bank rows per block of the selection scan
     c.method.approx_topk = False
-    c.method.mixture_update = "sequential"  # sequential | vectorized
+    # The clean definition by default; scl_paper_config uses the release's
+    # behaviour (jaxreid.methods.scl.release, README "Fidelity to the release").
+    c.method.mixture_update = "sequential"  # release | sequential | vectorized
+    c.method.gradient = "clean"  # release | clean
+    c.method.warmup_sampling = "clean"  # release | clean
     # Clustering family (cluster-family.md; method.name one of
     # cluster_contrast | self_paced | cap | hhcl | joint). method.temperature
     # is shared with SCL (the recipe's 0.05 is set by cluster_config).

@@ -15,6 +15,8 @@ POOLINGS = ("avg", "gem")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
+MIXTURE_UPDATES = ("release", "sequential", "vectorized")
+RELEASE_OR_CLEAN = ("release", "clean")
 
 
 def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str) -> None:
@@ -49,6 +51,9 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         ("model.dtype", config.model.dtype, DTYPES),
         ("optimizer.name", config.optimizer.name, OPTIMIZERS),
         ("optimizer.schedule", config.optimizer.schedule, SCHEDULES),
+        ("method.mixture_update", config.method.mixture_update, MIXTURE_UPDATES),
+        ("method.gradient", config.method.gradient, RELEASE_OR_CLEAN),
+        ("method.warmup_sampling", config.method.warmup_sampling, RELEASE_OR_CLEAN),
     )
     for key, value, allowed in choices:
         if value not in allowed:

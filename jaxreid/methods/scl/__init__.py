@@ -5,6 +5,15 @@ from the initial model's features. Phases: "warmup" (random candidates, the
 sample itself the only positive) for `method.warmup_epochs` epochs, then
 "select" (k positives and n negatives selected against the banks). Batches
 are a plain shuffle.
+
+Three switches choose between the authors' release and the clean definition
+(release.py; README "Fidelity to the release"): `method.mixture_update`
+("release": M updated in the release's order; "sequential" / "vectorized":
+global then local, two exact implementations), `method.gradient` ("release":
+each CE term's gradient from M as the earlier backward calls left it;
+"clean": from the step's initial M), `method.warmup_sampling` ("release": one
+shared shuffle per batch, position removal; "clean": per row, with
+replacement, never the sample itself). n is capped at N - k - 1 (a warning).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
-from jaxreid.methods.scl import banks, loss, selection
+from jaxreid.methods.scl import banks, loss, release, selection
 
 WARMUP, SELECT = "warmup", "select"
 
@@ -23,7 +32,11 @@ WARMUP, SELECT = "warmup", "select"
 def scl_method(config: ml_collections.ConfigDict) -> Method:
     m = config.method
 
+    def negatives(num_rows: int) -> int:
+        return min(m.n, num_rows - m.k - 1)
+
     def init_memory(train: TrainSet) -> banks.SCLBanks:
+        release.capped_negatives(m.n, m.k, train.num_images)  # warns when it caps
         features = train.extract()
         return banks.init_banks(features["global"], features["stripes"], train.cameras)
 
@@ -32,8 +45,14 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
 
     def scl_loss(outputs, memory: banks.SCLBanks, batch: Batch, rng, phase):
         g, stripes = outputs["global"], outputs["stripes"]
-        if phase == WARMUP:
-            candidates = selection.random_candidates(rng, batch.indices, memory.num_rows, m.k, m.n)
+        n = negatives(memory.num_rows)
+        warmup = phase == WARMUP
+        if warmup and m.warmup_sampling == "release":
+            candidates = release.release_warmup_candidates(
+                rng, batch.indices, memory.num_rows, m.k, n
+            )
+        elif warmup:
+            candidates = selection.random_candidates(rng, batch.indices, memory.num_rows, m.k, n)
         else:
             candidates = selection.select_candidates(
                 jax.lax.stop_gradient(g),
@@ -42,16 +61,17 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
                 batch.cameras,
                 memory,
                 k=m.k,
-                n=m.n,
+                n=n,
                 lam_g=m.lam_g,
                 lam_c=m.lam_c,
                 block_size=m.selection_block,
                 use_approx=m.approx_topk,
                 unit_rows=True,  # bank rows are unit norm: skip recomputing norms
             )
+        l_concat = stripes.reshape(stripes.shape[0], -1)
         value, metrics = loss.scl_loss_terms(
             g,
-            stripes.reshape(stripes.shape[0], -1),
+            l_concat,
             memory.mixture_bank,
             candidates,
             k=m.k,
@@ -59,8 +79,22 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
             lam_p=m.lam_p,
             alpha=m.alpha,
             temperature=m.temperature,
-            warmup=phase == WARMUP,
+            warmup=warmup,
         )
+        if m.gradient == "release":
+            # Same value; the gradient of the release's sequential backward.
+            value = release.release_gradient_loss(
+                g,
+                l_concat,
+                memory.mixture_bank,
+                candidates,
+                m.k,
+                m.lam_t,
+                m.lam_p,
+                m.alpha,
+                m.temperature,
+                warmup,
+            )
         return value, candidates, metrics
 
     def update(memory: banks.SCLBanks, outputs, batch: Batch, candidates, phase):
@@ -72,7 +106,9 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
             candidates,
             k=m.k,
             warmup=phase == WARMUP,
-            mode=m.mixture_update,
+            # "release": the release's order (exact "vectorized" arithmetic).
+            mode="vectorized" if m.mixture_update == "release" else m.mixture_update,
+            order="release" if m.mixture_update == "release" else "global_then_local",
         )
 
     return Method(

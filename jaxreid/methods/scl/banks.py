@@ -20,15 +20,18 @@ row hit several times is chained: the second update sees the first's result.
 * Feature banks: update u = batch position i (local: per stripe p, in batch
   order). The loader never repeats an index within a batch; if it does, the
   occurrences are chained in batch order (not "last write wins").
-* Mixture bank, `order="global_then_local"` (default, our reading of "in a
-  defined order (global features first, then local)"): first a whole-batch
-  pass with x = g_i -- for i in batch order, for each positive j of i (i
-  itself first) -- then a second whole-batch pass with x = concat_p(l_ip) in
-  the same (i, j) order. It is the natural reading when each branch's update
-  is one pass over the batch, run after that branch's loss (global branch
-  first), as memory-bank code usually does.
+* Mixture bank, `order="global_then_local"` (default, the clean variant):
+  first a whole-batch pass with x = g_i -- for i in batch order, for each
+  positive j of i (i itself first) -- then a second whole-batch pass with
+  x = concat_p(l_ip) in the same (i, j) order: each branch's update one pass
+  over the batch after that branch's loss, global branch first, as
+  memory-bank code usually does (an earlier spec said so; the release does
+  otherwise, see `order="release"`).
   `order="per_sample"` is the other reading: for i in batch order, all of i's
   positives with g_i, then all of i's positives with concat_p(l_ip).
+* `order="release"`: what the authors' release does (scl-method.md, corrected):
+  the local branch first, candidate columns k, k-1, ..., 0, each column in
+  batch order, then the global branch the same way (jaxreid.methods.scl.release).
 
 Modes
 -----
@@ -61,7 +64,7 @@ from flax import struct
 
 _EPS = 1e-12
 _MODES = ("sequential", "vectorized")
-_ORDERS = ("global_then_local", "per_sample")
+_ORDERS = ("global_then_local", "per_sample", "release")
 
 
 @struct.dataclass
@@ -253,6 +256,11 @@ def mixture_update_list(
     if order == "global_then_local":
         rows = jnp.broadcast_to(positives[None], (2, b, kp1))
         xs = jnp.broadcast_to(feats[:, :, None, :], (2, b, kp1, d))
+    elif order == "release":
+        # (local, global) x columns k..0 x batch: the release's backward calls
+        # (newest first), each updating its column in batch order.
+        rows = jnp.broadcast_to(positives.T[None, ::-1], (2, kp1, b))
+        xs = jnp.broadcast_to(feats[::-1, None, :, :], (2, kp1, b, d))
     else:  # per_sample: (B, 2, k+1)
         rows = jnp.broadcast_to(positives[:, None], (b, 2, kp1))
         xs = jnp.broadcast_to(jnp.swapaxes(feats, 0, 1)[:, :, None, :], (b, 2, kp1, d))
@@ -275,7 +283,8 @@ def update_mixture_bank(
       g: (B, D) global features.
       l_concat: (B, D) concatenated stripe features (norm sqrt(P)).
       mode: "vectorized" (default) or "sequential"; both exact (module docstring).
-      order: "global_then_local" (default) or "per_sample" (module docstring).
+      order: "global_then_local" (default), "per_sample" or "release" (module
+        docstring).
 
     Returns:
       The new (N, D) mixture bank.
