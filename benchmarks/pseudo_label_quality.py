@@ -119,12 +119,10 @@ def main(argv) -> None:
     from jaxreid.checkpoints import load_model_for_eval
     from jaxreid.data.loading import load_data
     from jaxreid.evaluate.protocol import extract
-    from jaxreid.methods import configured
     from jaxreid.pseudo_labels import clustering
 
     config = _CONFIG.value
     data = load_data(config, print)
-    config = configured(config, data.train.pids)
     path = os.path.join(_CHECKPOINT.value or "/nonexistent", "checkpoints", "latest")
     graphdef, params, batch_stats, source = load_model_for_eval(config, path)
     print(f"features of the {source}")

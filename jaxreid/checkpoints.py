@@ -69,7 +69,9 @@ class Checkpoints:
 def restore_model(path: str, params, batch_stats):
     """(params, batch_stats, step) of the latest checkpoint under `path` (a
     workdir's checkpoints/latest or best), checked against the model's trees;
-    step None (and the arguments unchanged) when `path` holds none."""
+    step None (and the arguments unchanged) when `path` holds none. The
+    training-only classifier of a checkpoint is ignored (the model to restore
+    into has none), so a supervised model evaluates on any dataset."""
     import orbax.checkpoint as ocp
 
     if not os.path.isdir(path):
@@ -86,10 +88,13 @@ def restore_model(path: str, params, batch_stats):
 
 
 def load_model_for_eval(config: ml_collections.ConfigDict, path: str):
-    """(graphdef, params, batch_stats, source): the model of `config` with the
-    latest checkpoint under `path` (a workdir's checkpoints/latest) restored,
-    or the initial model when `path` holds none."""
-    model = models.build_model(config.model, rngs=nnx.Rngs(config.seed))
+    """(graphdef, params, batch_stats, source): the model of `config`, without
+    the training-only classifier, with the latest checkpoint under `path` (a
+    workdir's checkpoints/latest) restored, or the initial model when `path`
+    holds none."""
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.num_classes = 0
+    model = models.build_model(model_config, rngs=nnx.Rngs(config.seed))
     graphdef, params, batch_stats = models.split_model(model)
     params, batch_stats, step = restore_model(path, params, batch_stats)
     source = "initial model" if step is None else f"checkpoint {path} step {step}"
@@ -113,7 +118,10 @@ def _match(template, restored, name: str, path: str):
     flat_t = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
     flat_r = {_path_names(k): v for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
     problems = [f"missing {'/'.join(k)}" for k in flat_t if k not in flat_r]
-    problems += [f"unexpected {'/'.join(k)}" for k in flat_r if k not in flat_t]
+    # A checkpoint's classifier is for training only; evaluation never needs it.
+    problems += [
+        f"unexpected {'/'.join(k)}" for k in flat_r if k not in flat_t and "classifier" not in k
+    ]
     problems += [
         f"{'/'.join(k)}: checkpoint {np.shape(flat_r[k])} vs model {np.shape(v)}"
         for k, v in flat_t.items()

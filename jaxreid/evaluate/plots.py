@@ -25,6 +25,7 @@ BACKGROUND = (255, 255, 255)
 QUERY_COLOUR = (40, 90, 200)
 MATCH_COLOUR = (0, 170, 0)
 MISMATCH_COLOUR = (220, 0, 0)
+UNKNOWN_COLOUR = (150, 150, 150)  # search results: identities unknown
 
 
 def cell_origin(row: int, column: int) -> tuple[int, int]:
@@ -46,10 +47,10 @@ def ranked_list_grid(
     distmat: np.ndarray,
     query_paths: Sequence[str],
     gallery_paths: Sequence[str],
-    query_pids: np.ndarray,
-    gallery_pids: np.ndarray,
-    query_cams: np.ndarray,
-    gallery_cams: np.ndarray,
+    query_pids: np.ndarray | None,
+    gallery_pids: np.ndarray | None,
+    query_cams: np.ndarray | None,
+    gallery_cams: np.ndarray | None,
     query_indices: Sequence[int],
     out_path: str,
     top_k: int = 10,
@@ -59,7 +60,9 @@ def ranked_list_grid(
     The ranked list follows the evaluation protocol (same pid and camera
     removed, stable ranking). Gallery images get a green border when their pid
     is the query's and a red one otherwise; the query has a blue border.
-    Captions give pid/camera (and the rank). Returns `out_path`.
+    Captions give pid/camera (and the rank). Without identities (pids and
+    cameras None: a search) the list is the plain stable ranking, borders
+    grey, captions the rank and distance. Returns `out_path`.
     """
     from PIL import Image, ImageDraw
 
@@ -68,8 +71,10 @@ def ranked_list_grid(
             return image.convert("RGB").resize((CELL_WIDTH, CELL_HEIGHT), Image.BILINEAR)
 
     distmat = np.asarray(distmat)
-    query_pids, gallery_pids = np.asarray(query_pids), np.asarray(gallery_pids)
-    query_cams, gallery_cams = np.asarray(query_cams), np.asarray(gallery_cams)
+    known = query_pids is not None
+    if known:
+        query_pids, gallery_pids = np.asarray(query_pids), np.asarray(gallery_pids)
+        query_cams, gallery_cams = np.asarray(query_cams), np.asarray(gallery_cams)
     canvas = Image.new("RGB", grid_size(len(query_indices), top_k), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
 
@@ -82,6 +87,13 @@ def ranked_list_grid(
 
     for row, q in enumerate(query_indices):
         q = int(q)
+        if not known:
+            put(row, 0, query_paths[q], QUERY_COLOUR, "query")
+            ranked = np.argsort(distmat[q], kind="stable")
+            for rank, g in enumerate(ranked[:top_k], start=1):
+                caption = f"{rank}: {distmat[q, g]:.3f}"
+                put(row, rank, gallery_paths[g], UNKNOWN_COLOUR, caption)
+            continue
         put(row, 0, query_paths[q], QUERY_COLOUR, f"q {query_pids[q]} c{query_cams[q]}")
         ranked = ranked_gallery(
             distmat[q], query_pids[q], query_cams[q], gallery_pids, gallery_cams

@@ -164,10 +164,8 @@ def write_plots(config, q, g, data, workdir: str, log) -> None:
 def run_eval(config: ml_collections.ConfigDict, workdir: str, data, log) -> dict:
     """--mode=eval: a checkpoint (or the initial model) on query/gallery."""
     from jaxreid.checkpoints import load_model_for_eval
-    from jaxreid.methods import configured
     from jaxreid.utils import UserError
 
-    config = configured(config, data.train.pids)
     path = config.eval.checkpoint or os.path.join(workdir, "checkpoints", "latest")
     if config.eval.checkpoint and not os.path.isdir(path):
         raise UserError(

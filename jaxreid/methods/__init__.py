@@ -138,11 +138,6 @@ def get_method(config: ml_collections.ConfigDict) -> Method:
     return METHODS[name](config)
 
 
-def configured(config: ml_collections.ConfigDict, identities: np.ndarray):
-    """The config the model is built from (`Method.configure`; a copy when changed)."""
-    return get_method(config).configure(config, identities)
-
-
 def method_names() -> list[str]:
     _import_builtin_methods()
     return sorted(METHODS)
