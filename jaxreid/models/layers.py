@@ -8,6 +8,7 @@ network stays bfloat16 between layers while the statistics stay exact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -172,6 +173,44 @@ class IBN(nnx.Module):
         return jnp.concatenate(
             [self.IN(x[..., : self.half]), self.BN(x[..., self.half :], train)], axis=-1
         )
+
+
+# Set by `export_friendly()`: models are being traced for ONNX export.
+_EXPORTING = False
+
+
+@contextlib.contextmanager
+def export_friendly():
+    """Trace the models with formulations an ONNX exporter maps to standard
+    operators (same forward values; training keeps the XLA-friendly ones)."""
+    global _EXPORTING
+    previous, _EXPORTING = _EXPORTING, True
+    try:
+        yield
+    finally:
+        _EXPORTING = previous
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch MaxPool2d(3, stride=2, padding=1) on NHWC: padding never wins the max.
+
+    reduce_window with a scalar -inf init (lax recognises the max monoid, so
+    it is differentiable); under `export_friendly()` the max of the nine
+    strided slices of the -inf-padded map, the same values (exporters turn the
+    NHWC reduce_window into a pooling ONNX Runtime rejects)."""
+    if not _EXPORTING:
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        )
+    _, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    out = None
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
+            out = window if out is None else jnp.maximum(out, window)
+    return out
 
 
 def avg_pool(feature_map: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from jaxreid.models.layers import DepthwiseConv, host_zeros, kaiming_fan_out
+from jaxreid.models.layers import DepthwiseConv, host_zeros, kaiming_fan_out, max_pool_3x3_s2
 from jaxreid.models.resnet import LayerFactory
 
 # name -> channels of (stem, stage 2, stage 3, stage 4); torchreid's osnet_x*.
@@ -126,14 +126,6 @@ class OSBlock(nnx.Module):
             mixed = mixed + self.gate(y)
         identity = x if self.downsample is None else self.downsample(x, train)
         return jax.nn.relu(self.conv3(mixed, train) + identity)
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
-    # A Python -inf init keeps this the differentiable reduce_window_max primitive.
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from jaxreid.models.layers import IBN, GhostBatchNorm, PointwiseConv, kaiming_fan_out
+from jaxreid.models.layers import (
+    IBN,
+    GhostBatchNorm,
+    PointwiseConv,
+    kaiming_fan_out,
+    max_pool_3x3_s2,
+)
 
 # name -> (block kind, blocks per stage)
 RESNET_DEPTHS = {
@@ -120,20 +126,6 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(y + _shortcut(self.downsample, x, train))
 
 
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch MaxPool2d(3, stride=2, padding=1): padding never wins the max.
-
-    The scalar -inf init lets lax recognise the max monoid (differentiable)."""
-    return jax.lax.reduce_window(
-        x,
-        -jnp.inf,
-        jax.lax.max,
-        (1, 3, 3, 1),
-        (1, 2, 2, 1),
-        ((0, 0), (1, 1), (1, 1), (0, 0)),
-    )
-
-
 class ResNet(nnx.Module):
     """Feature extractor: float32 RGB pixels [0, 255] (B, H, W, 3) -> (B, h, w, C).
 
@@ -175,7 +167,7 @@ class ResNet(nnx.Module):
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         x = normalize(images.astype(jnp.float32), IMAGENET_MEAN, IMAGENET_STD)
         x = jax.nn.relu(self.bn1(self.conv1(x), train))
-        x = _max_pool_3x3_s2(x)
+        x = max_pool_3x3_s2(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x, train)

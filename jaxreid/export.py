@@ -1,0 +1,89 @@
+"""A trained run's model as an ONNX file, for runtimes that are not JAX.
+
+    python -m jaxreid.export --workdir=/tmp/run --out=/tmp/model.onnx
+
+Input "images": float32 (batch, H, W, 3), RGB in pixel scale [0, 255] (uint8
+values cast to float; the ImageNet normalisation is inside the model), any
+batch size. Outputs: "global" (batch, D), L2-normalised, and for SCL models
+"stripes" (batch, P, D/P). Through jax2onnx (pip install jax2onnx onnxruntime;
+jax2onnx 0.17 pins an older orbax-checkpoint that export does not use:
+reinstall jaxreid's afterwards, `pip install "orbax-checkpoint>=0.12.8"`).
+
+In onnxruntime:
+
+    import numpy as np, onnxruntime as ort
+    session = ort.InferenceSession("/tmp/model.onnx")
+    features = session.run(["global"], {"images": images.astype(np.float32)})[0]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
+_OUT = flags.DEFINE_string("out", None, "Output .onnx file.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint.")
+
+OUTPUTS = ("global", "stripes")
+
+
+def export_onnx(embedder, path: str) -> list[str]:
+    """Writes the embedder's eval-mode model to `path`; returns the output names."""
+    from jaxreid.evaluate.protocol import eval_apply_fn, output_shapes
+    from jaxreid.models.layers import export_friendly
+    from jaxreid.utils import UserError
+
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise UserError(
+            f"ONNX export needs jax2onnx ({e}): pip install jax2onnx onnxruntime"
+        ) from e
+    variables = {"params": embedder.params, "batch_stats": embedder.batch_stats}
+    apply = eval_apply_fn(embedder.graphdef)
+    shapes = output_shapes(
+        embedder.graphdef, embedder.params, embedder.batch_stats, embedder.height, embedder.width
+    )
+    names = [name for name in OUTPUTS if name in shapes]
+
+    def features(images):
+        outputs = apply(variables, images)
+        return tuple(outputs[name] for name in names)
+
+    with export_friendly():
+        model = to_onnx(
+            features,
+            [("batch", embedder.height, embedder.width, 3)],
+            model_name="jaxreid",
+            input_names=["images"],
+            output_names=names,
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return names
+
+
+def main(argv) -> None:
+    del argv
+    from jaxreid.inference import Embedder
+    from jaxreid.utils import UserError
+
+    try:
+        embedder = Embedder.from_workdir(_WORKDIR.value, _CHECKPOINT.value)
+        names = export_onnx(embedder, _OUT.value)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"wrote {_OUT.value}: input images (batch, {embedder.height}, {embedder.width}, 3) "
+        f"float32 RGB 0-255; outputs {', '.join(names)}"
+    )
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
