@@ -22,6 +22,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.width = 128
     c.data.cache_dir = "~/.cache/jaxreid/decoded"  # decoded uint8 arrays; "" = no cache
     c.data.max_bad_fraction = 0.01  # corrupt images skipped (counted) up to this fraction
+    # Dataset "folder" (unlabelled crops at any depth): "subfolder" (the first
+    # sub-folder names the camera) | "none" (one camera) | a regex whose first
+    # group names it.
+    c.data.folder_cameras = "subfolder"
+    # Query and gallery from this labelled dataset instead ("" = the dataset's own).
+    c.data.eval_root = ""
+    c.data.eval_dataset = "auto"
 
     # Sections owned by one module take that module's defaults.
     c.augment = augment.default_augment_config()

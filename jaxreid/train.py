@@ -138,9 +138,12 @@ def train_and_evaluate(
         state = jax.device_put(restored, replicated)
         meta = restored_meta
         log(f"resumed from step {int(state.step)} of {total_steps}")
-    if meta["initial"] is None:
+    # Unlabelled folders without data.eval_root have no query / gallery.
+    evaluating = len(data.query.records) > 0
+    if evaluating and meta["initial"] is None:
         meta["initial"] = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
-    log(format_metrics("before training", meta["initial"]))
+    if evaluating:
+        log(format_metrics("before training", meta["initial"]))
 
     steps: dict[Any, Callable] = {}  # one compiled step per phase
     writer = MetricWriter(workdir)
@@ -208,7 +211,7 @@ def train_and_evaluate(
                     checkpoints.save(checkpoints.latest, state, meta)
             bar.close()
             epoch += 1
-            if epoch % config.train.eval_every == 0 or step == total_steps:
+            if evaluating and (epoch % config.train.eval_every == 0 or step == total_steps):
                 result = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
                 meta["history"].append({"epoch": epoch, "step": step, **result})
                 writer.write(

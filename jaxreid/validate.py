@@ -44,6 +44,7 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
             problems.append(f"method.module = {module!r}: cannot be imported ({e})")
     choices = (
         ("data.dataset", config.data.dataset, [*READERS, "auto"]),
+        ("data.eval_dataset", config.data.eval_dataset, [*READERS, "auto"]),
         ("method.name", config.method.name, method_names()),
         ("model.backbone", config.model.backbone, sorted(FEATURE_DIMS)),
         ("model.head", config.model.head, HEADS),
@@ -59,6 +60,11 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         if value not in allowed:
             problems.append(f"{key} = {value!r}: unknown; one of {', '.join(allowed)}")
     _positive(problems, config, "data.height", "data.width", "eval.batch_size")
+    if config.data.dataset == "folder" and config.method.name == "supervised":
+        problems.append(
+            "method.name = 'supervised': needs identity labels, and dataset 'folder' has none; "
+            "train an unsupervised method, or use a labelled layout"
+        )
     if mode == "train":
         _positive(
             problems,

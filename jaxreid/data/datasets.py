@@ -278,6 +278,60 @@ def detect_format(root: str) -> str:
     return "market_layout"
 
 
+def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
+    r"""Unlabelled crops: every image under `root` at any depth (sorted) is a
+    training image of unknown identity (pid -1); no query or gallery.
+
+    `cameras`: "subfolder" -- the first sub-folder of the image's path names its
+    camera (images directly under root share one); "none" -- one camera; or a
+    regular expression whose first group, searched in the path relative to
+    root, names the camera (e.g. r"_c(\d+)" for Market-style names). Camera
+    names become ids 0..C-1 in sorted order (numerically when all are numbers).
+    """
+    if not root or not os.path.isdir(root):
+        raise DataError(
+            f"folder dataset root {root!r} is not a folder: point --config.data.root at "
+            "the folder of crops"
+        )
+    paths = []
+    for parent, _, names in os.walk(root):
+        paths += [
+            os.path.relpath(os.path.join(parent, n), root)
+            for n in names
+            if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    paths.sort()
+    if not paths:
+        raise DataError(
+            f"no images under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)"
+        )
+    if cameras == "none":
+        names = [""] * len(paths)
+    elif cameras == "subfolder":
+        names = [p.split(os.sep)[0] if os.sep in p else "" for p in paths]
+    else:
+        try:
+            pattern = re.compile(cameras)
+        except re.error as e:
+            raise DataError(f"data.folder_cameras {cameras!r} is not a valid regex ({e})") from e
+        names = []
+        for p in paths:
+            match = pattern.search(p)
+            if match is None or not match.groups():
+                raise DataError(
+                    f"data.folder_cameras {cameras!r} finds no camera (first group) in "
+                    f"{os.path.join(root, p)!r}; fix the pattern or move the file"
+                )
+            names.append(match.group(1))
+    unique = sorted(set(names), key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
+    ids = {name: i for i, name in enumerate(unique)}
+    train = [
+        Record(path=os.path.join(root, p), pid=-1, camera=ids[n], index=i)
+        for i, (p, n) in enumerate(zip(paths, names, strict=True))
+    ]
+    return ReidDataset(name="folder", root=root, train=train, query=[], gallery=[])
+
+
 def _read_synthetic(root: str) -> ReidDataset:
     from jaxreid.data import synthetic
 
@@ -297,16 +351,21 @@ READERS: dict[str, Callable[[str], ReidDataset]] = {
     "msmt17_v1": lambda root: read_msmt17(root, version=1),
     "msmt17_v2": lambda root: read_msmt17(root, version=2),
     "synthetic": _read_synthetic,
+    "folder": read_folder,
 }
 
 
-def load_dataset(name: str, root: str) -> ReidDataset:
-    """Reads dataset `name` (a key of READERS, or 'auto') from `root`."""
+def load_dataset(name: str, root: str, folder_cameras: str = "subfolder") -> ReidDataset:
+    """Reads dataset `name` (a key of READERS, or 'auto') from `root`;
+    `folder_cameras` is the camera rule of the "folder" dataset (read_folder)."""
     if name == "auto":
         name = detect_format(root)
     if name not in READERS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(READERS))}")
-    return READERS[name](os.path.abspath(os.path.expanduser(root)))
+    root = os.path.abspath(os.path.expanduser(root))
+    if name == "folder":
+        return read_folder(root, folder_cameras)
+    return READERS[name](root)
 
 
 def split_stats(records: Sequence[Record]) -> dict[str, int]:

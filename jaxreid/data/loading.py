@@ -6,26 +6,53 @@ import os
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 
 
 def load_data(config: ml_collections.ConfigDict, log: Callable[[str], None]):
-    """Reads the dataset and decodes the three splits once (cached)."""
+    """Reads the dataset and decodes the three splits once (cached). With
+    `data.eval_root` the query and gallery come from that labelled dataset
+    (`data.eval_dataset`, any supported layout) instead: how a model trained on
+    unlabelled crops (dataset "folder") is measured."""
     from jaxreid.data import load_dataset
-    from jaxreid.data.images import decode_split
+    from jaxreid.data.datasets import Record
+    from jaxreid.data.images import DecodedSplit, decode_split
     from jaxreid.train import Data
 
-    dataset = load_dataset(config.data.dataset, config.data.root)
-    cache = os.path.expanduser(config.data.cache_dir) if config.data.cache_dir else None
+    d = config.data
+    dataset = load_dataset(d.dataset, d.root, d.folder_cameras)
+    sources = {"train": dataset, "query": dataset, "gallery": dataset}
+    if d.eval_root:
+        labelled = load_dataset(d.eval_dataset, d.eval_root)
+        sources.update(query=labelled, gallery=labelled)
+    cache = os.path.expanduser(d.cache_dir) if d.cache_dir else None
     splits = {}
-    for split in ("train", "query", "gallery"):
+    for split, source in sources.items():
+        records: list[Record] = source.split(split)
+        if not records and split != "train":  # a folder without eval_root
+            splits[split] = DecodedSplit(np.zeros((0, d.height, d.width, 3), np.uint8), [])
+            continue
         splits[split] = decode_split(
-            dataset.split(split),
-            config.data.height,
-            config.data.width,
+            records,
+            d.height,
+            d.width,
             cache_dir=cache,
-            max_bad_fraction=config.data.max_bad_fraction,
-            desc=f"{dataset.name}-{split}",
+            max_bad_fraction=d.max_bad_fraction,
+            desc=f"{source.name}-{split}",
         )
-    counts = ", ".join(f"{s} {len(d.records):,}" for s, d in splits.items())
+    counts = ", ".join(f"{s} {len(x.records):,}" for s, x in splits.items())
     log(f"dataset {dataset.name} at {dataset.root}: {counts} images")
+    if d.eval_root:
+        log(f"query and gallery from {labelled.name} at {labelled.root}")
+    elif not splits["query"].records:
+        log(
+            "no query / gallery (set data.eval_root to a labelled dataset): training "
+            "without evaluation"
+        )
+    if len(np.unique(splits["train"].cameras)) == 1:
+        log(
+            "one camera in the training set: camera-aware parts act camera-agnostic (cap: one "
+            "proxy per cluster; camera_negatives and camera_centering: every image shares the "
+            "camera; SCL's lam_c: a constant)"
+        )
     return Data(**splits)
