@@ -22,6 +22,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
 _OUT = flags.DEFINE_string("out", None, "Output .onnx file.")
@@ -69,6 +70,8 @@ def export_onnx(embedder, path: str) -> list[str]:
 
 def main(argv) -> None:
     del argv
+    # orbax and jax log through absl at INFO; keep the console for results.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     from jaxreid.inference import Embedder
     from jaxreid.utils import UserError
 

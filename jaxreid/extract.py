@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
@@ -88,6 +89,8 @@ def extract_folder(embedder, folder: str, chunk: int = 1024, log=print) -> dict[
 
 def main(argv) -> None:
     del argv
+    # orbax and jax log through absl at INFO; keep the console for results.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     from jaxreid.inference import Embedder
     from jaxreid.utils import UserError
 

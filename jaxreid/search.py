@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 _FEATURES = flags.DEFINE_string("features", None, ".npz written by python -m jaxreid.extract.")
 _QUERY = flags.DEFINE_string("query", None, "A path stored in the .npz, or an image file.")
@@ -58,6 +59,8 @@ def search(
 
 def main(argv) -> None:
     del argv
+    # orbax and jax log through absl at INFO; keep the console for results.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     from jaxreid.utils import UserError
 
     try:
