@@ -5,6 +5,7 @@ evaluation and inference, with one error listing every mismatch."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import ml_collections
@@ -80,7 +81,13 @@ def restore_model(path: str, params, batch_stats):
         step = manager.latest_step()
         if step is None:
             return params, batch_stats, None
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+        with warnings.catch_warnings():
+            # The arrays come back on the default device, which is what we want;
+            # orbax warns at every restore that no sharding was given.
+            warnings.filterwarnings("ignore", message="Sharding info not provided")
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
+            )
     state = restored["state"]
     params = _match(params, state["params"], "params", path)
     batch_stats = _match(batch_stats, state["batch_stats"], "batch_stats", path)
