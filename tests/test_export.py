@@ -20,7 +20,7 @@ CASES = {
     "efficientnet_lite0-bnneck": ("efficientnet_lite0", "bnneck"),
     "osnet_x0_25-fc": ("osnet_x0_25", "fc"),
 }
-SLOW = {"efficientnet_lite0-bnneck", "osnet_x0_25-fc"}  # export takes minutes on 2 cores
+SLOW = {"resnet18-bnneck", "efficientnet_lite0-bnneck", "osnet_x0_25-fc"}  # minutes on 2 cores
 
 
 def _embedder(backbone: str, head: str):
