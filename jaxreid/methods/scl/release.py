@@ -106,24 +106,34 @@ def _backward(k, lam_t, lam_p, alpha, temperature, warmup, residuals, cotangent)
     b, c = candidates.shape
     x = jnp.stack([g, l_concat]).astype(bank.dtype)  # (2, B, D): global, local
     scale = 1.0 / temperature
-    # Every forward call read the initial M: the softmax of each branch.
-    logits = scale * jnp.einsum("sbd,bcd->sbc", x, bank[candidates])
-    probs = jax.nn.softmax(logits, axis=-1)
+    gathered = bank[candidates]  # (B, C, D): the initial M every forward call read
+    probs = jax.nn.softmax(scale * jnp.einsum("sbd,bcd->sbc", x, gathered), axis=-1)
     weights = candidate_weights(c, k, lam_t, alpha, warmup)
     branch_weight = jnp.asarray([1.0 - lam_p, lam_p], bank.dtype)
 
-    # The rows the calls read, in a (B * C, D) workspace: every candidate
-    # entry of one bank row shares a slot, so an update reaches all of them.
-    flat = candidates.reshape(-1)
-    slot, _ = _row_segments(flat, bank.shape[0])
-    work = jnp.zeros((b * c, bank.shape[1]), bank.dtype).at[slot].set(bank[flat])
-    slots = slot.reshape(b, c)
+    # Only the positive columns' rows change: chain their updates in a small
+    # (S, D) workspace, one slot per distinct row. A call's gradient is then
+    # (its d logits) . M0[cand] -- summed over all calls at the end -- plus,
+    # for the candidate entries whose row has moved, the change of that row.
+    columns = 1 if warmup else k + 1
+    written = candidates[:, :columns].reshape(-1)
+    num_slots = written.shape[0]
+    slot, _ = _row_segments(written, bank.shape[0])
+    slot_row = jnp.full((num_slots,), -1, jnp.int32).at[slot].set(written)
+    base = jnp.zeros((num_slots, bank.shape[1]), bank.dtype).at[slot].set(bank[written])
+    work = base
+    # match[b, c, s]: candidate entry (b, c) is the row of slot s.
+    match = (candidates[:, :, None] == slot_row[None, None, :]).astype(bank.dtype)
+    slots = slot.reshape(b, columns)
+    total_d_logits = jnp.zeros_like(probs)
     grads = jnp.zeros_like(x)
     for branch, column in _call_order(k, warmup):
         # d(loss)/d(logits) of this call: its CE term's weight, mean over the batch.
         target = jax.nn.one_hot(column, c, dtype=bank.dtype)
         d_logits = branch_weight[branch] * weights[column] * (probs[branch] - target) / b
-        grads = grads.at[branch].add(scale * jnp.einsum("bc,bcd->bd", d_logits, work[slots]))
+        total_d_logits = total_d_logits.at[branch].add(d_logits)
+        moved = jnp.einsum("bc,bcs->bs", d_logits, match) @ (work - base)
+        grads = grads.at[branch].add(scale * moved)
 
         def update(i, work, branch=branch, column=column):
             s = slots[i, column]
@@ -132,6 +142,7 @@ def _backward(k, lam_t, lam_p, alpha, temperature, warmup, residuals, cotangent)
             return jax.lax.dynamic_update_slice_in_dim(work, new, s, axis=0)
 
         work = jax.lax.fori_loop(0, b, update, work)
+    grads = grads + scale * jnp.einsum("sbc,bcd->sbd", total_d_logits, gathered)
     grads = cotangent * grads
     return grads[0].astype(g.dtype), grads[1].astype(l_concat.dtype), None, None
 
