@@ -179,3 +179,21 @@ def test_release_modes_train_through_the_step(tiny_root, tmp_path):
     assert len(losses["release"]) == 6 and np.all(np.isfinite(losses["release"]))
     assert losses["release"][0] == pytest.approx(losses["clean"][0], abs=1e-6)
     assert losses["release"][1:] != losses["clean"][1:]
+
+
+@pytest.mark.slow
+def test_release_modes_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
+    """The release switches keep device-count invariance (4 batch-norm groups)."""
+    from test_train import DEVICE_RUN, _losses, _run_on_devices
+
+    overrides = {
+        **DEVICE_RUN,
+        "method.mixture_update": "release",
+        "method.gradient": "release",
+        "method.warmup_sampling": "release",
+    }
+    one = _run_on_devices(1, tiny_root, str(tmp_path / "one"), overrides)
+    four = _run_on_devices(4, tiny_root, str(tmp_path / "four"), overrides)
+    assert len(_losses(str(tmp_path / "one"))) == 6
+    assert _losses(str(tmp_path / "four")) == _losses(str(tmp_path / "one"))
+    assert four["final"] == one["final"]
