@@ -64,6 +64,8 @@ RELEASE = [
 RUNS = {
     "scl": TINY,
     "scl_release": TINY + RELEASE,
+    # One release switch at a time.
+    **{f"scl_release_{flag.split('.')[2].split('=')[0]}": TINY + [flag] for flag in RELEASE},
     **{
         name: TINY + CLUSTER + [f"--config.method.name={name}"]
         for name in ("cluster_contrast", "cap", "hhcl", "joint", "self_paced", "supervised")
