@@ -25,25 +25,15 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Whi
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "Images decoded and embedded at a time.")
 flags.mark_flags_as_required(["workdir", "images", "out"])
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
 
 def list_images(folder: str) -> list[str]:
     """Paths of every image under `folder`, relative to it, sorted."""
+    from jaxreid.data.datasets import list_images_recursive
     from jaxreid.utils import UserError
 
     if not os.path.isdir(folder):
         raise UserError(f"--images {folder!r} is not a folder")
-    found = []
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(parent, name), folder))
-    if not found:
-        raise UserError(
-            f"no images under {folder!r} (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)"
-        )
-    return sorted(found)
+    return list_images_recursive(folder)
 
 
 def extract_folder(embedder, folder: str, chunk: int = 1024, log=print) -> dict[str, np.ndarray]:

@@ -278,6 +278,23 @@ def detect_format(root: str) -> str:
     return "market_layout"
 
 
+def list_images_recursive(root: str) -> list[str]:
+    """Paths of every image under `root` at any depth, relative to it, sorted;
+    DataError when there is none."""
+    paths = []
+    for parent, _, names in os.walk(root):
+        paths += [
+            os.path.relpath(os.path.join(parent, n), root)
+            for n in names
+            if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    if not paths:
+        raise DataError(
+            f"no images under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)"
+        )
+    return sorted(paths)
+
+
 def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
     r"""Unlabelled crops: every image under `root` at any depth (sorted) is a
     training image of unknown identity (pid -1); no query or gallery.
@@ -293,18 +310,7 @@ def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
             f"folder dataset root {root!r} is not a folder: point --config.data.root at "
             "the folder of crops"
         )
-    paths = []
-    for parent, _, names in os.walk(root):
-        paths += [
-            os.path.relpath(os.path.join(parent, n), root)
-            for n in names
-            if n.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    paths.sort()
-    if not paths:
-        raise DataError(
-            f"no images under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)"
-        )
+    paths = list_images_recursive(root)
     if cameras == "none":
         names = [""] * len(paths)
     elif cameras == "subfolder":
