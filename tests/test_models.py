@@ -17,6 +17,8 @@ from jaxreid.models.layers import (
     GhostBatchNorm,
     PointwiseConv,
     depthwise_conv_same,
+    normalize_groups,
+    pointwise_conv,
     stripe_bins,
     stripe_pool,
 )
@@ -167,11 +169,15 @@ def _grouped_conv(x, kernel, stride):
     )
 
 
-@pytest.mark.parametrize("height, width, stride, kernel", [(9, 6, 2, 3), (7, 5, 1, 5)])
-def test_depthwise_conv_and_its_vjp_match_grouped_convolution(height, width, stride, kernel):
+@pytest.mark.parametrize(
+    "batch, height, width, stride, kernel",
+    # batches 2, 8 and 5: the kernel gradient loops over chunks of 2, 4 and 1 images
+    [(2, 9, 6, 2, 3), (8, 7, 5, 1, 5), (5, 8, 8, 2, 5)],
+)
+def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, width, stride, kernel):
     conv = DepthwiseConv(6, kernel, stride, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, height, width, 6))
-    out_shape = (2, -(-height // stride), -(-width // stride), 6)
+    x = jax.random.normal(jax.random.key(1), (batch, height, width, 6))
+    out_shape = (batch, -(-height // stride), -(-width // stride), 6)
     cotangent = jax.random.normal(jax.random.key(2), out_shape)
 
     @jax.jit  # one compile instead of one per eager op
@@ -193,6 +199,42 @@ def test_pointwise_conv_matches_strided_1x1_convolution():
         x, conv.kernel[...], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     np.testing.assert_allclose(conv(x), expected, atol=1e-5)
+
+    # the hand-written VJP (input and kernel gradients) against the convolution's
+    def conv_1x1(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+    kernel = conv.kernel[...]
+    _, vjp = jax.vjp(lambda x, w: pointwise_conv(x[:, ::2, ::2], w[0, 0]), x, kernel)
+    _, vjp_ref = jax.vjp(conv_1x1, x, kernel)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_batch_norm_vjp_matches_autodiff_of_its_forward():
+    """normalize_groups' hand-written VJP, with cotangents on all three outputs
+    (the normalised map, the group mean and the biased group variance)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(1.5, 2.0, (2, 4, 3, 2, 5)), jnp.float32)  # 2 groups of 4
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 5), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=5), jnp.float32)
+    axes = (1, 2, 3)
+
+    def reference(x, scale, bias):
+        mean = x.mean(axes, keepdims=True)
+        var = jnp.square(x - mean).mean(axes, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-3) * scale + bias, mean, var
+
+    outputs, vjp = jax.vjp(lambda *a: normalize_groups(*a, axes, 1e-3), x, scale, bias)
+    expected, vjp_ref = jax.vjp(reference, x, scale, bias)
+    cotangents = tuple(jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in expected)
+    for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    for got, want in zip(vjp(cotangents), vjp_ref(cotangents), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_ibn_instance_normalises_first_half_per_sample():
