@@ -4,6 +4,7 @@ with stripes), Market-1501 mAP / CMC, the printed table and pictures."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,12 @@ import numpy as np
 from jaxreid import evaluate, models
 
 
+@functools.lru_cache(maxsize=16)
 def eval_apply_fn(graphdef) -> Callable:
-    """(variables, float images) -> outputs in eval mode, for extraction."""
+    """(variables, float images) -> outputs in eval mode, for extraction.
+    One function per model structure (graphdefs hash by structure): the
+    extraction's jit is keyed on it, so a new function per call would
+    compile the forward again at every evaluation."""
 
     def apply(variables, images):
         outputs, _ = models.apply_model(
