@@ -1,0 +1,114 @@
+"""Training and extraction speed: jaxreid's compiled step beside a PyTorch
+loop of the same network, loss and optimizer, on the same CPU, in one run.
+
+    python benchmarks/train_step.py                       # every row
+    python benchmarks/train_step.py --rows lite0_sup,lite0_cc --repeats 5
+    python benchmarks/train_step.py --no-torch            # jaxreid only
+
+jaxreid: the full step of the config (augmentation, model, method loss,
+gradients, optimizer, memory update), built with the functions training uses
+(benchmarks/jax_step.py). PyTorch: benchmarks/torch_reference.py (torch is an
+optional benchmark dependency; without it the torch column is empty). Both on
+random uint8 images, timed after warm-up; medians and [min-max] of
+`--repeats` steps. Extraction: eval-mode forward of one batch of 256 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from jax_step import JaxStep, load_config, random_training_set
+
+from jaxreid.utils import machine_description
+
+# name -> (config, overrides, images in the training set, label)
+ROWS = {
+    "lite0_sup": ("cuhk03_supervised.py", {}, 512, "EfficientNet-Lite0 128x64 b64 supervised"),
+    "lite0_cc": ("cuhk03_cc.py", {}, 512, "EfficientNet-Lite0 128x64 b64 cluster contrast"),
+    "osnet_cc": ("cuhk03_uda.py", {}, 512, "OSNet-x0.25 256x128 b64 cluster contrast (uda)"),
+    "r50_scl8": ("market.py", {}, 12936, "ResNet-50 256x128 b8 SCL (paper config)"),
+    "r50_scl32": ("market.py", {"train.batch_size": 32}, 12936, "ResNet-50 256x128 b32 SCL"),
+}
+EXTRACT_BATCH = 256
+
+
+def apply(config, overrides: dict):
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def summary(batch: int, times: list[float]) -> dict:
+    rates = sorted(batch / t for t in times)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1]}
+
+
+def fmt(s: dict | None) -> str:
+    if not s:
+        return "-"
+    return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-extract", action="store_true")
+    parser.add_argument("--json", default="", help="also write the figures here")
+    args = parser.parse_args()
+    torch_reference = None
+    if not args.no_torch:
+        try:
+            import torch_reference
+        except ImportError as e:
+            print(f"# torch column skipped: {e}")
+    print(machine_description())
+    if torch_reference is not None:
+        import torch
+
+        print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {}
+    header = f"{'row':48s} {'jaxreid img/s':>22s} {'PyTorch img/s':>22s} {'ratio':>6s}"
+    print(header)
+    for name in args.rows.split(","):
+        spec, overrides, num_images, label = ROWS[name]
+        config = apply(load_config(spec), overrides)
+        jax_step = JaxStep(config, num_images)
+        batch = jax_step.batch_size
+        entries = {"train": (summary(batch, jax_step.time_steps(args.warmup, args.repeats)), None)}
+        if not args.no_extract:
+            entries["extract"] = (
+                summary(EXTRACT_BATCH, jax_step.time_extraction(EXTRACT_BATCH, args.repeats)),
+                None,
+            )
+        del jax_step
+        if torch_reference is not None:
+            images, _, identities = random_training_set(config, num_images)
+            step = torch_reference.TorchStep(config, images, identities, memory_rows=num_images)
+            entries["train"] = (
+                entries["train"][0],
+                summary(batch, step.time_steps(args.warmup, args.repeats)),
+            )
+            if "extract" in entries:
+                entries["extract"] = (
+                    entries["extract"][0],
+                    summary(EXTRACT_BATCH, step.time_extraction(EXTRACT_BATCH, args.repeats)),
+                )
+            del step
+        for kind, (ours, theirs) in entries.items():
+            ratio = f"{ours['median'] / theirs['median']:.2f}x" if theirs else "-"
+            row = f"{label} {kind}"
+            print(f"{row:48s} {fmt(ours):>22s} {fmt(theirs):>22s} {ratio:>6s}", flush=True)
+            results[f"{name}/{kind}"] = {"jaxreid": ours, "pytorch": theirs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
