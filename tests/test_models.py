@@ -16,6 +16,8 @@ from jaxreid.models.layers import (
     GeM,
     GhostBatchNorm,
     PointwiseConv,
+    conv2d,
+    conv_padding,
     depthwise_conv_same,
     normalize_groups,
     pointwise_conv,
@@ -190,6 +192,29 @@ def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, wid
     # forward, input gradient and kernel gradient (the hand-written VJP)
     for got, expected in zip(ours, reference, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding",
+    # ResNet's 3x3 (stride 1 and 2) and 7x7 stem, EfficientNet's "SAME" stem, odd sizes
+    [((8, 6), 3, 1, 1), ((9, 7), 3, 2, 1), ((16, 10), 7, 2, 3), ((9, 8), 3, 2, "SAME")],
+)
+def test_conv_vjp_matches_autodiff_of_the_convolution(size, kernel, stride, padding):
+    x = jax.random.normal(jax.random.key(1), (2, *size, 5))
+    w = jax.random.normal(jax.random.key(2), (kernel, kernel, 5, 4))
+    pads = conv_padding(size, kernel, stride, padding)
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    out, vjp = jax.vjp(lambda x, w: conv2d(x, w, stride, pads), x, w)
+    expected, vjp_ref = jax.vjp(reference, x, w)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.key(3), out.shape)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_pointwise_conv_matches_strided_1x1_convolution():

@@ -19,9 +19,9 @@ from flax import nnx
 from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from jaxreid.models.layers import (
     IBN,
+    Conv,
     GhostBatchNorm,
     PointwiseConv,
-    kaiming_fan_out,
     max_pool_3x3_s2,
 )
 
@@ -49,24 +49,12 @@ class LayerFactory:
         kernel: int,
         stride: int = 1,
         padding: str | int = 0,
-    ) -> nnx.Conv | PointwiseConv:
-        """Bias-free conv; 1x1 ones as a matmul (fast backward on CPU)."""
+    ) -> Conv | PointwiseConv:
+        """Bias-free conv; 1x1 ones as a matmul (fast backward on CPU).
+        `padding`: "SAME" (TF) or an int (torch's symmetric padding)."""
         if kernel == 1:
             return PointwiseConv(in_ch, out_ch, stride, dtype=self.dtype, rngs=self.rngs)
-        if isinstance(padding, int):  # torch-style symmetric padding
-            padding = ((padding, padding), (padding, padding))
-        return nnx.Conv(
-            in_ch,
-            out_ch,
-            (kernel, kernel),
-            strides=stride,
-            padding=padding,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=kaiming_fan_out,
-            rngs=self.rngs,
-        )
+        return Conv(in_ch, out_ch, kernel, stride, padding, dtype=self.dtype, rngs=self.rngs)
 
     def bn(self, num_features: int) -> GhostBatchNorm:
         return GhostBatchNorm(num_features, group_size=self.bn_group_size, epsilon=self.bn_epsilon)
