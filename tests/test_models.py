@@ -197,7 +197,15 @@ def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, wid
 @pytest.mark.parametrize(
     "size, kernel, stride, padding",
     # ResNet's 3x3 (stride 1 and 2) and 7x7 stem, EfficientNet's "SAME" stem, odd sizes
-    [((8, 6), 3, 1, 1), ((9, 7), 3, 2, 1), ((16, 10), 7, 2, 3), ((9, 8), 3, 2, "SAME")],
+    # and maps no larger than the kernel (the per-tap input gradient)
+    [
+        ((8, 6), 3, 1, 1),
+        ((9, 7), 3, 2, 1),
+        ((16, 10), 7, 2, 3),
+        ((9, 8), 3, 2, "SAME"),
+        ((4, 2), 3, 1, 1),
+        ((3, 3), 3, 2, "SAME"),
+    ],
 )
 def test_conv_vjp_matches_autodiff_of_the_convolution(size, kernel, stride, padding):
     x = jax.random.normal(jax.random.key(1), (2, *size, 5))

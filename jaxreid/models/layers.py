@@ -498,8 +498,33 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple) -> jax.
     step loops over batch-norm groups), where forward convolutions and
     matmuls keep their speed.
     """
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    k = kernel.shape[0]
+    if min(x.shape[1], x.shape[2]) > k:
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    # Maps no larger than the kernel: XLA swaps the convolution's operands into
+    # a slow form; a patch matmul instead.
+    patches = _patches(x, k, stride, padding)
+    return jnp.einsum("bhwp,pd->bhwd", patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _patches(x: jax.Array, k: int, stride: int, padding: tuple) -> jax.Array:
+    """(B, H', W', k*k*C) image patches of the padded input, taps major."""
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (padded.shape[1] - k) // stride + 1
+    out_w = (padded.shape[2] - k) // stride + 1
+    return jnp.concatenate(
+        [
+            padded[
+                :,
+                i : i + (out_h - 1) * stride + 1 : stride,
+                j : j + (out_w - 1) * stride + 1 : stride,
+            ]
+            for i in range(k)
+            for j in range(k)
+        ],
+        axis=-1,
     )
 
 
@@ -513,33 +538,37 @@ def _conv2d_bwd(stride, padding, residuals, grad):
     (top, _), (left, _) = padding
     _, height, width, channels = x.shape
     out_h, out_w = grad.shape[1], grad.shape[2]
-    # input gradient: dilate the cotangent by the stride, pad it so that a
-    # stride-1 correlation with the flipped, transposed kernel yields (H, W).
-    dilated = jax.lax.pad(
-        grad,
-        jnp.zeros((), grad.dtype),
-        ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)),
-    )
-    pad_h = (k - 1 - top, height - 1 - (out_h - 1) * stride + top)
-    pad_w = (k - 1 - left, width - 1 - (out_w - 1) * stride + left)
     flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-    grad_x = jax.lax.conv_general_dilated(
-        dilated, flipped, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    if min(height, width) > k:
+        # input gradient: dilate the cotangent by the stride, pad it so that a
+        # stride-1 correlation with the flipped, transposed kernel yields (H, W).
+        dilated = jax.lax.pad(
+            grad,
+            jnp.zeros((), grad.dtype),
+            ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)),
+        )
+        pad_h = (k - 1 - top, height - 1 - (out_h - 1) * stride + top)
+        pad_w = (k - 1 - left, width - 1 - (out_w - 1) * stride + left)
+        grad_x = jax.lax.conv_general_dilated(
+            dilated, flipped, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    else:
+        # Maps smaller than the kernel: XLA would swap that convolution's
+        # operands into a slow form. One matmul per tap, each added where its
+        # pixels came from (the transposed patch extraction).
+        padded_shape = (grad.shape[0], height + sum(padding[0]), width + sum(padding[1]), channels)
+        grad_padded = jnp.zeros(padded_shape, jnp.float32)
+        for i in range(k):
+            for j in range(k):
+                tap = jnp.einsum("bhwd,cd->bhwc", grad, kernel[i, j]).astype(jnp.float32)
+                grad_padded = grad_padded.at[
+                    :,
+                    i : i + (out_h - 1) * stride + 1 : stride,
+                    j : j + (out_w - 1) * stride + 1 : stride,
+                ].add(tap)
+        grad_x = grad_padded[:, top : top + height, left : left + width]
     # kernel gradient: (patches^T g) with the patches of the padded input.
-    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    patches = jnp.concatenate(
-        [
-            padded[
-                :,
-                i : i + (out_h - 1) * stride + 1 : stride,
-                j : j + (out_w - 1) * stride + 1 : stride,
-            ]
-            for i in range(k)
-            for j in range(k)
-        ],
-        axis=-1,
-    )
+    patches = _patches(x, k, stride, padding)
     pixels = grad.shape[0] * out_h * out_w
     grad_kernel = jnp.einsum(
         "nd,nc->dc", grad.reshape(pixels, grad.shape[-1]), patches.reshape(pixels, -1)
