@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxreid import models
 from jaxreid.evaluate.protocol import extract, output_shapes
@@ -70,7 +72,10 @@ class JaxStep:
         model = models.build_model(config.model, rngs=nnx.Rngs(0))
         graphdef, params, batch_stats = models.split_model(model)
         tx = make_optimizer(config, 100, models.trainable_mask(model, params))
-        self.arrays = jax.device_put(TrainArrays(images=images, cameras=cameras))
+        # Replicated over the mesh as training puts them (else the second
+        # step, fed the first's replicated outputs, compiles again).
+        replicated = NamedSharding(mesh, P())
+        self.arrays = jax.device_put(TrainArrays(images=images, cameras=cameras), replicated)
         shapes = output_shapes(graphdef, params, batch_stats, config.data.height, config.data.width)
         train = TrainSet(
             cameras=cameras,
@@ -95,7 +100,7 @@ class JaxStep:
             rng=jax.random.key_data(jax.random.key(1)),
             nonfinite_step=jnp.full((), -1, jnp.int32),
         )
-        self.state = jax.device_put(self.state)
+        self.state = jax.device_put(self.state, replicated)
         self.step = make_train_step(config, graphdef, tx, method, mesh, plan.phase)
         batch = config.train.batch_size
         order = np.random.default_rng(1).permutation(num_images)
