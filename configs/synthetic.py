@@ -1,5 +1,5 @@
 """CPU demo and the README's embedded default: SCL on the generated synthetic
-set with EfficientNet-Lite0 (ImageNet weights, packaged) at 128x64; about 7
+set with EfficientNet-Lite0 (ImageNet weights, packaged) at 128x64; about 5
 minutes on 2 CPU cores.
 
     python -m jaxreid.main --config=configs/synthetic.py --workdir=/tmp/w
