@@ -90,24 +90,24 @@ LEARN = {
     "train.log_every": 10,
 }
 
-# Minimum mAP gain over the untrained model in 40 steps; measured on this set
-# (mAP 7.7 untrained): cluster_contrast 16.3, cap 19.2, self_paced 10.8. The
-# hard update alone (cluster_contrast_hard) does not gain in 40 steps here
-# (5.7; 8.8 after 80): clusters of 4 noisy images make the least similar
-# sample a poor prototype. Its update is unit-tested.
+# Minimum mAP gain over the untrained model in 40 steps, about half the
+# smallest gain over seeds 0, 1, 2 on this set (mAP 7.7 untrained; AMD EPYC,
+# commit of the hand-written VJPs): cluster_contrast +6.8 / +8.8 / +6.5, cap
+# +3.9 / +12.6 / +5.9. The hard update alone (cluster_contrast_hard) does not
+# gain in 40 steps here (5.7; 8.8 after 80): clusters of 4 noisy images make
+# the least similar sample a poor prototype. Its update is unit-tested.
 METHOD_GAINS = {
-    "cluster_contrast": 0.02,
-    "cap": 0.05,
+    "cluster_contrast": 0.03,
+    "cap": 0.02,
 }
-# The two hybrids' 40-step results on this set swing with the random stream:
-# hhcl 14.8 and joint 12.4 with one augmentation stream, 7.5 and 8.6 with
-# another (the per-group keys of the device-invariant step); hhcl gave 7.8
-# after 80 steps. Their tests check that training runs, stays finite and
-# keeps the untrained quality; their losses and updates are unit-tested.
-# self_paced gained 3.1 points on an Intel Xeon and 0.7 on an AMD EPYC (7.7 ->
-# 8.4; the same code and seed): its 40-step gain is within the CPU-to-CPU
-# spread, so it is checked like the hybrids.
+# The others swing with the random stream at this size, over seeds 0, 1, 2:
+# self_paced +0.8 / -1.9 / +5.0, hhcl -1.5 / +0.5 / -1.2, joint +1.5 / +1.6
+# / +3.5 (earlier figures: hhcl 14.8 and joint 12.4 with one augmentation
+# stream, 7.5 and 8.6 with another). Their tests check that training runs,
+# stays finite and keeps the untrained quality within 3 points (a broken
+# method collapses to 1-2 mAP); their losses and updates are unit-tested.
 UNSTABLE_GAIN = ("hhcl", "joint", "self_paced")
+UNSTABLE_MARGIN = 0.03
 
 
 def _short_training(root, tmp_path, name):
@@ -130,7 +130,7 @@ def test_short_cluster_training_raises_map(learn_root, tmp_path, name):
 def test_short_hybrid_training_keeps_quality(learn_root, tmp_path, name):
     before, after, losses = _short_training(learn_root, tmp_path, name)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
-    assert after > before - 0.02, (name, before, after)
+    assert after > before - UNSTABLE_MARGIN, (name, before, after)
 
 
 def test_short_supervised_training_raises_map(learn_root, tmp_path):
