@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,19 @@ def clustered_features(shapes: dict, identities: np.ndarray, seed: int = 0) -> d
         x = centres[identities] + 0.05 * rng.normal(size=(len(identities), *shape))
         out[key] = (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
     return out
+
+
+def time_runs(run: Callable[[int], None], warmup: int, repeats: int) -> list[float]:
+    """Seconds of `run(i)` for each of `repeats` calls after `warmup` calls
+    (`run` must wait for its result). Both columns of train_step.py use it."""
+    for i in range(warmup):
+        run(i)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        run(warmup + i)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 class JaxStep:
@@ -119,14 +133,7 @@ class JaxStep:
 
     def time_steps(self, warmup: int, repeats: int) -> list[float]:
         """Seconds per step (compilation in the first warm-up step)."""
-        for i in range(warmup):
-            self.run(i)
-        times = []
-        for i in range(repeats):
-            start = time.perf_counter()
-            self.run(warmup + i)
-            times.append(time.perf_counter() - start)
-        return times
+        return time_runs(self.run, warmup, repeats)
 
     def time_extraction(self, batch: int, repeats: int) -> list[float]:
         """Seconds per eval batch of `batch` images through `extract` (the

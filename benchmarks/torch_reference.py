@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from jax_step import time_runs  # noqa: E402
 from torch_osnet import TorchOSNet  # noqa: E402  (the test suite's torchreid transcription)
 
 # --- backbones -------------------------------------------------------------
@@ -349,14 +350,7 @@ class TorchStep:
         update()
 
     def time_steps(self, warmup: int, repeats: int) -> list[float]:
-        for i in range(warmup):
-            self.run(i)
-        times = []
-        for i in range(repeats):
-            start = time.perf_counter()
-            self.run(warmup + i)
-            times.append(time.perf_counter() - start)
-        return times
+        return time_runs(self.run, warmup, repeats)
 
     def time_extraction(self, batch: int, repeats: int) -> list[float]:
         images = self.images[:batch]
