@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.instance_momentum = 0.2  # hhcl / joint instance bank
     c.method.instance_weight = 1.0  # hhcl / joint: weight of the instance term
     c.method.inter_camera_weight = 0.5  # cap
-    c.method.num_hard_negatives = 50  # cap proxies / hhcl instances
+    c.method.num_hard_negatives = 50  # cap: hard proxies of the inter-camera term
     # Contrast each sample only with memory rows of its own camera (besides its
     # positives): cluster_contrast / self_paced / hhcl / joint (cap's intra term
     # always does).
@@ -167,7 +167,10 @@ RECIPE_METHODS = {
     "cluster_contrast_hard": dict(name="cluster_contrast", memory_update="hard"),
     "self_paced": dict(momentum=0.2),
     "cap": dict(temperature=0.07, momentum=0.2, inter_camera_weight=0.5, num_hard_negatives=50),
-    "hhcl": dict(memory_update="hard", instance_weight=1.0, num_hard_negatives=50),
+    # The release's published runs (CMhybrid_v2 terms): mean-updated centroids,
+    # the hard cluster-level instance term at equal weight, instance rows
+    # replaced by their latest feature.
+    "hhcl": dict(memory_update="mean", instance_weight=1.0, instance_momentum=0.0),
     "joint": dict(instance_weight=0.5, instance_momentum=0.2),
     # The upper bound on the same recipe: identity CE + triplet, true labels.
     "supervised": dict(name="supervised"),

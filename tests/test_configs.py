@@ -53,7 +53,8 @@ def test_cluster_recipe_settings():
     msmt = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("msmt17_cc.py")])
     assert msmt.train.steps_per_epoch == 400
     hhcl = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "hhcl")
-    assert (hhcl.method.name, hhcl.method.memory_update) == ("hhcl", "hard")
+    assert (hhcl.method.name, hhcl.method.memory_update) == ("hhcl", "mean")
+    assert hhcl.method.instance_momentum == 0.0
     with pytest.raises(ValueError, match="unknown method"):
         _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "nope")
 

@@ -22,9 +22,10 @@ Methods (each: build the memory, a pure loss, a pure update):
                     against the proxies of the sample's camera + inter-camera
                     loss: all proxies of its cluster as positives against the
                     hardest proxies of other clusters.
-  hhcl              centroids (hard update) + instance bank; ClusterNCE +
-                    instance CE of the hardest positive instance against the
-                    hardest negative instances.
+  hhcl              centroids + instance bank; ClusterNCE + a cluster-level
+                    CE whose logits are the hardest positive instance of the
+                    sample's cluster and the hardest instance of every other
+                    cluster (the release's CMhybrid_v2).
   joint             centroids + instance bank; ClusterNCE + multi-positive
                     instance NCE (all instances of the sample's cluster).
 
@@ -222,26 +223,29 @@ def hard_instance_loss(
     labels: jax.Array,
     instance_labels: jax.Array,
     temperature: float,
-    num_hard_negatives: int,
     negatives_used: jax.Array | None = None,
 ) -> jax.Array:
-    """HHCL's instance term: CE of [hardest positive; hardest negatives] with
-    the positive as target. The hardest positive is the instance of the same
-    cluster least similar to f; the negatives the `num_hard_negatives` most
-    similar instances of other clusters (outliers of the bank count as
-    negatives; only those where `negatives_used` (B, N) holds, when given).
-    Samples with label < 0 are skipped."""
+    """HHCL's instance term (the release's `CMhybrid_v2`): a softmax over the
+    clusters whose logit for the sample's own cluster is its hardest positive
+    (the least similar instance of that cluster) and for every other cluster
+    its hardest negative (the most similar instance of it). Outlier instances
+    belong to no cluster and take no part; with `negatives_used` (B, N) only
+    the marked instances give negatives. Samples with label < 0 are skipped."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = f @ jax.lax.stop_gradient(instances).T / temperature
-    same = (instance_labels[None, :] == labels[:, None]) & (labels[:, None] >= 0)
-    hardest_pos = jnp.min(jnp.where(same, s, jnp.inf), axis=1)
-    use = (labels >= 0) & jnp.isfinite(hardest_pos)
-    hardest_pos = jnp.where(use, hardest_pos, 0.0)  # finite, so gradients stay finite
-    k = min(num_hard_negatives, s.shape[1])
-    excluded = same if negatives_used is None else same | ~negatives_used
-    negs, _ = jax.lax.top_k(jnp.where(excluded, -jnp.inf, s), k)
-    logits = jnp.concatenate([hardest_pos[:, None], negs], axis=1)
-    ce = jax.nn.logsumexp(logits, axis=1) - hardest_pos
+    s = f @ jax.lax.stop_gradient(instances).T / temperature  # (B, N)
+    n = instances.shape[0]
+    # Cluster ids are < N; outlier instances go to a dropped segment.
+    segment = jnp.where(instance_labels >= 0, instance_labels, n)
+    usable = s if negatives_used is None else jnp.where(negatives_used, s, -jnp.inf)
+    hardest_neg = jax.ops.segment_max(usable.T, segment, num_segments=n + 1)[:n].T  # (B, C)
+    hardest_pos = jax.ops.segment_min(s.T, segment, num_segments=n + 1)[:n].T
+    own = jnp.arange(n)[None, :] == labels[:, None]
+    logits = jnp.where(own, hardest_pos, hardest_neg)
+    # Clusters without a usable instance (and the padding up to N) drop out.
+    logits = jnp.where(jnp.isfinite(logits), logits, _NEG)
+    use = labels >= 0
+    target = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
+    ce = jax.nn.logsumexp(logits, axis=1) - target
     return _mean_over(ce, use)
 
 
@@ -316,7 +320,6 @@ def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
         memory.pseudo_labels[indices],
         memory.pseudo_labels,
         s.temperature,
-        s.num_hard_negatives,
         negatives_used=instances_used,
     )
     total = cluster + s.instance_weight * instance
