@@ -90,47 +90,40 @@ LEARN = {
     "train.log_every": 10,
 }
 
-# Minimum mAP gain over the untrained model in 40 steps, about half the
-# smallest gain over seeds 0, 1, 2 on this set (mAP 7.7 untrained; AMD EPYC,
-# commit of the hand-written VJPs): cluster_contrast +6.8 / +8.8 / +6.5, cap
-# +3.9 / +12.6 / +5.9. The hard update alone (cluster_contrast_hard) does not
-# gain in 40 steps here (5.7; 8.8 after 80): clusters of 4 noisy images make
-# the least similar sample a poor prototype. Its update is unit-tested.
-METHOD_GAINS = {
-    "cluster_contrast": 0.03,
-    "cap": 0.02,
-}
-# The others swing with the random stream at this size, over seeds 0, 1, 2:
-# self_paced +0.8 / -1.9 / +5.0, hhcl -1.5 / +0.5 / -1.2, joint +1.5 / +1.6
-# / +3.5 (earlier figures: hhcl 14.8 and joint 12.4 with one augmentation
-# stream, 7.5 and 8.6 with another). Their tests check that training runs,
-# stays finite and keeps the untrained quality within 3 points (a broken
-# method collapses to 1-2 mAP); their losses and updates are unit-tested.
-UNSTABLE_GAIN = ("hhcl", "joint", "self_paced")
-UNSTABLE_MARGIN = 0.03
+# The synthetic cameras dominate the pixels (jaxreid/data/synthetic.py), so
+# the untrained model's clusters are camera-bound: at eps 0.6, 4% pairwise
+# precision, and the hardest positive of every sample is another person
+# (measured on this set's training features against the hidden identities).
+# Methods that trust single members then lost quality in 40 steps, over seeds
+# 0, 1, 2: HHCL (hardest positive) -1.4 / +2.3 / +4.2 (-1.5 / +0.5 / -1.2 with
+# its earlier hard centroid update and top-50 instance negatives), joint
+# (every member a positive) +1.5 / +1.6 / +3.5. With the adaptation recipe's
+# camera handling (clusters of camera-centred features: precision 20%, the
+# hardest positive right for 21%; own-camera negatives) every method gains,
+# over seeds 0, 1, 2 (AMD EPYC): cluster_contrast +16.2 / +13.2 / +22.2, cap
+# +19.8 / +17.5 / +20.1, hhcl +18.4 / +24.8 / +22.8, joint +19.2 / +22.3 /
+# +20.4, self_paced +19.1 / +17.9 / +17.9.
+CAMERA_AWARE = {"cluster.camera_centering": True, "method.camera_negatives": True}
+# Minimum gain: about half the smallest over all methods and seeds.
+MIN_GAIN = 0.06
+METHODS = ("cap", "cluster_contrast", "hhcl", "joint", "self_paced")
 
 
 def _short_training(root, tmp_path, name):
     # The per-method settings of the recipe (configs/cuhk03_<method>.py).
     recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
-    config = _cluster_config(root, name, **{**LEARN, **recipe})
+    config = _cluster_config(root, name, **{**LEARN, **CAMERA_AWARE, **recipe})
     result = train_and_evaluate(config, str(tmp_path / name), tiny_data(config), log=print)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
     print(name, before, after)
     return before, after, _losses(str(tmp_path / name))
 
 
-@pytest.mark.parametrize("name", sorted(METHOD_GAINS))
+@pytest.mark.parametrize("name", METHODS)
 def test_short_cluster_training_raises_map(learn_root, tmp_path, name):
-    before, after, _ = _short_training(learn_root, tmp_path, name)
-    assert after > before + METHOD_GAINS[name], (name, before, after)
-
-
-@pytest.mark.parametrize("name", UNSTABLE_GAIN)
-def test_short_hybrid_training_keeps_quality(learn_root, tmp_path, name):
     before, after, losses = _short_training(learn_root, tmp_path, name)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
-    assert after > before - UNSTABLE_MARGIN, (name, before, after)
+    assert after > before + MIN_GAIN, (name, before, after)
 
 
 def test_short_supervised_training_raises_map(learn_root, tmp_path):
