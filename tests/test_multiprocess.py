@@ -44,7 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["scl", "cluster_contrast"])
+# SCL across processes is the slow variant (2 min cold): the transport is
+# method-agnostic, and SCL's device-count invariance has its own fast test
+# (test_train.py::test_scl_same_bits_on_1_and_4_devices).
+@pytest.mark.parametrize(
+    "method", [pytest.param("scl", marks=pytest.mark.slow), "cluster_contrast"]
+)
 def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, method):
     single = str(tmp_path / "single")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
