@@ -44,7 +44,25 @@ def tiny_root(tmp_path_factory):
     return root
 
 
+# Modules with the longest tests (minutes each, mostly compiling), started
+# first so that pytest-xdist's workers do not end on them one at a time.
+LONG_MODULES = (
+    "test_train.py",
+    "test_multiprocess.py",
+    "test_cluster_training.py",
+    "test_release.py",
+    "test_label_blind.py",
+    "test_inference.py",
+    "test_new_method.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = os.path.basename(str(item.fspath))
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the order inside a module is kept
     if os.environ.get("JAXREID_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow end-to-end test: set JAXREID_SLOW=1 to run it")
