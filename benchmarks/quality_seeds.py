@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -33,6 +33,7 @@ _CAMERA_AWARE = flags.DEFINE_bool(
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax's per-checkpoint INFO lines
     import test_cluster_training as quality
 
     from jaxreid.config_base import RECIPE_METHODS
