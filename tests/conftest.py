@@ -9,20 +9,19 @@ import tempfile
 
 import pytest
 
-# Persistent XLA compilation cache shared by the tests and the subprocesses
-# they start: the training tests compile the same step several times
-# (straight run, interrupted runs, resumed run, 1 and 4 devices). One folder
-# per pytest-xdist worker: jax writes an entry in place, so a second worker
-# could read it half-written.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(
-        tempfile.gettempdir(),
-        "jaxreid-test-xla-cache" + os.environ.get("PYTEST_XDIST_WORKER", "").replace("gw", "-gw"),
-    ),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+def pytest_configure(config):
+    # Persistent XLA compilation cache shared by the tests and the subprocesses
+    # they start: the training tests compile the same step several times
+    # (straight run, interrupted runs, resumed run, 1 and 4 devices). One folder
+    # per pytest-xdist worker (jax writes an entry in place, so another worker
+    # could read it half-written); set here, before any test module imports jax.
+    worker = getattr(config, "workerinput", {}).get("workerid", "")
+    folder = "jaxreid-test-xla-cache" + (f"-{worker}" if worker else "")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), folder))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 CUHK03 = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
