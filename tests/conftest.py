@@ -9,18 +9,16 @@ import tempfile
 
 import pytest
 
-
-def pytest_configure(config):
-    # Persistent XLA compilation cache shared by the tests and the subprocesses
-    # they start: the training tests compile the same step several times
-    # (straight run, interrupted runs, resumed run, 1 and 4 devices). One folder
-    # per pytest-xdist worker (jax writes an entry in place, so another worker
-    # could read it half-written); set here, before any test module imports jax.
-    worker = getattr(config, "workerinput", {}).get("workerid", "")
-    folder = "jaxreid-test-xla-cache" + (f"-{worker}" if worker else "")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), folder))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Persistent XLA compilation cache shared by the tests, the pytest-xdist
+# workers and the subprocesses they start: the training tests compile the same
+# step several times (straight run, interrupted runs, resumed run, 1 and 4
+# devices). jax writes an entry in place; a worker that reads one half-written
+# gets an error that jax turns into a warning and a fresh compilation.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxreid-test-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 CUHK03 = os.path.abspath(
