@@ -167,7 +167,8 @@ RECIPE_METHODS = {
     "cluster_contrast_hard": dict(name="cluster_contrast", memory_update="hard"),
     "self_paced": dict(momentum=0.2),
     "cap": dict(temperature=0.07, momentum=0.2, inter_camera_weight=0.5, num_hard_negatives=50),
-    # The release's published runs (CMhybrid_v2 terms): mean-updated centroids,
+    # The release's instance-level form (CMhybrid_v2; its run.sh trains the
+    # centroid-only CMhybrid): mean-updated centroids,
     # the hard cluster-level instance term at equal weight, instance rows
     # replaced by their latest feature.
     "hhcl": dict(memory_update="mean", instance_weight=1.0, instance_momentum=0.0),
