@@ -36,21 +36,14 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax's per-checkpoint INFO lines
     import test_cluster_training as quality
 
-    from jaxreid.config_base import RECIPE_METHODS
     from jaxreid.data import synthetic
     from jaxreid.train import train_and_evaluate
 
     root = os.path.join(tempfile.mkdtemp(), "learn")
-    synthetic.generate(root, num_ids=60, num_cameras=3, images_per_id_per_camera=2, seed=5)
+    synthetic.generate(root, **quality.LEARN_SET)
     for name in _METHODS.value:
         for seed in (int(s) for s in _SEEDS.value):
-            if name == "supervised":
-                settings = {**quality.LEARN, "train.epochs": 3, "train.eval_every": 3}
-            else:
-                recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
-                camera = quality.CAMERA_AWARE if _CAMERA_AWARE.value else {}
-                settings = {**quality.LEARN, **camera, **recipe}
-            config = quality._cluster_config(root, name, **settings)
+            config = quality.short_training_config(root, name, _CAMERA_AWARE.value)
             config.seed = seed
             result = train_and_evaluate(
                 config, tempfile.mkdtemp(), quality.tiny_data(config), log=lambda s: None

@@ -65,12 +65,16 @@ def test_one_giant_cluster_asks_for_a_lower_eps(tiny_root, tmp_path):
         train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=lambda s: None)
 
 
+# The learning set of the quality tests (and benchmarks/quality_seeds.py).
+LEARN_SET = dict(num_ids=60, num_cameras=3, images_per_id_per_camera=2, seed=5)
+
+
 @pytest.fixture(scope="module")
 def learn_root(tmp_path_factory):
     from jaxreid.data import synthetic
 
     root = str(tmp_path_factory.mktemp("learn") / "synthetic")
-    synthetic.generate(root, num_ids=60, num_cameras=3, images_per_id_per_camera=2, seed=5)
+    synthetic.generate(root, **LEARN_SET)
     return root
 
 
@@ -109,10 +113,19 @@ MIN_GAIN = 0.06
 METHODS = ("cap", "cluster_contrast", "hhcl", "joint", "self_paced")
 
 
-def _short_training(root, tmp_path, name):
+def short_training_config(root: str, name: str, camera_aware: bool = True):
+    """The quality tests' config of method `name` (or "supervised": 3 epochs,
+    no clustering) on the learning set at `root`."""
+    if name == "supervised":
+        return _cluster_config(root, name, **{**LEARN, "train.epochs": 3, "train.eval_every": 3})
     # The per-method settings of the recipe (configs/cuhk03_<method>.py).
     recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
-    config = _cluster_config(root, name, **{**LEARN, **CAMERA_AWARE, **recipe})
+    camera = CAMERA_AWARE if camera_aware else {}
+    return _cluster_config(root, name, **{**LEARN, **camera, **recipe})
+
+
+def _short_training(root, tmp_path, name):
+    config = short_training_config(root, name)
     result = train_and_evaluate(config, str(tmp_path / name), tiny_data(config), log=print)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
     print(name, before, after)
@@ -127,11 +140,9 @@ def test_short_cluster_training_raises_map(learn_root, tmp_path, name):
 
 
 def test_short_supervised_training_raises_map(learn_root, tmp_path):
-    config = _cluster_config(
-        learn_root, "supervised", **{**LEARN, "train.epochs": 3, "train.eval_every": 3}
-    )
+    config = short_training_config(learn_root, "supervised")
     result = train_and_evaluate(config, str(tmp_path / "sup"), tiny_data(config), log=print)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
     print("supervised", before, after)
     # Gains over seeds 0, 1, 2 (AMD EPYC): +15.7 / +18.5 / +15.8.
-    assert after > before + 0.08, (before, after)
+    assert after > before + 0.1, (before, after)
