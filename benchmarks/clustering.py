@@ -108,15 +108,19 @@ def _current_rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
+def measure(method: str, n: int, dim: int, labels_out: str | None, log=None) -> dict:
+    """One clustering of N generated features; `log(message)` reports each stage's end."""
     from jaxreid.pseudo_labels import clustering, kreciprocal, neighbors
 
+    log = log or (lambda message: None)
     features = clustered_features(n, dim)
     base = _current_rss_gib()
+    log(f"N={n}: features generated")
     start = time.perf_counter()
     backend = "jax" if method == "sparse-jax" else "faiss"
     sims, order = neighbors.knn(features, K1, backend=backend)
     knn_seconds = time.perf_counter() - start
+    log(f"N={n}: kNN {knn_seconds:.1f} s")
     if method == "dense":
         distance = dense_jaccard(order, features, K1, K2)
         stored = int((distance < 1).sum())
@@ -126,6 +130,7 @@ def measure(method: str, n: int, dim: int, labels_out: str | None) -> dict:
         )
         stored = distance.nnz
     jaccard_seconds = time.perf_counter() - start - knn_seconds
+    log(f"N={n}: Jaccard {jaccard_seconds:.1f} s")
     try:
         if method != "dense":
             raise ImportError
