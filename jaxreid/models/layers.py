@@ -272,6 +272,10 @@ class GeM(nnx.Module):
     def __call__(self, feature_map: jax.Array) -> jax.Array:
         p = self.p[...]
         x = jnp.maximum(feature_map.astype(jnp.float32), self.eps)
+        if _EXPORTING:
+            # x^p as exp(p log x) (x >= eps > 0): jax2onnx's power cannot
+            # broadcast the exponent against a symbolic batch dimension.
+            return jnp.exp(jnp.log(jnp.exp(jnp.log(x) * p).mean((1, 2))) / p)
         return jnp.power(jnp.power(x, p).mean((1, 2)), 1.0 / p)
 
 
