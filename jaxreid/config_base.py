@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.mixture_update = "sequential"  # release | sequential | vectorized
     c.method.gradient = "clean"  # release | clean
     c.method.warmup_sampling = "clean"  # release | clean
+    # Mixture bank M at the start: "zeros" (the release) or "features": each row
+    # as one update of an empty row with the sample's own initial features
+    # leaves it, normalize(g + concat(l) / sqrt(P)) (adaptation from a source
+    # model, which needs no warm-up to fill M).
+    c.method.mixture_init = "zeros"
     # Clustering family (cluster-family.md; method.name one of
     # cluster_contrast | self_paced | cap | hhcl | joint). method.temperature
     # is shared with SCL (the recipe's 0.05 is set by cluster_config).

@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 MIXTURE_UPDATES = ("release", "sequential", "vectorized")
+MIXTURE_INITS = ("zeros", "features")
 RELEASE_OR_CLEAN = ("release", "clean")
 
 
@@ -55,6 +56,7 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         ("method.mixture_update", config.method.mixture_update, MIXTURE_UPDATES),
         ("method.gradient", config.method.gradient, RELEASE_OR_CLEAN),
         ("method.warmup_sampling", config.method.warmup_sampling, RELEASE_OR_CLEAN),
+        ("method.mixture_init", config.method.mixture_init, MIXTURE_INITS),
     )
     for key, value, allowed in choices:
         if value not in allowed:

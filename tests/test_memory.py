@@ -79,6 +79,23 @@ def test_init_banks_layout():
     np.testing.assert_array_equal(out.local_bank, banks.local_bank)
 
 
+def test_mixture_init_features_is_one_update_from_zeros():
+    # "features": the row one update of an empty M row leaves, with the
+    # sample's own concat(l) then g (the release's order: local branch first).
+    rng = np.random.default_rng(2)
+    g = _unit(rng.normal(size=(4, 8))).astype(np.float32)
+    st = _unit(rng.normal(size=(4, 2, 4))).astype(np.float32)
+    banks = memory.init_banks(g, st, np.arange(4), mixture_init="features")
+    expected = [_np_blend(_np_blend(np.zeros(8), st[i].reshape(-1)), g[i]) for i in range(4)]
+    np.testing.assert_allclose(banks.mixture_bank, np.stack(expected), atol=1e-6)
+    # By hand: concat(l) has norm sqrt(P) = sqrt(2), so M = unit(g + concat(l) / sqrt(2)).
+    np.testing.assert_allclose(
+        banks.mixture_bank, _unit(g + st.reshape(4, 8) / np.sqrt(2)), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="mixture_init"):
+        memory.init_banks(g, st, np.arange(4), mixture_init="ones")
+
+
 def test_zero_rows_stay_finite():
     bank = jnp.zeros((3, 4))
     x = jnp.asarray([[3.0, 0, 4, 0], [0, 0, 0, 0]])

@@ -38,7 +38,9 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
     def init_memory(train: TrainSet) -> banks.SCLBanks:
         release.capped_negatives(m.n, m.k, train.num_images)  # warns when it caps
         features = train.extract()
-        return banks.init_banks(features["global"], features["stripes"], train.cameras)
+        return banks.init_banks(
+            features["global"], features["stripes"], train.cameras, mixture_init=m.mixture_init
+        )
 
     def start_epoch(epoch: int, train: TrainSet, memory: banks.SCLBanks, resumed: bool):
         return EpochPlan(phase=WARMUP if epoch < m.warmup_epochs else SELECT)

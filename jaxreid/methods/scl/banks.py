@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxreid.utils import l2_normalize
+
 _EPS = 1e-12
 _MODES = ("sequential", "vectorized")
 _ORDERS = ("global_then_local", "per_sample", "release")
@@ -93,6 +95,7 @@ def init_banks(
     local_features: jax.Array,
     cameras: jax.Array,
     dtype: jnp.dtype = jnp.float32,
+    mixture_init: str = "zeros",
 ) -> SCLBanks:
     """Banks from a forward pass of the initial model over the whole train set.
 
@@ -101,10 +104,12 @@ def init_banks(
       local_features: (N, P, D/P) the model's "stripes" output (unit per stripe).
       cameras: (N,) camera ids.
       dtype: bank dtype.
+      mixture_init: "zeros" (M at zeros, as the released code) or "features":
+        M[i] = normalize(g_i + concat_p(l_ip) / sqrt(P)), what one update of an
+        empty row with the sample's own features gives (local, then global).
 
     Returns:
-      SCLBanks with G and L set to the features as given and M at zeros (as the
-      released code).
+      SCLBanks with G and L set to the features as given and M as `mixture_init` says.
     """
     global_features = jnp.asarray(global_features, dtype)
     local_features = jnp.asarray(local_features, dtype)
@@ -118,10 +123,17 @@ def init_banks(
     cameras = jnp.asarray(cameras, jnp.int32)
     if cameras.shape != (n,):
         raise ValueError(f"cameras must be ({n},), got {cameras.shape}")
+    if mixture_init == "zeros":
+        mixture = jnp.zeros((n, d), dtype)
+    elif mixture_init == "features":
+        concat = local_features.reshape(n, d).astype(jnp.float32) / jnp.sqrt(p)
+        mixture = l2_normalize(global_features.astype(jnp.float32) + concat).astype(dtype)
+    else:
+        raise ValueError(f"mixture_init must be 'zeros' or 'features', got {mixture_init!r}")
     return SCLBanks(
         global_bank=global_features,
         local_bank=jnp.transpose(local_features, (1, 0, 2)),
-        mixture_bank=jnp.zeros((n, d), dtype),
+        mixture_bank=mixture,
         cameras=cameras,
     )
 
