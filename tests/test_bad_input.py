@@ -47,6 +47,11 @@ MAIN_CASES = [
         ["train.batch_size = 30", "train.num_instances"],
     ),
     ("batch-0", ["--config.train.batch_size=0"], ["train.batch_size = 0"]),
+    (
+        "unknown-mixture-init",
+        ["--config.method.mixture_init=ones"],
+        ["method.mixture_init = 'ones'", "zeros, features"],
+    ),
     ("negative-eps", ["--config.cluster.eps=-0.5"], ["cluster.eps = -0.5", "(0, 1]"]),
     ("min-samples-0", ["--config.cluster.min_samples=0"], ["cluster.min_samples = 0"]),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),
