@@ -12,8 +12,8 @@ environment, in a venv that sees it:
     /tmp/venv_tf/bin/python benchmarks/export_compare.py
 
 Each backbone is built with random weights (its usual head: efficientnet_lite0
-and resnet50 BN neck, osnet_x0_25 the 512-d `fc` embedding; average pooling as
-in tests/test_export.py, --pooling usual for their configs' GeM) and exported
+and resnet50 BN neck with their configs' GeM pooling, osnet_x0_25 the 512-d `fc`
+embedding with average pooling; --pooling avg / gem for all) and exported
 in eval mode as the function `jaxreid.export.export_onnx` exports, reduced to
 the "global" output, input "images" float32 (batch, H, W, 3) in pixel scale
 [0, 255] with a dynamic batch. Per exporter: export seconds (one export, after
@@ -61,9 +61,9 @@ def _parse_args(argv):
     parser.add_argument("--batch", type=int, default=16, help="images per accuracy/speed batch")
     parser.add_argument(
         "--pooling",
-        default="avg",
+        default="usual",
         choices=["avg", "gem", "usual"],
-        help="global pooling: avg (as tests/test_export.py), gem, or each backbone's usual one",
+        help="global pooling: each backbone's usual one (default), avg or gem",
     )
     parser.add_argument("--out-dir", default="", help="keep the .onnx files here (default: temp)")
     return parser.parse_args(argv)
