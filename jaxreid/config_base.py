@@ -286,10 +286,6 @@ def uda_config(
         # (SCL distance 13.1 -> 12.9 -> 13.7), against 6.2 -> 6.9 from zeros.
         c.method.warmup_epochs = 0
         c.method.mixture_init = "features"
-        # Its k nearest rows are noisier positives than clusters: a lower rate
-        # keeps more of the source (2 x 200 steps: 9.9 -> 10.0 plain, 13.8 ->
-        # 14.1 SCL distance at 1e-4, against 8.9 -> 9.4 / 12.9 -> 13.7 at 3.5e-4).
-        c.optimizer.lr = 1e-4
         c.optimizer.name = "adam"
         c.train.batch_size = 32
     else:
@@ -319,7 +315,10 @@ def uda_config(
     # rows only. Measured after 1 epoch: cluster contrast 9.2 -> 15.2 mAP, cap
     # (inter-camera hard negatives from the own camera) 12.9 -> 15.5.
     c.method.camera_negatives = True
-    c.optimizer.lr = 3.5e-4
+    # SCL's k nearest rows are noisier positives than clusters: a lower rate
+    # keeps more of the source (2 x 200 steps: plain 9.9 -> 10.0, SCL distance
+    # 13.8 -> 14.1 at 1e-4, against 8.9 -> 9.4 / 12.9 -> 13.7 at 3.5e-4).
+    c.optimizer.lr = 1e-4 if method == "scl" else 3.5e-4
     c.optimizer.weight_decay = 5e-4
     # Cosine decay over the 8 epochs: cluster contrast 17.8 mAP after 8 epochs
     # (best 18.0, epoch 7) vs a constant rate peaking at 16.4 after 2 epochs
