@@ -18,6 +18,7 @@ In onnxruntime:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -72,6 +73,9 @@ def main(argv) -> None:
     del argv
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    # onnx_ir warns for every intermediate value whose shape has no element type
+    # ("Skipping serialization"): type annotations only, the graph is complete.
+    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
     from jaxreid.inference import Embedder
     from jaxreid.utils import UserError
 
