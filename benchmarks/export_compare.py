@@ -13,9 +13,10 @@ environment, in a venv that sees it:
 
 Each backbone is built with random weights (its usual head: efficientnet_lite0
 and resnet50 BN neck with their configs' GeM pooling, osnet_x0_25 the 512-d `fc`
-embedding with average pooling; --pooling avg / gem for all) and exported
-in eval mode as the function `jaxreid.export.export_onnx` exports, reduced to
-the "global" output, input "images" float32 (batch, H, W, 3) in pixel scale
+embedding with average pooling; --pooling avg / gem for all; each has the
+"global" output only), in eval mode: by `jaxreid.export.export_onnx` itself,
+and the same traced function (`jaxreid.export.exported_function`) through
+jax2tf + tf2onnx; input "images" float32 (batch, H, W, 3) in pixel scale
 [0, 255] with a dynamic batch. Per exporter: export seconds (one export, after
 imports and model building), file size, ONNX node count (graph plus local
 functions), max |onnxruntime - jaxreid| over --batch random uint8 images
@@ -34,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -88,35 +88,11 @@ def build_embedder(backbone: str, pooling: str = "avg"):
     return Embedder(config, *models.split_model(model))
 
 
-def global_features_fn(embedder) -> Callable:
-    """images -> (global,): the function export_onnx exports, "global" output only."""
-    from jaxreid.evaluate.protocol import eval_apply_fn
-
-    variables = {"params": embedder.params, "batch_stats": embedder.batch_stats}
-    apply = eval_apply_fn(embedder.graphdef)
-
-    def features(images):
-        return (apply(variables, images)["global"],)
-
-    return features
-
-
 def export_jax2onnx(embedder, path: str) -> None:
-    """The call `jaxreid.export.export_onnx` makes (opset: jax2onnx's default)."""
-    from jax2onnx import to_onnx
+    """jaxreid's own export (`jaxreid.export.export_onnx`; opset: jax2onnx's default)."""
+    from jaxreid.export import export_onnx
 
-    from jaxreid.models.layers import export_friendly
-
-    with export_friendly():
-        model = to_onnx(
-            global_features_fn(embedder),
-            [("batch", embedder.height, embedder.width, 3)],
-            model_name="jaxreid",
-            input_names=["images"],
-            output_names=["global"],
-        )
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+    export_onnx(embedder, path)
 
 
 def export_jax2tf_tf2onnx(embedder, path: str) -> None:
@@ -125,13 +101,14 @@ def export_jax2tf_tf2onnx(embedder, path: str) -> None:
     import tf2onnx
     from jax.experimental import jax2tf
 
+    from jaxreid.export import exported_function
     from jaxreid.models.layers import export_friendly
 
     height, width = embedder.height, embedder.width
     signature = [tf.TensorSpec((None, height, width, 3), tf.float32, name="images")]
     with export_friendly():
         converted = jax2tf.convert(
-            global_features_fn(embedder),
+            exported_function(embedder)[0],
             polymorphic_shapes=[f"(b, {height}, {width}, 3)"],
             with_gradient=False,
         )

@@ -178,15 +178,11 @@ def selection(s: dict) -> dict:
     return {"rows": s["rows"], "dim": s["dim"], "batch": 8, "ms": 1e3 * float(np.median(times))}
 
 
-def clustering(s: dict, save=lambda value: None) -> dict:
+def clustering_of(s: dict, n: int) -> dict:
     from clustering import measure
 
-    out = {}
-    for n in s["cluster_sizes"]:
-        m = measure("sparse-jax", n, s["dim"] if s is SMALL else 2048, None, log=_progress)
-        out[str(n)] = {k: m[k] for k in ("knn_s", "jaccard_s", "dbscan_s", "total_s", "clusters")}
-        save(out)
-    return out
+    m = measure("sparse-jax", n, s["dim"] if s is SMALL else 2048, None, log=_progress)
+    return {k: m[k] for k in ("knn_s", "jaccard_s", "dbscan_s", "total_s", "clusters")}
 
 
 def _progress(message: str) -> None:
@@ -211,7 +207,9 @@ PARTS = {
     "epoch": lambda s, save: _each(
         s, save, {"scl_paper": scl_epoch, "cluster_recipe": cluster_epoch}
     ),
-    "cluster": clustering,
+    "cluster": lambda s, save: _each(
+        s, save, {str(n): functools.partial(clustering_of, n=n) for n in s["cluster_sizes"]}
+    ),
 }
 
 

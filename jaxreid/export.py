@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -32,18 +33,11 @@ _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Whi
 OUTPUTS = ("global", "stripes")
 
 
-def export_onnx(embedder, path: str) -> list[str]:
-    """Writes the embedder's eval-mode model to `path`; returns the output names."""
+def exported_function(embedder) -> tuple[Callable, list[str]]:
+    """The function an export traces, images -> the outputs named in the list
+    (eval mode, the embedder's weights closed over)."""
     from jaxreid.evaluate.protocol import eval_apply_fn, output_shapes
-    from jaxreid.models.layers import export_friendly
-    from jaxreid.utils import UserError
 
-    try:
-        from jax2onnx import to_onnx
-    except ImportError as e:
-        raise UserError(
-            f"ONNX export needs jax2onnx ({e}): pip install jax2onnx onnxruntime"
-        ) from e
     variables = {"params": embedder.params, "batch_stats": embedder.batch_stats}
     apply = eval_apply_fn(embedder.graphdef)
     shapes = output_shapes(
@@ -55,6 +49,21 @@ def export_onnx(embedder, path: str) -> list[str]:
         outputs = apply(variables, images)
         return tuple(outputs[name] for name in names)
 
+    return features, names
+
+
+def export_onnx(embedder, path: str) -> list[str]:
+    """Writes the embedder's eval-mode model to `path`; returns the output names."""
+    from jaxreid.models.layers import export_friendly
+    from jaxreid.utils import UserError
+
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise UserError(
+            f"ONNX export needs jax2onnx ({e}): pip install jax2onnx onnxruntime"
+        ) from e
+    features, names = exported_function(embedder)
     with export_friendly():
         model = to_onnx(
             features,
