@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.num_hard_negatives = 50  # cap: hard proxies of the inter-camera term
     # Contrast each sample only with memory rows of its own camera (besides its
     # positives): cluster_contrast / self_paced / hhcl / joint (cap's intra term
-    # always does).
+    # always does); scl: its n negatives are the nearest own-camera rows.
     c.method.camera_negatives = False
     # Supervised reference (method "supervised"): identity CE + batch-hard triplet.
     c.method.label_smoothing = 0.1

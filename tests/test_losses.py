@@ -107,6 +107,30 @@ def test_value_and_gradient_match_spec(inputs, warmup, dense):
         np.testing.assert_allclose(numeric(1, i, c), want_l[i, c], atol=1e-6)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_absent_negatives_are_left_out(inputs, dense):
+    g, l_concat, mixture, candidates = inputs
+    candidates = candidates.copy()
+    candidates[0, -2:] = -1  # own-camera selection: fewer negatives for row 0
+    candidates[2, -1] = -1
+    loss_fn = functools.partial(losses.scl_loss, k=K, dense_logits=dense, **HP)
+    value, (grad_g, grad_l) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        *(jnp.asarray(a, jnp.float32) for a in (g, l_concat, mixture)), jnp.asarray(candidates)
+    )
+    # Reference: every sample alone with its present columns only.
+    want, want_g, want_l = 0.0, [], []
+    hp = dict(k=K, lam_t=HP["lam_t"], alpha=HP["alpha"], temperature=HP["temperature"], warmup=False)
+    for i in range(B):
+        row = candidates[i][candidates[i] >= 0][None]
+        one = (g[i : i + 1], l_concat[i : i + 1], mixture, row)
+        want += _np_loss(*one, K, warmup=False, **HP) / B
+        want_g.append(_np_grad(g[i : i + 1], mixture, row, scale=(1 - HP["lam_p"]) / B, **hp))
+        want_l.append(_np_grad(l_concat[i : i + 1], mixture, row, scale=HP["lam_p"] / B, **hp))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(grad_g, np.concatenate(want_g), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(grad_l, np.concatenate(want_l), atol=1e-5, rtol=1e-4)
+
+
 def test_warmup_keeps_only_self_term(inputs):
     g, l_concat, mixture, candidates = inputs
     warm = losses.scl_loss(g, l_concat, mixture, candidates, k=K, warmup=True, **HP)

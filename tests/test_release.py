@@ -34,6 +34,7 @@ def numpy_release(m0, g, lc, cand, k, warmup):
     probs = {}
     for name in x:
         z = np.einsum("bd,bcd->bc", x[name], m0[cand]) / TAU
+        z = np.where(cand >= 0, z, -np.inf)  # -1: an absent negative
         z = np.exp(z - z.max(axis=1, keepdims=True))
         probs[name] = z / z.sum(axis=1, keepdims=True)
     grad = {name: np.zeros_like(v) for name, v in x.items()}
@@ -42,7 +43,8 @@ def numpy_release(m0, g, lc, cand, k, warmup):
         for a in reversed(columns):
             d_logits = weight * cof[a] * (probs[name] - np.eye(c)[a]) / b
             for i in range(b):
-                grad[name][i] += d_logits[i] @ m[cand[i]] / TAU
+                present = cand[i] >= 0
+                grad[name][i] += d_logits[i, present] @ m[cand[i, present]] / TAU
             for i in range(b):
                 row = cand[i, a]
                 m[row] = _unit((m[row] + x[name][i]) / 2)
@@ -102,6 +104,18 @@ def test_bank_and_gradient_equal_the_release(warmup, zero_bank):
             )
         assert np.all(np.asarray(clean_grad) == 0)
         assert np.abs(want_g).max() > 1e-3 and np.abs(grad_g).max() > 1e-3
+
+
+def test_absent_negatives_leave_the_release_softmax():
+    m0, g, lc, cand = _inputs(2)
+    cand[0, -5:] = -1
+    cand[3, -1] = -1
+    bank, grad_g, grad_l, value, clean = _jax_release(m0, g, lc, cand, False)
+    want_bank, want_g, want_l = numpy_release(m0, g, lc, cand, K, False)
+    np.testing.assert_allclose(bank, want_bank, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(grad_g, want_g, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(grad_l, want_l, rtol=0, atol=1e-6)
+    assert value == clean
 
 
 def test_release_order_differs_from_global_first():

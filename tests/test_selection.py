@@ -84,6 +84,38 @@ def test_auto_blocks_beyond_the_one_shot_limit(problem, monkeypatch):
     np.testing.assert_array_equal(cand[:, 1:], np.argsort(d, axis=1, kind="stable")[:, :40])
 
 
+@pytest.mark.parametrize("n", [20, 70])
+@pytest.mark.parametrize("block_size", [None, 64, 7])
+def test_own_camera_negatives_match_brute_force(problem, block_size, n):
+    banks, g, st, batch_idx, batch_cams, d = problem
+    k = 7
+    cams = np.asarray(banks.cameras)
+    select = jax.jit(
+        functools.partial(
+            selection.select_candidates,
+            k=k,
+            n=n,
+            block_size=block_size,
+            own_camera_negatives=True,
+            return_distances=True,
+        )
+    )
+    cand, dist = select(
+        g, st, jnp.asarray(batch_idx), jnp.asarray(batch_cams), banks, lam_g=LAM_G, lam_c=LAM_C
+    )
+    cand = np.asarray(cand)
+    for i in range(B):
+        order = np.argsort(d[i], kind="stable")
+        positives = order[:k]
+        own = [j for j in order if cams[j] == batch_cams[i] and j not in positives]
+        own = [j for j in own if np.isfinite(d[i, j])][:n]
+        # Every camera holds about 64 rows: n = 70 leaves absent columns.
+        want = np.concatenate([positives, own, np.full(n - len(own), -1)])
+        np.testing.assert_array_equal(cand[i, 1:], want)
+        np.testing.assert_allclose(dist[i, : k + len(own)], d[i, want[: k + len(own)]], atol=2e-5)
+    assert (n == 70) == bool(np.any(cand == -1))
+
+
 def test_camera_term_changes_ranking(problem):
     banks, g, st, batch_idx, batch_cams, _ = problem
     # A camera bonus larger than any feature distance (max 4): same-camera rows go last.

@@ -69,6 +69,7 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
                 block_size=m.selection_block,
                 use_approx=m.approx_topk,
                 unit_rows=True,  # bank rows are unit norm: skip recomputing norms
+                own_camera_negatives=bool(m.camera_negatives),
             )
         l_concat = stripes.reshape(stripes.shape[0], -1)
         value, metrics = loss.scl_loss_terms(

@@ -54,7 +54,8 @@ def scl_loss_terms(
       g: (B, D) global features.
       l_concat: (B, D) concatenated stripe features.
       mixture_bank: (N, D) M, used as a constant.
-      candidates: (B, C) int rows [self ; k positives ; negatives], C = 1 + k + n.
+      candidates: (B, C) int rows [self ; k positives ; negatives], C = 1 + k + n;
+        -1 marks an absent negative.
       k: number of positives besides the sample itself (static).
       lam_t, lam_p, alpha: weights of the spec.
       temperature: logits are <x, M_j> / temperature (0.1 = the spec's t = 10).
@@ -77,15 +78,19 @@ def scl_loss_terms(
     x = jnp.stack([g, l_concat], axis=1).astype(bank.dtype)  # (B, 2, D)
     if dense_logits is None:
         dense_logits = b * c >= num_rows
+    present = candidates >= 0  # -1: an absent negative (own-camera selection)
+    rows = jnp.maximum(candidates, 0)
     if dense_logits:
         all_dots = (x.reshape(2 * b, dim) @ bank.T).reshape(b, 2, num_rows)
-        dots = jnp.take_along_axis(all_dots, candidates[:, None, :], axis=2)
+        dots = jnp.take_along_axis(all_dots, rows[:, None, :], axis=2)
     else:
-        dots = jnp.einsum("bsd,bcd->bsc", x, bank[candidates])  # B x C gathered rows
+        dots = jnp.einsum("bsd,bcd->bsc", x, bank[rows])  # B x C gathered rows
     logits = dots / temperature
     weights = candidate_weights(c, k, lam_t, alpha, warmup)
-    # sum_a w_a CE(z, a) = (sum_a w_a) * logsumexp(z) - sum_a w_a z_a
-    per_branch = jnp.sum(weights) * jax.nn.logsumexp(logits, axis=-1) - logits @ weights
+    # sum_a w_a CE(z, a) = (sum_a w_a) * logsumexp(z) - sum_a w_a z_a; absent
+    # columns have w_a = 0 and drop out of the logsumexp.
+    normaliser = jax.nn.logsumexp(logits, axis=-1, where=present[:, None, :])
+    per_branch = jnp.sum(weights) * normaliser - logits @ weights
     loss_global = jnp.mean(per_branch[:, 0])
     loss_local = jnp.mean(per_branch[:, 1])
     loss = lam_p * loss_local + (1.0 - lam_p) * loss_global

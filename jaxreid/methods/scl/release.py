@@ -106,8 +106,10 @@ def _backward(k, lam_t, lam_p, alpha, temperature, warmup, residuals, cotangent)
     b, c = candidates.shape
     x = jnp.stack([g, l_concat]).astype(bank.dtype)  # (2, B, D): global, local
     scale = 1.0 / temperature
-    gathered = bank[candidates]  # (B, C, D): the initial M every forward call read
-    probs = jax.nn.softmax(scale * jnp.einsum("sbd,bcd->sbc", x, gathered), axis=-1)
+    gathered = bank[jnp.maximum(candidates, 0)]  # (B, C, D): the initial M every call read
+    # -1: an absent negative (own-camera selection), out of the softmax.
+    present = (candidates >= 0)[None]
+    probs = jax.nn.softmax(scale * jnp.einsum("sbd,bcd->sbc", x, gathered), axis=-1, where=present)
     weights = candidate_weights(c, k, lam_t, alpha, warmup)
     branch_weight = jnp.asarray([1.0 - lam_p, lam_p], bank.dtype)
 

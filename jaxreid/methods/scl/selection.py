@@ -50,8 +50,10 @@ def _block_distances(
     lam_g: float,
     lam_c: float,
     unit_rows: bool,
+    own_camera: bool = False,
 ) -> jax.Array:
-    """(B, R) d_ij of the batch against R bank rows; self at +inf."""
+    """(B, R) d_ij of the batch against R bank rows; self (and, with
+    `own_camera`, other cameras' rows) at +inf."""
     num_stripes = local_rows.shape[0]
     g_sq = jnp.sum(g * g, axis=-1)[:, None]
     l_sq = jnp.sum(l * l, axis=(1, 2))[:, None]
@@ -66,8 +68,12 @@ def _block_distances(
     local_dots = jnp.einsum("prd,pbd->prb", local_rows, jnp.transpose(l, (1, 0, 2)))
     d_local = l_sq + bank_l_sq - 2.0 * jnp.sum(local_dots, axis=0).T
     dist = lam_g * d_global + (1.0 - lam_g) / num_stripes * d_local
-    dist = dist + lam_c * (batch_cams[:, None] == cam_rows[None, :]).astype(dist.dtype)
-    return jnp.where(row_ids[None, :] == batch_indices[:, None], jnp.inf, dist)
+    same_camera = batch_cams[:, None] == cam_rows[None, :]
+    dist = dist + lam_c * same_camera.astype(dist.dtype)
+    excluded = row_ids[None, :] == batch_indices[:, None]
+    if own_camera:
+        excluded = excluded | ~same_camera
+    return jnp.where(excluded, jnp.inf, dist)
 
 
 def _smallest(dist: jax.Array, count: int, use_approx: bool, recall_target: float):
@@ -79,6 +85,55 @@ def _smallest(dist: jax.Array, count: int, use_approx: bool, recall_target: floa
         return jnp.take_along_axis(vals, order, -1), jnp.take_along_axis(pos, order, -1)
     neg_vals, pos = jax.lax.top_k(-dist, count)
     return -neg_vals, pos
+
+
+def _nearest(
+    distances,
+    banks: SCLBanks,
+    b: int,
+    block_size: int,
+    use_approx: bool,
+    recall_target: float,
+    dtype,
+    count: int,
+    own_camera: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """(B, count) smallest d_ij and their bank rows, ascending; `own_camera`
+    puts the rows of other cameras at +inf."""
+    num_rows = banks.global_bank.shape[0]
+    if block_size >= num_rows:
+        row_ids = jnp.arange(num_rows, dtype=jnp.int32)
+        dist = distances(
+            banks.global_bank, banks.local_bank, banks.cameras, row_ids, own_camera=own_camera
+        )
+        best_vals, best_idx = _smallest(dist, count, use_approx, recall_target)
+        return best_vals, best_idx.astype(jnp.int32)
+    block = max(int(block_size), count)
+    num_blocks = -(-num_rows // block)
+    # The last block is shifted back to end at N (no padding copy of the bank);
+    # the rows it shares with the previous block are masked out.
+    starts = jnp.minimum(jnp.arange(num_blocks, dtype=jnp.int32) * block, num_rows - block)
+
+    def scan_block(carry, xs):
+        best_vals, best_idx = carry
+        b_id, start = xs
+        global_rows = jax.lax.dynamic_slice_in_dim(banks.global_bank, start, block, 0)
+        local_rows = jax.lax.dynamic_slice_in_dim(banks.local_bank, start, block, 1)
+        cam_rows = jax.lax.dynamic_slice_in_dim(banks.cameras, start, block, 0)
+        row_ids = start + jnp.arange(block, dtype=jnp.int32)
+        dist = distances(global_rows, local_rows, cam_rows, row_ids, own_camera=own_camera)
+        dist = jnp.where(row_ids[None, :] < b_id * block, jnp.inf, dist)
+        vals, pos = _smallest(dist, count, use_approx, recall_target)
+        # Running best first, so equal distances keep the lower (earlier) index.
+        all_vals = jnp.concatenate([best_vals, vals], axis=1)
+        all_idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
+        neg_vals, keep = jax.lax.top_k(-all_vals, count)
+        return (-neg_vals, jnp.take_along_axis(all_idx, keep, axis=1)), None
+
+    init = (jnp.full((b, count), jnp.inf, dtype), jnp.full((b, count), -1, jnp.int32))
+    block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
+    (best_vals, best_idx), _ = jax.lax.scan(scan_block, init, (block_ids, starts))
+    return best_vals, best_idx
 
 
 def select_candidates(
@@ -96,6 +151,7 @@ def select_candidates(
     recall_target: float = 0.95,
     return_distances: bool = False,
     unit_rows: bool = False,
+    own_camera_negatives: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Candidate list [self ; k nearest ; next n] of every batch sample.
 
@@ -119,6 +175,10 @@ def select_candidates(
         row norms (saves a pass over both banks). True for banks made by
         `init_banks` from the model's normalised outputs and kept by the
         update rule, which normalises every row it writes.
+      own_camera_negatives: the k positives from all rows, the n negatives the
+        nearest rows of the sample's own camera that are not positives; where
+        the camera has fewer, the missing columns are -1 (absent: the loss
+        leaves them out).
 
     Returns:
       candidates (B, 1 + k + n) int32: column 0 = batch_indices, then bank rows
@@ -148,37 +208,24 @@ def select_candidates(
 
     if block_size is None:
         block_size = max(MAX_DISTANCES_PER_BLOCK // (b * banks.local_bank.shape[0]), 1)
-    if block_size >= num_rows:
-        row_ids = jnp.arange(num_rows, dtype=jnp.int32)
-        dist = distances(banks.global_bank, banks.local_bank, banks.cameras, row_ids)
-        best_vals, best_idx = _smallest(dist, count, use_approx, recall_target)
-        best_idx = best_idx.astype(jnp.int32)
+    nearest = functools.partial(
+        _nearest, distances, banks, b, block_size, use_approx, recall_target, dtype
+    )
+    if not own_camera_negatives:
+        best_vals, best_idx = nearest(count)
     else:
-        block = max(int(block_size), count)
-        num_blocks = -(-num_rows // block)
-        # The last block is shifted back to end at N (no padding copy of the bank);
-        # the rows it shares with the previous block are masked out.
-        starts = jnp.minimum(jnp.arange(num_blocks, dtype=jnp.int32) * block, num_rows - block)
-
-        def scan_block(carry, xs):
-            best_vals, best_idx = carry
-            b_id, start = xs
-            global_rows = jax.lax.dynamic_slice_in_dim(banks.global_bank, start, block, 0)
-            local_rows = jax.lax.dynamic_slice_in_dim(banks.local_bank, start, block, 1)
-            cam_rows = jax.lax.dynamic_slice_in_dim(banks.cameras, start, block, 0)
-            row_ids = start + jnp.arange(block, dtype=jnp.int32)
-            dist = distances(global_rows, local_rows, cam_rows, row_ids)
-            dist = jnp.where(row_ids[None, :] < b_id * block, jnp.inf, dist)
-            vals, pos = _smallest(dist, count, use_approx, recall_target)
-            # Running best first, so equal distances keep the lower (earlier) index.
-            all_vals = jnp.concatenate([best_vals, vals], axis=1)
-            all_idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
-            neg_vals, keep = jax.lax.top_k(-all_vals, count)
-            return (-neg_vals, jnp.take_along_axis(all_idx, keep, axis=1)), None
-
-        init = (jnp.full((b, count), jnp.inf, dtype), jnp.full((b, count), -1, jnp.int32))
-        block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
-        (best_vals, best_idx), _ = jax.lax.scan(scan_block, init, (block_ids, starts))
+        pos_vals, pos_idx = nearest(k)
+        # At most k of the k + n nearest own-camera rows are positives: dropping
+        # them leaves the n nearest own-camera non-positives.
+        neg_vals, neg_idx = nearest(count, own_camera=True)
+        is_positive = jnp.any(neg_idx[:, :, None] == pos_idx[:, None, :], axis=-1)
+        neg_vals = jnp.where(is_positive, jnp.inf, neg_vals)
+        order = jnp.argsort(neg_vals, axis=-1, stable=True)[:, :n]
+        neg_vals = jnp.take_along_axis(neg_vals, order, -1)
+        # A camera with fewer than n other non-positive rows: the rest are absent.
+        neg_idx = jnp.where(jnp.isinf(neg_vals), -1, jnp.take_along_axis(neg_idx, order, -1))
+        best_vals = jnp.concatenate([pos_vals, neg_vals], 1)
+        best_idx = jnp.concatenate([pos_idx, neg_idx], 1)
 
     candidates = jnp.concatenate([batch_indices[:, None], best_idx], axis=1)
     if return_distances:
