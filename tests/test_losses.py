@@ -119,7 +119,7 @@ def test_absent_negatives_are_left_out(inputs, dense):
     )
     # Reference: every sample alone with its present columns only.
     want, want_g, want_l = 0.0, [], []
-    hp = dict(k=K, lam_t=HP["lam_t"], alpha=HP["alpha"], temperature=HP["temperature"], warmup=False)
+    hp = dict(k=K, **{n: HP[n] for n in ("lam_t", "alpha", "temperature")}, warmup=False)
     for i in range(B):
         row = candidates[i][candidates[i] >= 0][None]
         one = (g[i : i + 1], l_concat[i : i + 1], mixture, row)
