@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 from jax_step import JaxStep, load_config, random_training_set
@@ -68,6 +69,7 @@ def main() -> None:
         except ImportError as e:
             print(f"# torch column skipped: {e}")
     print(machine_description())
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}")
     if torch_reference is not None:
         import torch
 

@@ -211,3 +211,21 @@ def test_release_modes_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
     assert len(_losses(str(tmp_path / "one"))) == 6
     assert _losses(str(tmp_path / "four")) == _losses(str(tmp_path / "one"))
     assert four["final"] == one["final"]
+
+
+def test_own_camera_negatives_train_through_the_step(tiny_root, tmp_path):
+    """SCL with `method.camera_negatives`: a finite run whose losses equal the
+    plain run's through the warm-up (no selection there) and differ after it."""
+    from test_train import _losses, tiny_config, tiny_data
+
+    from jaxreid.train import train_and_evaluate
+
+    losses = {}
+    for own in (False, True):
+        config = tiny_config(tiny_root, **{"method.camera_negatives": own})
+        workdir = str(tmp_path / str(own))
+        train_and_evaluate(config, workdir, tiny_data(config), log=lambda s: None)
+        losses[own] = _losses(workdir)
+    assert len(losses[True]) == 6 and np.all(np.isfinite(losses[True]))
+    assert losses[True][:3] == losses[False][:3]
+    assert losses[True][3:] != losses[False][3:]
