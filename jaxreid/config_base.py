@@ -278,7 +278,10 @@ def uda_config(
         c.model.head = "scl"
         c.model.num_stripes = 4
         c.method.name = "scl"
-        c.method.k, c.method.n = 7, 500
+        # 3 positives: the source's 3 nearest rows show the same person 74.5% of the
+        # time, its 7 nearest 45.8% (benchmarks/selection_quality.py); with
+        # own-camera negatives 16.9 mAP after 8 x 100 steps against 16.1 at k = 7.
+        c.method.k, c.method.n = 3, 500
         # No warm-up: instance discrimination against random rows from an empty
         # mixture bank erases the source's identity features (plain mAP 10.2 ->
         # 0.8 after one warm-up epoch). M starts from the source's features
@@ -314,7 +317,7 @@ def uda_config(
     # mostly the sample's own identity seen elsewhere: contrast with own-camera
     # rows only. Measured after 1 epoch: cluster contrast 9.2 -> 15.2 mAP, cap
     # (inter-camera hard negatives from the own camera) 12.9 -> 15.5; SCL (its
-    # n negatives from the own camera) 8.1 -> 14.0, 16.1 after 8 epochs.
+    # n negatives from the own camera, k = 7) 8.1 -> 14.0, 16.1 after 8 epochs.
     c.method.camera_negatives = True
     # SCL at 1e-4 instead: 8.3 plain mAP after 8 x 100 steps, as at 3.5e-4
     # (8.4), though 2 x 200 steps had favoured it (10.0 vs 9.4).
