@@ -50,10 +50,9 @@ def _block_distances(
     lam_g: float,
     lam_c: float,
     unit_rows: bool,
-    own_camera: bool = False,
-) -> jax.Array:
-    """(B, R) d_ij of the batch against R bank rows; self (and, with
-    `own_camera`, other cameras' rows) at +inf."""
+) -> tuple[jax.Array, jax.Array]:
+    """(B, R) d_ij of the batch against R bank rows, self at +inf, and the
+    (B, R) mask of rows from the sample's own camera."""
     num_stripes = local_rows.shape[0]
     g_sq = jnp.sum(g * g, axis=-1)[:, None]
     l_sq = jnp.sum(l * l, axis=(1, 2))[:, None]
@@ -70,10 +69,7 @@ def _block_distances(
     dist = lam_g * d_global + (1.0 - lam_g) / num_stripes * d_local
     same_camera = batch_cams[:, None] == cam_rows[None, :]
     dist = dist + lam_c * same_camera.astype(dist.dtype)
-    excluded = row_ids[None, :] == batch_indices[:, None]
-    if own_camera:
-        excluded = excluded | ~same_camera
-    return jnp.where(excluded, jnp.inf, dist)
+    return jnp.where(row_ids[None, :] == batch_indices[:, None], jnp.inf, dist), same_camera
 
 
 def _smallest(dist: jax.Array, count: int, use_approx: bool, recall_target: float):
@@ -95,45 +91,60 @@ def _nearest(
     use_approx: bool,
     recall_target: float,
     dtype,
-    count: int,
-    own_camera: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """(B, count) smallest d_ij and their bank rows, ascending; `own_camera`
-    puts the rows of other cameras at +inf."""
+    rankings: tuple[tuple[int, bool], ...],
+) -> list[tuple[jax.Array, jax.Array]]:
+    """For each (count, own_camera) of `rankings`: the (B, count) smallest d_ij
+    and their bank rows, ascending, over all rows or (own_camera) the rows of
+    the sample's camera. One distance pass over the bank serves all rankings."""
+
+    def ranked(dist, same_camera):
+        return [
+            _smallest(
+                jnp.where(same_camera, dist, jnp.inf) if own_camera else dist,
+                count,
+                use_approx,
+                recall_target,
+            )
+            for count, own_camera in rankings
+        ]
+
     num_rows = banks.global_bank.shape[0]
     if block_size >= num_rows:
         row_ids = jnp.arange(num_rows, dtype=jnp.int32)
-        dist = distances(
-            banks.global_bank, banks.local_bank, banks.cameras, row_ids, own_camera=own_camera
-        )
-        best_vals, best_idx = _smallest(dist, count, use_approx, recall_target)
-        return best_vals, best_idx.astype(jnp.int32)
-    block = max(int(block_size), count)
+        dist, same_camera = distances(banks.global_bank, banks.local_bank, banks.cameras, row_ids)
+        return [(vals, idx.astype(jnp.int32)) for vals, idx in ranked(dist, same_camera)]
+    block = max(int(block_size), *(count for count, _ in rankings))
     num_blocks = -(-num_rows // block)
     # The last block is shifted back to end at N (no padding copy of the bank);
     # the rows it shares with the previous block are masked out.
     starts = jnp.minimum(jnp.arange(num_blocks, dtype=jnp.int32) * block, num_rows - block)
 
     def scan_block(carry, xs):
-        best_vals, best_idx = carry
         b_id, start = xs
         global_rows = jax.lax.dynamic_slice_in_dim(banks.global_bank, start, block, 0)
         local_rows = jax.lax.dynamic_slice_in_dim(banks.local_bank, start, block, 1)
         cam_rows = jax.lax.dynamic_slice_in_dim(banks.cameras, start, block, 0)
         row_ids = start + jnp.arange(block, dtype=jnp.int32)
-        dist = distances(global_rows, local_rows, cam_rows, row_ids, own_camera=own_camera)
+        dist, same_camera = distances(global_rows, local_rows, cam_rows, row_ids)
         dist = jnp.where(row_ids[None, :] < b_id * block, jnp.inf, dist)
-        vals, pos = _smallest(dist, count, use_approx, recall_target)
-        # Running best first, so equal distances keep the lower (earlier) index.
-        all_vals = jnp.concatenate([best_vals, vals], axis=1)
-        all_idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
-        neg_vals, keep = jax.lax.top_k(-all_vals, count)
-        return (-neg_vals, jnp.take_along_axis(all_idx, keep, axis=1)), None
+        merged = []
+        for (best_vals, best_idx), (vals, pos) in zip(
+            carry, ranked(dist, same_camera), strict=True
+        ):
+            # Running best first, so equal distances keep the lower (earlier) index.
+            all_vals = jnp.concatenate([best_vals, vals], axis=1)
+            all_idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
+            neg_vals, keep = jax.lax.top_k(-all_vals, best_vals.shape[1])
+            merged.append((-neg_vals, jnp.take_along_axis(all_idx, keep, axis=1)))
+        return merged, None
 
-    init = (jnp.full((b, count), jnp.inf, dtype), jnp.full((b, count), -1, jnp.int32))
+    init = [
+        (jnp.full((b, count), jnp.inf, dtype), jnp.full((b, count), -1, jnp.int32))
+        for count, _ in rankings
+    ]
     block_ids = jnp.arange(num_blocks, dtype=jnp.int32)
-    (best_vals, best_idx), _ = jax.lax.scan(scan_block, init, (block_ids, starts))
-    return best_vals, best_idx
+    best, _ = jax.lax.scan(scan_block, init, (block_ids, starts))
+    return best
 
 
 def select_candidates(
@@ -212,12 +223,11 @@ def select_candidates(
         _nearest, distances, banks, b, block_size, use_approx, recall_target, dtype
     )
     if not own_camera_negatives:
-        best_vals, best_idx = nearest(count)
+        [(best_vals, best_idx)] = nearest(((count, False),))
     else:
-        pos_vals, pos_idx = nearest(k)
         # At most k of the k + n nearest own-camera rows are positives: dropping
         # them leaves the n nearest own-camera non-positives.
-        neg_vals, neg_idx = nearest(count, own_camera=True)
+        (pos_vals, pos_idx), (neg_vals, neg_idx) = nearest(((k, False), (count, True)))
         is_positive = jnp.any(neg_idx[:, :, None] == pos_idx[:, None, :], axis=-1)
         neg_vals = jnp.where(is_positive, jnp.inf, neg_vals)
         order = jnp.argsort(neg_vals, axis=-1, stable=True)[:, :n]
