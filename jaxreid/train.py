@@ -25,7 +25,12 @@ from jaxreid import models
 from jaxreid.checkpoints import Checkpoints
 from jaxreid.data.images import DecodedSplit
 from jaxreid.data.samplers import IdentitySampler, ShuffleSampler
-from jaxreid.evaluate.protocol import evaluate_model, extract, format_metrics, output_shapes
+from jaxreid.evaluate.protocol import (
+    evaluate_model,
+    extract_training_set,
+    format_metrics,
+    output_shapes,
+)
 from jaxreid.methods import EpochPlan, Method, TrainSet, get_method
 from jaxreid.parallel import make_mesh
 from jaxreid.run_io import MetricWriter, StopRequest, TrainingInterrupted
@@ -62,7 +67,9 @@ def _train_set(config, graphdef, data: Data, arrays: TrainArrays, variables: Cal
 
     def extract_train() -> dict[str, np.ndarray]:
         params, batch_stats = variables()
-        return extract(graphdef, params, batch_stats, images, config.eval.batch_size)
+        return extract_training_set(
+            config, graphdef, params, batch_stats, images, data.train.cameras
+        )
 
     params, batch_stats = variables()
     return TrainSet(

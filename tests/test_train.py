@@ -167,6 +167,10 @@ CLUSTER_DEVICE_RUN = {
     "cluster.k2": 4,
     "cluster.min_samples": 2,
     "cluster.eps": 0.5,  # 14 clusters at the start; a batch needs 8
+    # Each camera's batch-norm statistics for the clustering and the evaluation
+    # (jaxreid.evaluate.camera_bn): computed on one device whatever the count.
+    "cluster.camera_bn": True,
+    "eval.camera_bn": True,
 }
 
 
@@ -203,7 +207,8 @@ def test_scl_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
 def test_cluster_contrast_same_bits_on_1_and_8_devices(tiny_root, tmp_path):
     one = _run_on_devices(1, tiny_root, str(tmp_path / "one"), CLUSTER_DEVICE_RUN)
     eight = _run_on_devices(8, tiny_root, str(tmp_path / "eight"), CLUSTER_DEVICE_RUN)
-    # Two re-clusterings (extraction, kNN, Jaccard, DBSCAN) included.
+    # Two re-clusterings (extraction with camera statistics, kNN, Jaccard,
+    # DBSCAN) included.
     one_losses, eight_losses = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
     assert len(one_losses) == 6
     assert eight_losses == one_losses

@@ -45,6 +45,32 @@ def extract(graphdef, params, batch_stats, images, batch_size: int, flip: bool =
     )
 
 
+def extract_training_set(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, images, cameras
+) -> dict[str, np.ndarray]:
+    """Eval-mode outputs of the training images, as the methods cluster them:
+    with config.cluster.camera_bn each camera's images use batch-norm statistics
+    of that camera's training images."""
+
+    def extract_with(stats, part):
+        return extract(graphdef, params, stats, part, config.eval.batch_size)
+
+    if not config.cluster.camera_bn:
+        return extract_with(batch_stats, images)
+    from jaxreid.evaluate.camera_bn import camera_batch_stats, extract_by_camera
+
+    stats = camera_batch_stats(
+        graphdef,
+        params,
+        batch_stats,
+        images,
+        cameras,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+    )
+    return extract_by_camera(extract_with, batch_stats, images, cameras, stats)
+
+
 def output_shapes(graphdef, params, batch_stats, height: int, width: int) -> dict[str, tuple]:
     """Per-sample shapes of the model's eval outputs (traced, nothing computed)."""
     image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
@@ -57,13 +83,33 @@ def output_shapes(graphdef, params, batch_stats, height: int, width: int) -> dic
 def query_gallery_features(
     config: ml_collections.ConfigDict, graphdef, params, batch_stats, data
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Model outputs of the query and gallery images (eval mode, config.eval.flip)."""
-    return tuple(
-        extract(
-            graphdef, params, batch_stats, split.images, config.eval.batch_size, config.eval.flip
+    """Model outputs of the query and gallery images (eval mode, config.eval.flip;
+    with config.eval.camera_bn each camera's images use batch-norm statistics of
+    that camera's query and gallery images together)."""
+
+    def extract_with(stats, images):
+        return extract(graphdef, params, stats, images, config.eval.batch_size, config.eval.flip)
+
+    if not config.eval.camera_bn:
+        return tuple(
+            extract_with(batch_stats, split.images) for split in (data.query, data.gallery)
         )
-        for split in (data.query, data.gallery)
+    from jaxreid.evaluate.camera_bn import camera_batch_stats, extract_by_camera
+
+    images = np.concatenate([data.query.images, data.gallery.images])
+    cameras = np.concatenate([data.query.cameras, data.gallery.cameras])
+    stats = camera_batch_stats(
+        graphdef,
+        params,
+        batch_stats,
+        images,
+        cameras,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
     )
+    both = extract_by_camera(extract_with, batch_stats, images, cameras, stats)
+    n = len(data.query.images)
+    return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
 
 
 def evaluate_model(

@@ -33,7 +33,8 @@ def default_cluster_config():
     Fields: k1, k2 (k-reciprocal sizes), eps, min_samples (DBSCAN), knn_backend ("faiss" |
     "jax"), knn_block_size (0 = from the memory budget), giant_cluster_fraction (warn when one
     cluster holds more than this fraction of the points), camera_centering (cluster features
-    minus their camera's mean; see `camera_centered`).
+    minus their camera's mean; see `camera_centered`), camera_bn (the training loop extracts
+    each camera's images with that camera's batch-norm statistics; jaxreid.evaluate.camera_bn).
     """
     import ml_collections
 
@@ -47,6 +48,7 @@ def default_cluster_config():
             knn_block_size=0,
             giant_cluster_fraction=0.5,
             camera_centering=False,
+            camera_bn=False,
         )
     )
 
