@@ -13,8 +13,10 @@ Two modes:
 
 Pairwise precision: of the pairs of images put in one cluster, the fraction
 that show one person; pairwise recall: of the pairs that show one person, the
-fraction put in one cluster (outliers are in no pair). Identities come from
-the file names of the training split.
+fraction put in one cluster (outliers are in no pair); "within" and "cross"
+split both into the pairs of one camera and the pairs across cameras (only
+the latter count in the evaluation). Identities come from the file names of
+the training split.
 """
 
 from __future__ import annotations
@@ -47,24 +49,48 @@ def pair_counts(labels: np.ndarray) -> int:
     return int((sizes * (sizes - 1) // 2).sum())
 
 
+def _joint(*labels: np.ndarray) -> np.ndarray:
+    """One label per distinct tuple of `labels`; -1 where any of them is < 0."""
+    stacked = np.stack([np.asarray(x, np.int64) for x in labels], axis=1)
+    valid = (stacked >= 0).all(1)
+    out = np.full(len(stacked), -1, np.int64)
+    if valid.any():
+        _, out[valid] = np.unique(stacked[valid], axis=0, return_inverse=True)
+    return out
+
+
 def pairwise_precision_recall(pseudo: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(precision, recall) of the same-cluster pairs against the same-identity pairs."""
-    pseudo = np.asarray(pseudo, np.int64)
-    truth = np.asarray(truth, np.int64)
-    _, truth_ids = np.unique(truth, return_inverse=True)
-    clustered = pseudo >= 0
-    # Pairs in one cluster AND of one identity: pairs of the joint label.
-    joint = np.full(len(pseudo), -1, np.int64)
-    joint[clustered] = pseudo[clustered] * (truth_ids.max() + 1) + truth_ids[clustered]
-    _, joint = np.unique(joint, return_inverse=True)
-    joint = np.where(clustered, joint, -1)
-    both = pair_counts(joint)
-    predicted = pair_counts(pseudo)
-    actual = pair_counts(truth_ids)
+    both = pair_counts(_joint(pseudo, truth))
+    predicted = pair_counts(np.asarray(pseudo, np.int64))
+    actual = pair_counts(_joint(truth))
     return (both / predicted if predicted else 0.0, both / actual if actual else 0.0)
 
 
-def quality_row(name: str, pseudo: np.ndarray, truth: np.ndarray) -> dict:
+def camera_precision_recall(
+    pseudo: np.ndarray, truth: np.ndarray, cameras: np.ndarray
+) -> dict[str, float]:
+    """Pairwise precision / recall split into pairs within one camera and pairs
+    across cameras (the evaluation counts only the latter)."""
+    clustered = pair_counts(np.asarray(pseudo, np.int64))
+    clustered_same = pair_counts(_joint(pseudo, cameras))
+    right = pair_counts(_joint(pseudo, truth))
+    right_same = pair_counts(_joint(pseudo, truth, cameras))
+    actual = pair_counts(_joint(truth))
+    actual_same = pair_counts(_joint(truth, cameras))
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else 0.0
+
+    return {
+        "within_precision": ratio(right_same, clustered_same),
+        "within_recall": ratio(right_same, actual_same),
+        "cross_precision": ratio(right - right_same, clustered - clustered_same),
+        "cross_recall": ratio(right - right_same, actual - actual_same),
+    }
+
+
+def quality_row(name: str, pseudo: np.ndarray, truth: np.ndarray, cameras: np.ndarray) -> dict:
     from jaxreid.pseudo_labels import clustering
 
     stats = clustering.pseudo_label_stats(pseudo)
@@ -76,24 +102,30 @@ def quality_row(name: str, pseudo: np.ndarray, truth: np.ndarray) -> dict:
         "largest": stats["largest_cluster"],
         "precision": precision,
         "recall": recall,
+        **camera_precision_recall(pseudo, truth, cameras),
     }
 
 
 def print_table(rows: list[dict], num_ids: int) -> None:
     print(f"true identities: {num_ids}")
-    print(f"{'':>12} {'clusters':>8} {'outliers':>8} {'largest':>7} {'precision':>9} {'recall':>7}")
+    print(
+        f"{'':>12} {'clusters':>8} {'outliers':>8} {'largest':>7} {'precision':>9} {'recall':>7}"
+        f" {'within P':>8} {'within R':>8} {'cross P':>8} {'cross R':>8}"
+    )
     for r in rows:
         print(
             f"{r['name']:>12} {r['clusters']:>8} {r['outliers']:>8} {r['largest']:>7} "
             f"{100 * r['precision']:>8.1f}% {100 * r['recall']:>6.1f}%"
+            f" {100 * r['within_precision']:>7.1f}% {100 * r['within_recall']:>7.1f}%"
+            f" {100 * r['cross_precision']:>7.1f}% {100 * r['cross_recall']:>7.1f}%"
         )
 
 
-def _train_pids(config) -> np.ndarray:
+def _train_pids_cameras(config) -> tuple[np.ndarray, np.ndarray]:
     from jaxreid.data import load_dataset
 
     split = load_dataset(config.data.dataset, config.data.root).split("train")
-    return np.asarray([r.pid for r in split])
+    return np.asarray([r.pid for r in split]), np.asarray([r.camera for r in split])
 
 
 def main(argv) -> None:
@@ -103,13 +135,13 @@ def main(argv) -> None:
             import ml_collections
 
             config = ml_collections.ConfigDict(json.load(f))
-        truth = _train_pids(config)
+        truth, cameras = _train_pids_cameras(config)
         rows = []
         for path in sorted(glob.glob(os.path.join(_WORKDIR.value, "pseudo_labels", "*.npy"))):
             pseudo = np.load(path)
             if len(pseudo) != len(truth):
                 raise SystemExit(f"{path}: {len(pseudo)} labels for {len(truth)} images")
-            rows.append(quality_row(os.path.basename(path)[:-4], pseudo, truth))
+            rows.append(quality_row(os.path.basename(path)[:-4], pseudo, truth, cameras))
         if not rows:
             raise SystemExit(f"no pseudo_labels/*.npy under {_WORKDIR.value}")
         print_table(rows, len(np.unique(truth)))
@@ -118,7 +150,7 @@ def main(argv) -> None:
         raise SystemExit("pass --workdir or --config")
     from jaxreid.checkpoints import load_model_for_eval
     from jaxreid.data.loading import load_data
-    from jaxreid.evaluate.protocol import extract
+    from jaxreid.evaluate.protocol import extract_training_set
     from jaxreid.pseudo_labels import clustering
 
     config = _CONFIG.value
@@ -126,15 +158,15 @@ def main(argv) -> None:
     path = os.path.join(_CHECKPOINT.value or "/nonexistent", "checkpoints", "latest")
     graphdef, params, batch_stats, source = load_model_for_eval(config, path)
     print(f"features of the {source}")
-    features = extract(graphdef, params, batch_stats, data.train.images, config.eval.batch_size)[
-        "global"
-    ]
+    features = extract_training_set(
+        config, graphdef, params, batch_stats, data.train.images, data.train.cameras
+    )["global"]
     truth = data.train.pids
     rows = []
     for eps in [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]:
         config.cluster.eps = eps
         labels = clustering.cluster_features(features, config.cluster, data.train.cameras)
-        rows.append(quality_row(f"eps {eps:g}", labels, truth))
+        rows.append(quality_row(f"eps {eps:g}", labels, truth, data.train.cameras))
     print_table(rows, len(np.unique(truth)))
 
 
