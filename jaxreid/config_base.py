@@ -297,7 +297,7 @@ def uda_config(
     else:
         c = cluster_config(dataset, root, method)
         # Cluster features extracted with each camera's own batch-norm statistics
-        # (jaxreid.evaluate.camera_bn): HHCL 20.7 -> 21.9 mAP after 8 x 100 steps.
+        # (jaxreid.evaluate.camera_bn): HHCL 20.7 -> 21.5 mAP after 8 x 100 steps.
         c.cluster.camera_bn = True
         c.model.head = "fc"
         c.train.batch_size = 64

@@ -7,7 +7,7 @@ Why: what one camera's images share (light, background) shifts every layer's
 activations; re-estimating the statistics per camera removes that shift where
 it arises. MSMT17 OSNet-x0.25 on CUHK03, no training: 10.0 -> 14.2 mAP
 (camera-centring the final features instead: 12.8). Clustering such features
-(cluster.camera_bn) lifts HHCL's adaptation 20.7 -> 21.9 mAP; on the adapted
+(cluster.camera_bn) lifts HHCL's adaptation 20.7 -> 21.5 mAP; on the adapted
 or supervised models the per-camera statistics help ranking little or hurt
 (eval.camera_bn: HHCL 20.7 -> 21.6, supervised 35.9 -> 29.0)."""
 
