@@ -45,17 +45,23 @@ def extract(graphdef, params, batch_stats, images, batch_size: int, flip: bool =
     )
 
 
-def extract_training_set(
-    config: ml_collections.ConfigDict, graphdef, params, batch_stats, images, cameras
+def _extract_by_camera_bn(
+    config: ml_collections.ConfigDict,
+    graphdef,
+    params,
+    batch_stats,
+    images,
+    cameras,
+    camera_bn: bool,
+    flip: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Eval-mode outputs of the training images, as the methods cluster them:
-    with config.cluster.camera_bn each camera's images use batch-norm statistics
-    of that camera's training images."""
+    """Eval-mode outputs of `images`; with `camera_bn` each camera's images use
+    batch-norm statistics of that camera's images among them."""
 
     def extract_with(stats, part):
-        return extract(graphdef, params, stats, part, config.eval.batch_size)
+        return extract(graphdef, params, stats, part, config.eval.batch_size, flip)
 
-    if not config.cluster.camera_bn:
+    if not camera_bn:
         return extract_with(batch_stats, images)
     from jaxreid.evaluate.camera_bn import camera_batch_stats, extract_by_camera
 
@@ -69,6 +75,17 @@ def extract_training_set(
         seed=config.seed,
     )
     return extract_by_camera(extract_with, batch_stats, images, cameras, stats)
+
+
+def extract_training_set(
+    config: ml_collections.ConfigDict, graphdef, params, batch_stats, images, cameras
+) -> dict[str, np.ndarray]:
+    """Eval-mode outputs of the training images, as the methods cluster them:
+    with config.cluster.camera_bn each camera's images use batch-norm statistics
+    of that camera's training images."""
+    return _extract_by_camera_bn(
+        config, graphdef, params, batch_stats, images, cameras, config.cluster.camera_bn
+    )
 
 
 def output_shapes(graphdef, params, batch_stats, height: int, width: int) -> dict[str, tuple]:
@@ -87,27 +104,23 @@ def query_gallery_features(
     with config.eval.camera_bn each camera's images use batch-norm statistics of
     that camera's query and gallery images together)."""
 
-    def extract_with(stats, images):
-        return extract(graphdef, params, stats, images, config.eval.batch_size, config.eval.flip)
-
     if not config.eval.camera_bn:
         return tuple(
-            extract_with(batch_stats, split.images) for split in (data.query, data.gallery)
+            _extract_by_camera_bn(
+                config, graphdef, params, batch_stats, split.images, None, False, config.eval.flip
+            )
+            for split in (data.query, data.gallery)
         )
-    from jaxreid.evaluate.camera_bn import camera_batch_stats, extract_by_camera
-
-    images = np.concatenate([data.query.images, data.gallery.images])
-    cameras = np.concatenate([data.query.cameras, data.gallery.cameras])
-    stats = camera_batch_stats(
+    both = _extract_by_camera_bn(
+        config,
         graphdef,
         params,
         batch_stats,
-        images,
-        cameras,
-        batch_size=config.train.batch_size,
-        seed=config.seed,
+        np.concatenate([data.query.images, data.gallery.images]),
+        np.concatenate([data.query.cameras, data.gallery.cameras]),
+        True,
+        config.eval.flip,
     )
-    both = extract_by_camera(extract_with, batch_stats, images, cameras, stats)
     n = len(data.query.images)
     return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
 
