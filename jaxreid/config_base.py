@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 1
     c.train.num_instances = 4  # K of the P x K sampler (clustering family)
+    # P x K batches whose batch-norm groups (model.bn_group_size) each hold one
+    # camera's images: camera batch norm in training (CameraGroupSampler).
+    c.train.camera_groups = False
     # Checkpoint and exit after this many steps of this invocation (0 = never):
     # for time-limited or preemptible jobs; the same command resumes.
     c.train.stop_after_steps = 0

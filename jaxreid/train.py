@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxreid import models
 from jaxreid.checkpoints import Checkpoints
 from jaxreid.data.images import DecodedSplit
-from jaxreid.data.samplers import IdentitySampler, ShuffleSampler
+from jaxreid.data.samplers import CameraGroupSampler, IdentitySampler, ShuffleSampler
 from jaxreid.evaluate.protocol import (
     evaluate_model,
     extract_training_set,
@@ -42,6 +42,7 @@ from jaxreid.step import (
     make_train_step,
     put_epoch_batches,
 )
+from jaxreid.utils import UserError
 
 __all__ = ["Data", "TrainingInterrupted", "train_and_evaluate"]
 
@@ -83,10 +84,26 @@ def _train_set(config, graphdef, data: Data, arrays: TrainArrays, variables: Cal
 
 
 def _sampler(config, plan: EpochPlan, data: Data, steps: int):
-    """The epoch's batch sampler: P x K over the plan's labels, or a shuffle."""
+    """The epoch's batch sampler: P x K over the plan's labels (with
+    `train.camera_groups`, one camera per batch-norm group), or a shuffle."""
     if plan.sampler_labels is None:
+        if config.train.camera_groups:
+            raise UserError(
+                f"train.camera_groups needs a method that samples P x K by (pseudo-)label; "
+                f"{config.method.name} samples a plain shuffle: set train.camera_groups=False"
+            )
         return ShuffleSampler(
             len(data.train.images), config.train.batch_size, seed=config.seed, num_steps=steps
+        )
+    if config.train.camera_groups:
+        return CameraGroupSampler(
+            plan.sampler_labels,
+            data.train.cameras,
+            config.train.batch_size,
+            config.train.num_instances,
+            config.model.bn_group_size or config.train.batch_size,
+            seed=config.seed,
+            num_steps=steps,
         )
     return IdentitySampler(
         plan.sampler_labels,

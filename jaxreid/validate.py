@@ -97,6 +97,18 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 f"train.batch_size = {batch}: must be a multiple of train.num_instances = "
                 f"{instances} (the P x K sampler draws K images of each of P identities)"
             )
+        if config.train.camera_groups:
+            if not clustered:
+                problems.append(
+                    "train.camera_groups = True: SCL samples a plain shuffle, not P x K "
+                    "by (pseudo-)label; set it False"
+                )
+            elif instances >= 1 and (group or batch) % instances:
+                problems.append(
+                    f"train.camera_groups = True: model.bn_group_size = {group or batch} must "
+                    f"be a multiple of train.num_instances = {instances} (each group holds "
+                    "K images of each of its identities, from one camera)"
+                )
     if config.model.head == "scl":
         stripes, dim = config.model.num_stripes, config.model.embed_dim
         if stripes < 1 or dim < 1 or dim % stripes:

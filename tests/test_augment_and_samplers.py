@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxreid import augment
-from jaxreid.data.samplers import IdentitySampler, ShuffleSampler
+from jaxreid.data.samplers import CameraGroupSampler, IdentitySampler, ShuffleSampler
 
 
 def _images(batch=6, height=16, width=8, seed=0):
@@ -120,3 +120,37 @@ def test_identity_sampler_invariants():
     np.testing.assert_array_equal(batches, sampler.epoch_batches(2))
     with pytest.raises(ValueError, match="multiple of num_instances"):
         IdentitySampler(labels, cameras, batch_size=10, num_instances=4)
+
+
+def test_camera_group_sampler_one_camera_per_group():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(20), 8)
+    labels[::9] = -1  # outliers
+    cameras = rng.integers(0, 3, labels.shape)
+    cameras[labels == 19] = 3  # camera 3: one identity, too few for a group of 2
+    sampler = CameraGroupSampler(labels, cameras, 16, 4, 8, seed=1, num_steps=200)
+    batches = sampler.epoch_batches(0)
+    assert batches.shape == (200, 16)
+    np.testing.assert_array_equal(batches, sampler.epoch_batches(0))  # resumable
+    assert not np.array_equal(batches, sampler.epoch_batches(1))
+    groups = batches.reshape(-1, 8)
+    assert np.all(labels[groups] >= 0)
+    drawn = cameras[groups[:, 0]]
+    assert np.all(cameras[groups] == drawn[:, None])  # one camera per group
+    assert 3 not in drawn
+    for group in groups:
+        pids = labels[group].reshape(2, 4)
+        assert np.all(pids == pids[:, :1]) and pids[0, 0] != pids[1, 0]
+    # Cameras drawn in proportion to their sampled images.
+    sizes = np.asarray([np.sum((labels >= 0) & (cameras == c)) for c in range(3)])
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    np.testing.assert_allclose(shares, sizes / sizes.sum(), atol=0.05)
+    # Every (camera, identity) pair comes round within a camera's queue.
+    pairs = {(int(cameras[g[0]]), int(labels[g[0]])) for g in groups.reshape(-1, 4)}
+    expected = {(int(c), int(p)) for c, p in zip(cameras, labels, strict=True) if p >= 0 and c < 3}
+    assert pairs == expected
+    one = labels == 19
+    with pytest.raises(ValueError, match="no camera has 2"):
+        CameraGroupSampler(labels[one], cameras[one], 16, 4, 8)
+    with pytest.raises(ValueError, match="multiple of the batch-norm group"):
+        CameraGroupSampler(labels, cameras, 16, 4, 6)

@@ -46,6 +46,18 @@ MAIN_CASES = [
         ["--config.method.name=cluster_contrast", "--config.train.batch_size=30"],
         ["train.batch_size = 30", "train.num_instances"],
     ),
+    (
+        "camera-groups-not-multiple-of-instances",
+        [
+            "--config.method.name=cluster_contrast",
+            "--config.train.camera_groups=True",
+            "--config.train.batch_size=32",
+            "--config.model.bn_group_size=8",
+            "--config.train.num_instances=16",
+        ],
+        ["model.bn_group_size = 8", "train.num_instances = 16"],
+    ),
+    ("camera-groups-scl", ["--config.train.camera_groups=True"], ["SCL samples a plain shuffle"]),
     ("batch-0", ["--config.train.batch_size=0"], ["train.batch_size = 0"]),
     (
         "unknown-mixture-init",

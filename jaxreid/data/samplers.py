@@ -119,3 +119,92 @@ class IdentitySampler:
             order = deferred + order
             batches.append(np.concatenate([self._draw_instances(rng, p) for p in chosen]))
         return np.stack(batches).astype(np.int32)
+
+
+class CameraGroupSampler:
+    """P x K batches whose batch-norm groups each hold one camera's images.
+
+    The train step normalises every group of `group_size` samples with its own
+    statistics, so a group drawn from one camera is camera batch norm in training
+    (Zhuang et al., ECCV 2020): what a camera's images share (light, background)
+    is removed at every layer, as `cluster.camera_bn` / `eval.camera_bn` do at
+    extraction. Each group: a camera drawn in proportion to its sampled images,
+    then `group_size / num_instances` distinct (pseudo-)identities with members
+    in it (a queue per camera, so every identity comes round), K of their images
+    from that camera (repeating images when it has fewer). Labels < 0 are never
+    sampled; cameras with too few identities for a group are never drawn.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        cameras: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        group_size: int,
+        seed: int = 0,
+        num_steps: int | None = None,
+    ):
+        if group_size <= 0 or batch_size % group_size or group_size % num_instances:
+            raise ValueError(
+                f"batch size {batch_size} must be a multiple of the batch-norm group size "
+                f"{group_size}, itself a multiple of num_instances {num_instances}"
+            )
+        self.labels, self.cameras = np.asarray(labels), np.asarray(cameras)
+        self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
+        self.group_size, self.ids_per_group = group_size, group_size // num_instances
+        kept = self.labels >= 0
+        # (camera, identity) -> that identity's images in that camera.
+        self.members: dict[int, dict[int, np.ndarray]] = {}
+        for camera in np.unique(self.cameras[kept]):
+            in_camera = kept & (self.cameras == camera)
+            ids = np.unique(self.labels[in_camera])
+            if len(ids) >= self.ids_per_group:
+                self.members[int(camera)] = {
+                    int(p): np.flatnonzero(in_camera & (self.labels == p)) for p in ids
+                }
+        if not self.members:
+            raise ValueError(
+                f"no camera has {self.ids_per_group} (pseudo-)identities for a batch-norm group "
+                f"of {group_size} = {self.ids_per_group} x {num_instances}; lower "
+                "model.bn_group_size or train.num_instances, or turn train.camera_groups off"
+            )
+        self.group_cameras = np.asarray(sorted(self.members))
+        sizes = np.asarray(
+            [sum(len(m) for m in self.members[c].values()) for c in self.group_cameras]
+        )
+        self.camera_weights = sizes / sizes.sum()
+        identities = len(np.unique(self.labels[kept]))
+        self.num_steps = num_steps or max(1, identities * num_instances // batch_size)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(num_steps, batch_size) int32 indices of epoch `epoch`."""
+        rng = _epoch_rng(self.seed, epoch)
+        queues: dict[int, list[int]] = {int(c): [] for c in self.group_cameras}
+        groups_per_batch = self.batch_size // self.group_size
+        drawn = rng.choice(
+            self.group_cameras, size=(self.num_steps, groups_per_batch), p=self.camera_weights
+        )
+        batches = []
+        for row in drawn:
+            groups = []
+            for camera in row:
+                camera, queue, chosen = int(camera), queues[int(camera)], []
+                while len(chosen) < self.ids_per_group:
+                    if not queue:
+                        # Refill after the ids still waiting, none repeated within the group.
+                        fresh = [int(p) for p in rng.permutation(sorted(self.members[camera]))]
+                        queue.extend(p for p in fresh if p not in chosen)
+                    chosen.append(queue.pop(0))
+                for pid in chosen:
+                    images = self.members[camera][pid]
+                    take = rng.permutation(images)[: self.num_instances]
+                    if len(take) < self.num_instances:
+                        extra = rng.choice(images, self.num_instances - len(take))
+                        take = np.concatenate([take, extra])
+                    groups.append(take)
+            batches.append(np.concatenate(groups))
+        return np.stack(batches).astype(np.int32)
