@@ -24,17 +24,17 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+
         # Synchronous saves: the loop waits for each save anyway, and async
         # managers warn at every save that they waited for the previous one.
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
-        )
+        def options(keep: int):
+            return ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            )
+
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
-        self.best = ocp.CheckpointManager(
-            os.path.join(root, "best"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-        )
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(keep))
+        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
 
     def save(self, manager, state, meta: dict) -> None:
         ocp = self._ocp
