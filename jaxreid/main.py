@@ -5,9 +5,10 @@
     python -m jaxreid.main --config=configs/market.py --config.data.root=/data/market
 
 Every config value can be overridden on the command line
-(`--config.train.epochs=2`). The workdir receives `log.txt`, `results.json`,
-`metrics.jsonl`, TensorBoard summaries and checkpoints; running the same
-command again resumes from the latest checkpoint.
+(`--config.train.epochs=2`). The workdir receives `log.txt`, `results.json`
+(`results_eval.json` with `--mode=eval`), `metrics.jsonl`, TensorBoard
+summaries and checkpoints; running the same command again resumes from the
+latest checkpoint.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main(argv) -> None:
         wall_time_s=time.time() - started,
     )
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "results.json")
+        # An evaluation beside a training run must not overwrite its results.
+        path = os.path.join(workdir, "results.json" if mode == "train" else "results_eval.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
         log(f"wrote {path}")

@@ -171,6 +171,9 @@ CLUSTER_DEVICE_RUN = {
     # (jaxreid.evaluate.camera_bn): computed on one device whatever the count.
     "cluster.camera_bn": True,
     "eval.camera_bn": True,
+    # Each batch-norm group (2 images) from one camera: the batches are the
+    # sampler's, the same whatever the device count.
+    "train.camera_groups": True,
 }
 
 
@@ -234,8 +237,10 @@ def test_main_writes_results_and_evaluates_checkpoint(tiny_root, tmp_path):
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    with open(os.path.join(workdir, "results.json")) as f:
+    with open(os.path.join(workdir, "results_eval.json")) as f:
         evaluated = json.load(f)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == results  # the training run's results stay
     assert "step 2" in evaluated["source"]
     assert evaluated["eval"]["plain"] == pytest.approx(results["final"]["plain"])
     assert os.path.getsize(os.path.join(workdir, "ranked_lists.png")) > 1000
