@@ -150,18 +150,18 @@ class CameraGroupSampler:
                 f"batch size {batch_size} must be a multiple of the batch-norm group size "
                 f"{group_size}, itself a multiple of num_instances {num_instances}"
             )
-        self.labels, self.cameras = np.asarray(labels), np.asarray(cameras)
+        labels, cameras = np.asarray(labels), np.asarray(cameras)
         self.batch_size, self.num_instances, self.seed = batch_size, num_instances, seed
         self.group_size, self.ids_per_group = group_size, group_size // num_instances
-        kept = self.labels >= 0
+        kept = labels >= 0
         # (camera, identity) -> that identity's images in that camera.
         self.members: dict[int, dict[int, np.ndarray]] = {}
-        for camera in np.unique(self.cameras[kept]):
-            in_camera = kept & (self.cameras == camera)
-            ids = np.unique(self.labels[in_camera])
+        for camera in np.unique(cameras[kept]):
+            in_camera = kept & (cameras == camera)
+            ids = np.unique(labels[in_camera])
             if len(ids) >= self.ids_per_group:
                 self.members[int(camera)] = {
-                    int(p): np.flatnonzero(in_camera & (self.labels == p)) for p in ids
+                    int(p): np.flatnonzero(in_camera & (labels == p)) for p in ids
                 }
         if not self.members:
             raise ValueError(
@@ -174,7 +174,7 @@ class CameraGroupSampler:
             [sum(len(m) for m in self.members[c].values()) for c in self.group_cameras]
         )
         self.camera_weights = sizes / sizes.sum()
-        identities = len(np.unique(self.labels[kept]))
+        identities = len(np.unique(labels[kept]))
         self.num_steps = num_steps or max(1, identities * num_instances // batch_size)
 
     def __len__(self) -> int:
@@ -195,7 +195,7 @@ class CameraGroupSampler:
                 camera, queue, chosen = int(camera), queues[int(camera)], []
                 while len(chosen) < self.ids_per_group:
                     if not queue:
-                        # Refill after the ids still waiting, none repeated within the group.
+                        # A new pass over the camera's ids, none repeated within the group.
                         fresh = [int(p) for p in rng.permutation(sorted(self.members[camera]))]
                         queue.extend(p for p in fresh if p not in chosen)
                     chosen.append(queue.pop(0))
