@@ -89,7 +89,7 @@ def _sampler(config, plan: EpochPlan, data: Data, steps: int):
     if plan.sampler_labels is None:
         if config.train.camera_groups:
             raise UserError(
-                f"train.camera_groups needs a method that samples P x K by (pseudo-)label; "
+                f"train.camera_groups needs a method that samples P x K by label; "
                 f"{config.method.name} samples a plain shuffle: set train.camera_groups=False"
             )
         return ShuffleSampler(
