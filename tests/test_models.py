@@ -201,6 +201,7 @@ def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, wid
     [
         ((8, 6), 3, 1, 1),
         ((9, 7), 3, 2, 1),
+        ((10, 8), 3, 2, 1),
         ((16, 10), 7, 2, 3),
         ((9, 8), 3, 2, "SAME"),
         ((4, 2), 3, 1, 1),

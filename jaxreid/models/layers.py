@@ -571,13 +571,52 @@ def _conv2d_bwd(stride, padding, residuals, grad):
                     j : j + (out_w - 1) * stride + 1 : stride,
                 ].add(tap)
         grad_x = grad_padded[:, top : top + height, left : left + width]
-    # kernel gradient: (patches^T g) with the patches of the padded input.
-    patches = _patches(x, k, stride, padding)
-    pixels = grad.shape[0] * out_h * out_w
-    grad_kernel = jnp.einsum(
-        "nd,nc->dc", grad.reshape(pixels, grad.shape[-1]), patches.reshape(pixels, -1)
-    ).T
-    return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+    if min(height, width) > k:
+        grad_kernel = _conv2d_kernel_grad(x, grad, k, stride, padding)
+    else:
+        # kernel gradient: (patches^T g) with the patches of the padded input.
+        patches = _patches(x, k, stride, padding)
+        pixels = grad.shape[0] * out_h * out_w
+        grad_kernel = jnp.einsum(
+            "nd,nc->dc", grad.reshape(pixels, grad.shape[-1]), patches.reshape(pixels, -1)
+        ).T.reshape(kernel.shape)
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+def _conv2d_kernel_grad(x, grad, k: int, stride: int, padding: tuple) -> jax.Array:
+    """dW[i, j, c, d] = sum_{b,y,x} xpad[b, i + s y, j + s x, c] g[b, y, x, d], as a
+    forward convolution of x with its batch and channel axes swapped (batch C,
+    features B) by g as the kernel (out_h x out_w, B -> D, dilated by the stride).
+
+    Why: the image-patch matmul materialised k*k shifted copies of x, into
+    each of which XLA fused x's producer (batch norm + ReLU), and its
+    concatenation ran far below memory speed (a third of a ResNet-50 step);
+    autodiff's weight-gradient convolution is 100x slower inside the step's
+    loop over groups. This forward form: layer4 3x3 kernel gradient 44 -> 31 ms.
+    """
+    (top, _), (left, _) = padding
+    height, width = x.shape[1], x.shape[2]
+    out_h, out_w = grad.shape[1], grad.shape[2]
+    # The rows and columns of the padded input the forward read.
+    need_h, need_w = stride * (out_h - 1) + k, stride * (out_w - 1) + k
+    padded = jnp.pad(
+        x,
+        (
+            (0, 0),
+            (top, max(need_h - height - top, 0)),
+            (left, max(need_w - width - left, 0)),
+            (0, 0),
+        ),
+    )[:, :need_h, :need_w]
+    out = jax.lax.conv_general_dilated(
+        jnp.transpose(padded, (3, 1, 2, 0)),  # (C, H, W, B)
+        jnp.transpose(grad, (1, 2, 0, 3)),  # (out_h, out_w, B, D)
+        (1, 1),
+        "VALID",
+        rhs_dilation=(stride, stride),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # (C, k, k, D)
+    return jnp.transpose(out, (1, 2, 0, 3))
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
