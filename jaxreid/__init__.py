@@ -1,15 +1,20 @@
 """jaxreid: fully unsupervised person re-identification in JAX/Flax."""
 
+import ctypes
+import importlib.util
 import os
+import sys
 
 __version__ = "0.1.0"
 
-# XLA:CPU sends matrix products to YNNPACK by default; Eigen's are faster on the
-# train step (EfficientNet-Lite0 b64 on 2 cores: 56.9 -> 63.0 img/s, mean of 3
-# alternating runs; benchmarks/train_step.py). Set before jax starts its
-# backend, only where the user chose no YNNPACK fusion types, and only for the
-# jaxlib versions known to have the flag (XLA aborts on an unknown one).
-YNN_DOT_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+# XLA:CPU sends matrix products and convolutions to YNNPACK by default; Eigen's
+# are faster on the train step (2-core AMD EPYC, benchmarks/train_step.py jaxreid
+# half: products, EfficientNet-Lite0 b64 56.9 -> 63.0 img/s, mean of 3 alternating
+# runs; convolutions, ResNet-50 SCL b8 5.1 -> 5.6, OSNet-x0.25 b64 144 -> 176,
+# Lite0 70.0 -> 70.4). Set before jax starts its backend, only where the user chose
+# no YNNPACK fusion types, and only for the jaxlib versions known to have the flag
+# (XLA aborts on an unknown one).
+EIGEN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
 
 
 def _set_xla_cpu_defaults() -> None:
@@ -23,7 +28,52 @@ def _set_xla_cpu_defaults() -> None:
     except Exception:  # no jaxlib metadata: leave XLA's defaults
         return
     if (0, 10) <= major_minor < (0, 12):
-        os.environ["XLA_FLAGS"] = f"{flags} {YNN_DOT_FLAG}".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}".strip()
 
 
 _set_xla_cpu_defaults()
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+
+
+def _keep_freed_host_memory() -> bool:
+    """On a CPU-only Linux host: run CPU computations on the calling thread and
+    let glibc keep freed memory for reuse (no mmap'd chunks, no trimming).
+    Returns whether it was set.
+
+    Why: XLA:CPU allocates each run's temporaries as one block (963 MB for the
+    ResNet-50 SCL step). From jax's dispatch thread glibc serves it with mmap
+    and unmaps it on free, so every step faulted in and zeroed fresh pages
+    (250k page faults, a third of a core of system time). Run on the main
+    thread, the block comes from the main heap and stays there (ResNet-50 SCL
+    step 2.1 -> 1.7 s, OSNet-x0.25 b64 0.57 -> 0.42 s; benchmarks/train_step.py).
+    A single malloc arena would do the same but made the threads contend
+    (OSNet 0.42 -> 0.7 s). Takes effect if jax has not created its CPU client
+    yet; JAXREID_KEEP_HOST_MEMORY=0 opts out.
+    """
+    if os.environ.get("JAXREID_KEEP_HOST_MEMORY", "1") == "0" or not sys.platform.startswith(
+        "linux"
+    ):
+        return False
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu" and any(
+        importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS
+    ):
+        return False  # temporaries live in device memory: leave the host alone
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only
+        return False
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
+        return False  # -1 as size_t: never trim
+    import jax  # after XLA_FLAGS are set: importing jax starts no backend
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
+KEEPS_HOST_MEMORY = _keep_freed_host_memory()
