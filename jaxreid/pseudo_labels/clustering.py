@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from jaxreid.pseudo_labels import kreciprocal
+from jaxreid.pseudo_labels import camera_affinity, kreciprocal
 from jaxreid.utils import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def default_cluster_config():
     "jax"), knn_block_size (0 = from the memory budget), giant_cluster_fraction (warn when one
     cluster holds more than this fraction of the points), camera_centering (cluster features
     minus their camera's mean; see `camera_centered`), camera_bn (the training loop extracts
-    each camera's images with that camera's batch-norm statistics; jaxreid.evaluate.camera_bn).
+    each camera's images with that camera's batch-norm statistics; jaxreid.evaluate.camera_bn),
+    camera_affinity (strength of the penalty on pairs of cameras that share few people,
+    learned from the features; 0 = off; jaxreid.pseudo_labels.camera_affinity).
     """
     import ml_collections
 
@@ -49,6 +51,7 @@ def default_cluster_config():
             giant_cluster_fraction=0.5,
             camera_centering=False,
             camera_bn=False,
+            camera_affinity=0.0,
         )
     )
 
@@ -149,14 +152,18 @@ def pseudo_label_stats(labels: np.ndarray) -> dict[str, Any]:
 
 
 def cluster_features(
-    features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None
+    features: np.ndarray,
+    config: Any = None,
+    cameras: np.ndarray | None = None,
+    details: dict | None = None,
 ) -> np.ndarray:
     """Pseudo-labels of (N, D) features: kNN -> Jaccard (k1, k2) -> DBSCAN (eps, min_samples).
 
     `config`: a ConfigDict or mapping with the fields of `default_cluster_config()` (missing
     fields take the defaults). Returns int64 labels, clusters 0..C-1 in order of their lowest
     core index, -1 = outlier. Degenerate results (all outliers, one giant cluster, N < k1) are
-    logged as warnings and returned as they are.
+    logged as warnings and returned as they are. With camera_affinity, `details` (when given)
+    receives "camera_affinity" ((C, C)) and "camera_ids" (the C cameras it is indexed by).
     """
     params = dict(default_cluster_config())
     if config is not None:
@@ -175,6 +182,23 @@ def cluster_features(
         return np.zeros(0, np.int64)
     start = time.perf_counter()
     eps = float(params["eps"])
+    neighbors_result = camera_penalty = None
+    if float(params["camera_affinity"]) > 0:
+        if cameras is None:
+            raise ValueError("cluster.camera_affinity needs the images' cameras")
+        strength = float(params["camera_affinity"])
+        neighbors_result, affinity, camera_index = camera_affinity.penalised_neighbors(
+            kreciprocal.unit_rows(features),
+            np.asarray(cameras),
+            int(params["k1"]),
+            strength,
+            params["knn_backend"],
+        )
+        camera_penalty = (strength * (1.0 - affinity), camera_index)
+        logger.info("cluster_features: camera affinity\n%s", np.array2string(affinity, precision=2))
+        if details is not None:
+            details["camera_affinity"] = affinity
+            details["camera_ids"] = np.unique(cameras)
     distance = kreciprocal.jaccard_distance(
         features,
         k1=int(params["k1"]),
@@ -182,6 +206,8 @@ def cluster_features(
         backend=params["knn_backend"],
         max_distance=eps if eps < 1.0 else None,
         knn_block_size=int(params["knn_block_size"]) or None,
+        neighbors_result=neighbors_result,
+        camera_penalty=camera_penalty,
     )
     jaccard_seconds = time.perf_counter() - start
     labels = dbscan(distance, eps, int(params["min_samples"]))

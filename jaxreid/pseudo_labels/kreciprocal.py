@@ -110,9 +110,16 @@ def expanded_sets(reciprocal: sp.csr_matrix, reciprocal_half: sp.csr_matrix) -> 
 
 
 def pair_similarities(
-    features: np.ndarray, sims: np.ndarray, order: np.ndarray, rows: np.ndarray, cols: np.ndarray
+    features: np.ndarray,
+    sims: np.ndarray,
+    order: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    camera_penalty: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """s(rows[t], cols[t]) (float64): looked up in the kNN lists, computed for the rest."""
+    """s(rows[t], cols[t]) (float64): looked up in the kNN lists, computed for the rest
+    (minus penalty[camera[i], camera[j]] where `camera_penalty` = (penalty, camera)
+    says the kNN lists hold a penalised similarity)."""
     n = len(order)
     perm = np.argsort(order, axis=1, kind="stable")
     knn_keys = (
@@ -128,6 +135,9 @@ def pair_similarities(
     for s in range(0, len(missing), step):
         t = missing[s : s + step]
         out[t] = np.einsum("td,td->t", features[rows[t]], features[cols[t]], dtype=np.float64)
+    if camera_penalty is not None and len(missing):
+        penalty, camera = camera_penalty
+        out[missing] -= penalty[camera[rows[missing]], camera[cols[missing]]]
     return out
 
 
@@ -209,6 +219,7 @@ def jaccard_distance(
     max_distance: float | None = None,
     knn_block_size: int | None = None,
     neighbors_result: tuple[np.ndarray, np.ndarray] | None = None,
+    camera_penalty: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> sp.csr_matrix:
     """Sparse k-reciprocal Jaccard distance of all pairs (cluster-contrast conventions).
 
@@ -220,6 +231,9 @@ def jaccard_distance(
         memory; None keeps every pair with d_J < 1.
       knn_block_size: rows per block of the JAX kNN (None: from its memory budget).
       neighbors_result: precomputed `neighbors.knn(features, >= k1)` output, to skip the search.
+      camera_penalty: (penalty (C, C), camera index (N,)): `neighbors_result` ranks by
+        s_ij - penalty[camera_i, camera_j] (`camera_affinity.penalised_neighbors`), and so
+        do the pair distances here.
 
     Returns:
       (N, N) symmetric float32 CSR matrix, sorted indices: the stored entries are the pairs with
@@ -250,6 +264,7 @@ def jaccard_distance(
         row_scale=None,
         max_distance=max_distance,
         timer=timer,
+        camera_penalty=camera_penalty,
     )
     offdiag = rows != cols
     full = sp.csr_matrix(
@@ -358,6 +373,7 @@ def _sparse_jaccard(
     timer,
     query_rows=None,
     column_offset=0,
+    camera_penalty=None,
 ):
     """kNN lists -> V -> query expansion -> Jaccard pairs (upper triangle, or query rows)."""
     n = len(order)
@@ -370,7 +386,7 @@ def _sparse_jaccard(
     timer.lap("reciprocal")
     e_rows = _row_ids(expanded)
     dist = 2.0 - 2.0 * pair_similarities(
-        features, sims, order, e_rows, expanded.indices.astype(np.int64)
+        features, sims, order, e_rows, expanded.indices.astype(np.int64), camera_penalty
     )
     if row_scale is not None:
         dist = dist / row_scale[e_rows]

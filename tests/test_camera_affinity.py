@@ -1,0 +1,115 @@
+"""Camera affinity (jaxreid.pseudo_labels.camera_affinity): the affinity of a
+camera network worked out by hand, the penalised kNN lists and Jaccard
+distance against dense references, and the clustering switch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_kreciprocal import _dense_encoding, _dense_jaccard, _rank
+
+from jaxreid.pseudo_labels import camera_affinity, clustering, kreciprocal
+
+
+def _paired_cameras(people_per_pair: int = 3, noise: float = 0.05, seed: int = 0):
+    """Cameras 0-1 and 2-3 each see their own people (one image per camera)."""
+    rng = np.random.default_rng(seed)
+    features, cameras, people = [], [], []
+    for pair in range(2):
+        for p in range(people_per_pair):
+            centre = rng.standard_normal(16)
+            for camera in (2 * pair, 2 * pair + 1):
+                features.append(centre + noise * rng.standard_normal(16))
+                cameras.append(camera)
+                people.append(pair * people_per_pair + p)
+    x = np.asarray(features, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.asarray(cameras), np.asarray(people)
+
+
+def test_affinity_of_two_camera_pairs_by_hand():
+    x, cameras, _ = _paired_cameras()
+    ids, sims, idx = camera_affinity.per_camera_neighbors(x, cameras, 2)
+    np.testing.assert_array_equal(ids, [0, 1, 2, 3])
+    affinity = camera_affinity.estimate_affinity(cameras, ids, sims, idx)
+    # Every image's nearest other-camera image is its person in the partner
+    # camera, mutually: M[0, 1] = M[2, 3] = 3, every other count 0. R = M / 9,
+    # rows divided by their maximum: 1 for the partner, 0 elsewhere.
+    expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], float)
+    np.testing.assert_allclose(affinity, expected)
+
+
+def test_affinity_is_symmetric_with_unit_diagonal():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((120, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cameras = rng.integers(0, 4, size=120)
+    affinity = camera_affinity.estimate_affinity(
+        cameras, *camera_affinity.per_camera_neighbors(x, cameras, 3)
+    )
+    np.testing.assert_allclose(affinity, affinity.T)
+    np.testing.assert_array_equal(np.diag(affinity), 1.0)
+    assert ((affinity >= 0) & (affinity <= 1)).all()
+
+
+def _dense_penalised(x, cameras, strength):
+    ids, sims, idx = camera_affinity.per_camera_neighbors(x, cameras, 1)
+    affinity = camera_affinity.estimate_affinity(cameras, ids, sims, idx)
+    c = np.searchsorted(ids, cameras)
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    return s - strength * (1 - affinity)[c[:, None], c[None, :]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_penalised_neighbors_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((90, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cameras = rng.integers(1, 4, size=90) * 2  # ids 2, 4, 6: not 0..C-1
+    (sims, order), affinity, camera_index = camera_affinity.penalised_neighbors(
+        x, cameras, 7, strength=0.3
+    )
+    dense = _dense_penalised(x, cameras, 0.3)
+    expected = _rank(-dense)[:, :7]  # itself first, then decreasing, ties by index
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(dense, expected, 1), atol=1e-5)
+    assert affinity.shape == (3, 3) and np.allclose(np.diag(affinity), 1)
+    np.testing.assert_array_equal(camera_index, np.searchsorted([2, 4, 6], cameras))
+
+
+def test_penalised_jaccard_equals_dense_reference():
+    x, cameras, _ = _paired_cameras(people_per_pair=12, noise=0.8, seed=3)
+    k1, k2, strength = 9, 3, 0.2
+    neighbors_result, affinity, camera_index = camera_affinity.penalised_neighbors(
+        x, cameras, k1, strength
+    )
+    penalty = strength * (1 - affinity)
+    result = kreciprocal.jaccard_distance(
+        x, k1, k2, neighbors_result=neighbors_result, camera_penalty=(penalty, camera_index)
+    )
+    distance = 2.0 - 2.0 * _dense_penalised(x, cameras, strength)
+    rank = _rank(distance)
+    v = _dense_encoding(distance, rank, k1, round(k1 / 2) + 1, k2)
+    expected = np.maximum(_dense_jaccard(v, v), 0.0)
+    np.testing.assert_allclose(kreciprocal.densify(result), expected, atol=1e-5)
+    plain = kreciprocal.densify(kreciprocal.jaccard_distance(x, k1, k2))
+    assert np.abs(plain - expected).max() > 0.05, "the penalty must change the distance"
+
+
+def test_clustering_with_camera_affinity_keeps_people_within_camera_pairs():
+    x, cameras, people = _paired_cameras(people_per_pair=10, noise=0.6, seed=4)
+    config = dict(k1=6, k2=2, eps=0.6, min_samples=2, knn_backend="faiss")
+    off = clustering.cluster_features(x, config, cameras=cameras)
+    np.testing.assert_array_equal(
+        off, clustering.cluster_features(x, {**config, "camera_affinity": 0.0}, cameras)
+    )
+    on = clustering.cluster_features(x, {**config, "camera_affinity": 0.5}, cameras=cameras)
+
+    def cross_pair_links(labels):
+        pair = cameras // 2
+        same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+        return int((same & (pair[:, None] != pair[None, :])).sum())
+
+    # Measured on this set: 8 linked pairs across the camera pairs without, none with.
+    assert cross_pair_links(off) > 0 and cross_pair_links(on) == 0
+    with pytest.raises(ValueError, match="cameras"):
+        clustering.cluster_features(x, {**config, "camera_affinity": 0.5})
