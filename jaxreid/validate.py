@@ -123,6 +123,11 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         )
     if not isinstance(min_samples, int) or min_samples < 1:
         problems.append(f"cluster.min_samples = {min_samples!r}: must be a whole number >= 1")
+    if config.cluster.camera_affinity < 0:
+        problems.append(
+            f"cluster.camera_affinity = {config.cluster.camera_affinity}: must be >= 0 "
+            "(0 = off; 0.2 on the adaptation recipe)"
+        )
     for key in ("k1", "k2"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")

@@ -66,6 +66,11 @@ MAIN_CASES = [
     ),
     ("negative-eps", ["--config.cluster.eps=-0.5"], ["cluster.eps = -0.5", "(0, 1]"]),
     ("min-samples-0", ["--config.cluster.min_samples=0"], ["cluster.min_samples = 0"]),
+    (
+        "negative-camera-affinity",
+        ["--config.cluster.camera_affinity=-0.2"],
+        ["cluster.camera_affinity = -0.2", "must be >= 0"],
+    ),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),
     ("missing-data-root", ["--config.data.root=/no/such/root"], ["/no/such/root"]),
 ]

@@ -152,18 +152,14 @@ def pseudo_label_stats(labels: np.ndarray) -> dict[str, Any]:
 
 
 def cluster_features(
-    features: np.ndarray,
-    config: Any = None,
-    cameras: np.ndarray | None = None,
-    details: dict | None = None,
+    features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None
 ) -> np.ndarray:
     """Pseudo-labels of (N, D) features: kNN -> Jaccard (k1, k2) -> DBSCAN (eps, min_samples).
 
     `config`: a ConfigDict or mapping with the fields of `default_cluster_config()` (missing
     fields take the defaults). Returns int64 labels, clusters 0..C-1 in order of their lowest
     core index, -1 = outlier. Degenerate results (all outliers, one giant cluster, N < k1) are
-    logged as warnings and returned as they are. With camera_affinity, `details` (when given)
-    receives "camera_affinity" ((C, C)) and "camera_ids" (the C cameras it is indexed by).
+    logged as warnings and returned as they are.
     """
     params = dict(default_cluster_config())
     if config is not None:
@@ -196,9 +192,6 @@ def cluster_features(
         )
         camera_penalty = (strength * (1.0 - affinity), camera_index)
         logger.info("cluster_features: camera affinity\n%s", np.array2string(affinity, precision=2))
-        if details is not None:
-            details["camera_affinity"] = affinity
-            details["camera_ids"] = np.unique(cameras)
     distance = kreciprocal.jaccard_distance(
         features,
         k1=int(params["k1"]),
