@@ -22,6 +22,7 @@ import statistics
 
 from jax_step import JaxStep, load_config, random_training_set
 
+import jaxreid
 from jaxreid.utils import machine_description
 
 # name -> (config, overrides, images in the training set, label)
@@ -70,6 +71,9 @@ def main() -> None:
             print(f"# torch column skipped: {e}")
     print(machine_description())
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}")
+    # Set by `import jaxreid` (jaxreid/__init__.py); the glibc settings hold for
+    # the PyTorch column too, which runs in this process.
+    print(f"# freed host memory kept for reuse (glibc, both columns): {jaxreid.KEEPS_HOST_MEMORY}")
     if torch_reference is not None:
         import torch
 
