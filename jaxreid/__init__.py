@@ -7,14 +7,30 @@ import sys
 
 __version__ = "0.1.0"
 
-# XLA:CPU sends matrix products and convolutions to YNNPACK by default; Eigen's
-# are faster on the train step (2-core AMD EPYC, benchmarks/train_step.py jaxreid
-# half: products, EfficientNet-Lite0 b64 56.9 -> 63.0 img/s, mean of 3 alternating
-# runs; convolutions, ResNet-50 SCL b8 5.1 -> 5.6, OSNet-x0.25 b64 144 -> 176,
-# Lite0 70.0 -> 70.4). Set before jax starts its backend, only where the user chose
-# no YNNPACK fusion types, and only for the jaxlib versions known to have the flag
-# (XLA aborts on an unknown one).
+# XLA:CPU sends matrix products and convolutions to YNNPACK by default. Measured
+# with benchmarks/train_step.py (jaxreid half, alternating runs): convolutions
+# through Eigen are faster on both machines measured (2-core AMD EPYC: ResNet-50
+# SCL b8 5.1 -> 5.6 img/s, OSNet-x0.25 b64 144 -> 176; 2-core Intel Xeon with
+# AVX-512: ResNet-50 b8 4.0-4.1 -> 5.7-5.9 with YNNPACK's products). Products
+# differ by CPU: on the AMD EPYC Eigen's were faster (EfficientNet-Lite0 b64
+# 56.9 -> 63.0, mean of 3 runs), on the Intel Xeon YNNPACK's (ResNet-50 b8
+# 4.7-5.2 -> 5.7-5.9; EfficientNet-Lite0 and OSNet the same within the noise).
+# Set before jax starts its backend, only where the user chose no YNNPACK fusion
+# types, and only for the jaxlib versions known to have the flag (XLA aborts on
+# an unknown one).
 EIGEN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
+EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _set_xla_cpu_defaults() -> None:
@@ -28,7 +44,8 @@ def _set_xla_cpu_defaults() -> None:
     except Exception:  # no jaxlib metadata: leave XLA's defaults
         return
     if (0, 10) <= major_minor < (0, 12):
-        os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}".strip()
+        default = EIGEN_CONV_FLAG if _cpu_vendor() == "GenuineIntel" else EIGEN_FLAG
+        os.environ["XLA_FLAGS"] = f"{flags} {default}".strip()
 
 
 _set_xla_cpu_defaults()
