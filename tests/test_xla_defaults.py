@@ -51,4 +51,3 @@ def test_other_jaxlib_versions_get_no_flag(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     jaxreid._set_xla_cpu_defaults()
     assert "XLA_FLAGS" not in jaxreid.os.environ
-
