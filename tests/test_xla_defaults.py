@@ -8,14 +8,18 @@ import pytest
 import jaxreid
 
 
-@pytest.fixture
-def jaxlib_0_10(monkeypatch):
+def pretend_jaxlib(monkeypatch, jaxlib_version: str) -> None:
     real_version = importlib.metadata.version
     monkeypatch.setattr(
         importlib.metadata,
         "version",
-        lambda name: "0.10.2" if name == "jaxlib" else real_version(name),
+        lambda name: jaxlib_version if name == "jaxlib" else real_version(name),
     )
+
+
+@pytest.fixture
+def jaxlib_0_10(monkeypatch):
+    pretend_jaxlib(monkeypatch, "0.10.2")
 
 
 @pytest.mark.parametrize(
@@ -42,12 +46,7 @@ def test_a_users_ynn_setting_is_kept(monkeypatch, jaxlib_0_10):
 
 
 def test_other_jaxlib_versions_get_no_flag(monkeypatch):
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(
-        importlib.metadata,
-        "version",
-        lambda name: "0.13.0" if name == "jaxlib" else real_version(name),
-    )
+    pretend_jaxlib(monkeypatch, "0.13.0")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     jaxreid._set_xla_cpu_defaults()
     assert "XLA_FLAGS" not in jaxreid.os.environ
