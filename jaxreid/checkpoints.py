@@ -69,7 +69,8 @@ class Checkpoints:
 
 def restore_model(path: str, params, batch_stats):
     """(params, batch_stats, step) of the latest checkpoint under `path` (a
-    workdir's checkpoints/latest or best), checked against the model's trees;
+    workdir's checkpoints/latest or best; its mean model where it has one),
+    checked against the model's trees;
     step None (and the arguments unchanged) when `path` holds none. The
     training-only classifier of a checkpoint is ignored (the model to restore
     into has none), so a supervised model evaluates on any dataset."""
@@ -89,6 +90,9 @@ def restore_model(path: str, params, batch_stats):
                 step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
             )
     state = restored["state"]
+    # A run with a mean model (train.ema_decay) evaluated and exports that one.
+    if state.get("ema"):
+        state = state["ema"]
     params = _match(params, state["params"], "params", path)
     batch_stats = _match(batch_stats, state["batch_stats"], "batch_stats", path)
     return params, batch_stats, step

@@ -114,6 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
     # model.bn_group_size) must split evenly over them; the result is the same
     # bits whatever the count. Extraction always uses every local device.
     c.train.num_devices = 0
+    # Mean model (Tarvainen & Valpola 2017; MMT's mean net): an exponential
+    # moving average of params and batch-norm statistics, updated after every
+    # step, that the methods extract from (clustering) and that is evaluated,
+    # checkpointed for inference and exported. 0 = off (the trained model).
+    c.train.ema_decay = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # images per device per extraction step

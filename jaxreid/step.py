@@ -39,6 +39,22 @@ class TrainState(struct.PyTreeNode):
     # First step whose loss was NaN/inf (-1: none). Such a step leaves the
     # state unchanged, so nothing corrupt is ever saved.
     nonfinite_step: jax.Array
+    # The mean model {"params", "batch_stats"} (train.ema_decay > 0), else None.
+    ema: Any = None
+
+
+def model_variables(state: TrainState) -> tuple[Any, Any]:
+    """(params, batch_stats) of the model a run extracts and evaluates: the
+    mean model where there is one."""
+    if state.ema is not None:
+        return state.ema["params"], state.ema["batch_stats"]
+    return state.params, state.batch_stats
+
+
+def update_ema(ema: Any, new: Any, decay: float) -> Any:
+    """ema + (1 - decay) (new - ema), leaf by leaf: a leaf equal to its
+    average (a frozen stage) stays the same bits."""
+    return jax.tree.map(lambda e, x: e + (1.0 - decay) * (x - e), ema, new)
 
 
 class TrainArrays(struct.PyTreeNode):
@@ -234,10 +250,17 @@ def make_train_step(
         outputs = computed_after(outputs, (aux, grads))
         batch = Batch(indices=jnp.where(finite, indices, -1), cameras=arrays.cameras[indices])
         new_memory = method.update(state.memory, outputs, batch, aux, phase)
+        params = keep(params, state.params)
+        new_stats = keep(new_stats, state.batch_stats)
+        ema = state.ema
+        if ema is not None:
+            current = {"params": params, "batch_stats": new_stats}
+            ema = update_ema(ema, current, config.train.ema_decay)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            batch_stats=keep(new_stats, state.batch_stats),
+            params=params,
+            batch_stats=new_stats,
+            ema=ema,
             opt_state=keep(opt_state, state.opt_state),
             memory=new_memory,
             nonfinite_step=jnp.where(

@@ -40,6 +40,7 @@ from jaxreid.step import (
     batch_groups,
     make_optimizer,
     make_train_step,
+    model_variables,
     put_epoch_batches,
 )
 from jaxreid.utils import UserError
@@ -149,6 +150,10 @@ def train_and_evaluate(
         memory=method.init_memory(train_set),
         rng=jnp.asarray(_host_key(config.seed + 1)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
+        # Its own buffers: the step donates the state.
+        ema=jax.tree.map(jnp.array, {"params": params, "batch_stats": batch_stats})
+        if config.train.ema_decay
+        else None,
     )
     # Through the host: in a multi-process run the replicated state spans the
     # devices of every process.
@@ -165,7 +170,7 @@ def train_and_evaluate(
     # Unlabelled folders without data.eval_root have no query / gallery.
     evaluating = len(data.query.records) > 0
     if evaluating and meta["initial"] is None:
-        meta["initial"] = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
+        meta["initial"] = evaluate_model(config, graphdef, *model_variables(state), data)
     if evaluating:
         log(format_metrics("before training", meta["initial"]))
 
@@ -179,7 +184,7 @@ def train_and_evaluate(
         first_step = step
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            current["variables"] = (state.params, state.batch_stats)
+            current["variables"] = model_variables(state)
             plan = method.start_epoch(epoch, train_set, state.memory, in_epoch > 0)
             if plan.memory is not None:
                 state = state.replace(memory=jax.device_put(plan.memory, replicated))
@@ -236,7 +241,7 @@ def train_and_evaluate(
             bar.close()
             epoch += 1
             if evaluating and (epoch % config.train.eval_every == 0 or step == total_steps):
-                result = evaluate_model(config, graphdef, state.params, state.batch_stats, data)
+                result = evaluate_model(config, graphdef, *model_variables(state), data)
                 meta["history"].append({"epoch": epoch, "step": step, **result})
                 writer.write(
                     step, {f"eval/{d}/{k}": v for d, m in result.items() for k, v in m.items()}
