@@ -123,6 +123,11 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         )
     if not isinstance(min_samples, int) or min_samples < 1:
         problems.append(f"cluster.min_samples = {min_samples!r}: must be a whole number >= 1")
+    min_eps = config.cluster.get("min_eps", 0.0)
+    if min_eps and not 0 < min_eps <= eps:
+        problems.append(
+            f"cluster.min_eps = {min_eps}: must be 0 (eps fixed) or in (0, cluster.eps = {eps}]"
+        )
     if config.cluster.camera_affinity < 0:
         problems.append(
             f"cluster.camera_affinity = {config.cluster.camera_affinity}: must be >= 0 "
