@@ -83,6 +83,12 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 f"train.steps_per_epoch = {config.train.steps_per_epoch}: must be >= 0 "
                 "(0 = one pass over the training set)"
             )
+        decay = config.train.get("ema_decay", 0.0)
+        if not 0 <= decay < 1:
+            problems.append(
+                f"train.ema_decay = {decay}: must be in [0, 1) (0 = no mean model; "
+                "0.99 averages about the last 100 steps)"
+            )
     batch, instances = config.train.batch_size, config.train.num_instances
     group = config.model.bn_group_size
     if mode == "train" and isinstance(batch, int) and batch >= 1:
