@@ -129,10 +129,10 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         )
     if not isinstance(min_samples, int) or min_samples < 1:
         problems.append(f"cluster.min_samples = {min_samples!r}: must be a whole number >= 1")
-    min_eps = config.cluster.get("min_eps", 0.0)
-    if min_eps and not 0 < min_eps <= eps:
+    final_eps = config.cluster.get("final_eps", 0.0)
+    if final_eps and not 0 < final_eps <= 1:
         problems.append(
-            f"cluster.min_eps = {min_eps}: must be 0 (eps fixed) or in (0, cluster.eps = {eps}]"
+            f"cluster.final_eps = {final_eps}: must be 0 (eps at every epoch) or in (0, 1]"
         )
     if config.cluster.camera_affinity < 0:
         problems.append(

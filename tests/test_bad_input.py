@@ -71,11 +71,7 @@ MAIN_CASES = [
         ["--config.cluster.camera_affinity=-0.2"],
         ["cluster.camera_affinity = -0.2", "must be >= 0"],
     ),
-    (
-        "min-eps-above-eps",
-        ["--config.cluster.eps=0.5", "--config.cluster.min_eps=0.6"],
-        ["cluster.min_eps = 0.6", "(0, cluster.eps = 0.5]"],
-    ),
+    ("negative-final-eps", ["--config.cluster.final_eps=-0.3"], ["cluster.final_eps = -0.3"]),
     ("ema-decay-1", ["--config.train.ema_decay=1.0"], ["train.ema_decay = 1.0", "[0, 1)"]),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),
     ("missing-data-root", ["--config.data.root=/no/such/root"], ["/no/such/root"]),

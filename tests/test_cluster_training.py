@@ -4,6 +4,9 @@ training per method whose mAP must rise above the untrained model."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 from test_train import _losses, tiny_config, tiny_data
@@ -33,7 +36,8 @@ def _cluster_config(root, method="cluster_contrast", **overrides):
 
 
 def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
-    tight = {"cluster.eps": 0.45}  # the untrained ResNet-18 makes one big cluster at 0.6
+    # The untrained ResNet-18 makes one big cluster at 0.6; eps tightens 0.45 -> 0.44.
+    tight = {"cluster.eps": 0.45, "cluster.final_eps": 0.44}
     config = _cluster_config(tiny_root, **tight)
     data = tiny_data(config)
     straight = train_and_evaluate(config, str(tmp_path / "a"), data, log=lambda s: None)
@@ -51,6 +55,9 @@ def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
     resumed = train_and_evaluate(config, interrupted, data, log=lambda s: None)
     np.testing.assert_allclose(_losses(interrupted), _losses(str(tmp_path / "a")), rtol=1e-6)
     assert resumed["final"] == straight["final"]
+    with open(os.path.join(tmp_path / "a", "metrics.jsonl")) as f:
+        eps = [row["cluster/eps"] for row in map(json.loads, f) if "cluster/eps" in row]
+    assert eps == pytest.approx([0.45, 0.44])  # one re-clustering per epoch, on schedule
 
 
 def test_everything_an_outlier_is_a_clear_error(tiny_root, tmp_path):

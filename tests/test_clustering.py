@@ -161,31 +161,10 @@ def test_pseudo_label_stats_by_hand():
     assert empty["num_clusters"] == 0 and empty["outlier_fraction"] == 1.0
 
 
-def test_most_clusters_eps_keeps_the_eps_before_clusters_merge():
-    # Three groups of 4 points, 0.1 apart inside; groups a and b 0.3 apart, c 0.9
-    # from both. min_samples 4: below 0.1 every point is an outlier, from 0.3
-    # on a and b are one cluster, in between there are three.
-    group = np.repeat(np.arange(3), 4)
-    apart = np.array([[0.0, 0.3, 0.9], [0.3, 0.0, 0.9], [0.9, 0.9, 0.0]])
-    distance = np.where(group[:, None] == group[None, :], 0.1, apart[group][:, group])
-    np.fill_diagonal(distance, 0.0)
-    eps, labels = clustering.most_clusters_eps(distance, 0.4, 0.05, 4)
-    assert eps == pytest.approx(0.275)  # 0.4, 0.375, ..., 0.3 merge a and b
-    np.testing.assert_array_equal(labels, group)
-    assert len(np.unique(clustering.dbscan(distance, 0.3, 4))) == 2
-    with pytest.raises(ValueError, match="min_eps"):
-        clustering.most_clusters_eps(distance, 0.4, 0.5, 4)
-    # Through cluster_features' config: the same labels as DBSCAN at the chosen eps.
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(6, 16))
-    features = np.repeat(centers, 8, axis=0) + 0.3 * rng.normal(size=(48, 16))
-    config = {"k1": 10, "k2": 3, "eps": 0.6, "min_eps": 0.3, "knn_backend": "jax"}
-    searched = clustering.cluster_features(features, config)
-    best = max(
-        (
-            clustering.cluster_features(features, {**config, "min_eps": 0.0, "eps": e})
-            for e in np.round(np.arange(0.6, 0.3 - 1e-9, -0.025), 6)
-        ),
-        key=lambda labels: len(np.unique(labels[labels >= 0])),
+def test_epoch_eps_moves_linearly_to_final_eps():
+    assert [clustering.epoch_eps(0.5, 0.35, e, 4) for e in range(4)] == pytest.approx(
+        [0.5, 0.45, 0.4, 0.35]
     )
-    np.testing.assert_array_equal(searched, best)
+    assert clustering.epoch_eps(0.5, 0.0, 3, 4) == 0.5  # off: eps throughout
+    assert clustering.epoch_eps(0.5, 0.35, 0, 1) == 0.5  # one epoch: eps
+    assert clustering.epoch_eps(0.5, 0.35, 9, 4) == pytest.approx(0.35)  # past the end

@@ -441,7 +441,11 @@ def recluster(
     start = time.time()
     features = train.extract()
     extracted = time.time()
-    labels = clustering.cluster_features(features["global"], config.cluster, cameras=train.cameras)
+    cluster = ml_collections.ConfigDict(config.cluster.to_dict())
+    cluster.eps = clustering.epoch_eps(
+        cluster.eps, cluster.get("final_eps", 0.0), epoch, config.train.epochs
+    )
+    labels = clustering.cluster_features(features["global"], cluster, cameras=train.cameras)
     stats = clustering.pseudo_label_stats(labels)
     memory = build_memory(kind, features["global"], train.cameras, labels)
     needed = config.train.batch_size // config.train.num_instances
@@ -452,16 +456,17 @@ def recluster(
             f"needs {needed} pseudo-identities (train.batch_size / train.num_instances). "
             + (
                 # Mostly outliers: the neighbourhoods are too tight.
-                f"Raise cluster.eps (now {config.cluster.eps}) or lower cluster.min_samples "
-                f"(now {config.cluster.min_samples}), or lower train.batch_size"
+                f"Raise cluster.eps (now {cluster.eps}) or lower cluster.min_samples "
+                f"(now {cluster.min_samples}), or lower train.batch_size"
                 if stats["num_outliers"] > stats["num_samples"] / 2
                 # Few, large clusters: neighbourhoods merge different people.
-                else f"Lower cluster.eps (now {config.cluster.eps}) or raise "
-                f"cluster.min_samples (now {config.cluster.min_samples}), or lower "
+                else f"Lower cluster.eps (now {cluster.eps}) or raise "
+                f"cluster.min_samples (now {cluster.min_samples}), or lower "
                 f"train.batch_size"
             )
         )
     stats = {
+        "eps": cluster.eps,
         "num_clusters": stats["num_clusters"],
         "outlier_fraction": stats["outlier_fraction"],
         "largest_cluster": stats["largest_cluster"],
@@ -505,7 +510,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             sampler_labels=np.asarray(memory.pseudo_labels),
             stats={f"cluster/{k}": v for k, v in stats.items()},
             summary=(
-                f"epoch {epoch + 1}: {stats['num_clusters']} clusters, "
+                f"epoch {epoch + 1}: eps {stats['eps']:.3f}, {stats['num_clusters']} clusters, "
                 f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "
                 f"{stats['largest_cluster']} (extract {stats['extract_s']:.1f}s, "
                 f"cluster {stats['cluster_s']:.1f}s)"
