@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Extract each camera's query and gallery images with batch-norm statistics
     # of that camera's images (jaxreid.evaluate.camera_bn; no labels read).
     c.eval.camera_bn = False
+    # Also rank with the camera affinity of the query and gallery features
+    # (jaxreid.pseudo_labels.camera_affinity, no labels read): distance +
+    # strength * (1 - A[c_q, c_g]), row "affinity" beside "plain"; 0 = off.
+    c.eval.camera_affinity = 0.0
     c.eval.checkpoint = ""  # --mode=eval: "" = latest in workdir, else a path; none = initial
     c.eval.plots = False  # ranked-list grid + CMC curve PNGs in the workdir
     c.eval.num_plot_queries = 8

@@ -139,6 +139,11 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
             f"cluster.camera_affinity = {config.cluster.camera_affinity}: must be >= 0 "
             "(0 = off; 0.2 on the adaptation recipe)"
         )
+    if config.eval.camera_affinity < 0:
+        problems.append(
+            f"eval.camera_affinity = {config.eval.camera_affinity}: must be >= 0 "
+            "(0 = off; 0.2 on the adaptation recipe)"
+        )
     for key in ("k1", "k2"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")

@@ -150,6 +150,11 @@ def evaluate_features(
     else:
         distance = evaluate.cosine_distance(q["global"], g["global"])
     results["plain"] = evaluate.evaluate_ranking(distance, *labels)
+    if config.eval.camera_affinity:
+        distance = distance + config.eval.camera_affinity * _camera_mismatch(
+            q["global"], g["global"], data
+        )
+        results["affinity"] = evaluate.evaluate_ranking(distance, *labels)
     if config.eval.camera_centering:
         results["centred"] = evaluate.evaluate_ranking(
             _camera_centred_distance(q["global"], g["global"], data), *labels
@@ -169,6 +174,22 @@ def evaluate_features(
     for metrics in results.values():
         metrics.pop("cmc", None)
     return {name: {k: float(v) for k, v in m.items()} for name, m in results.items()}
+
+
+def _camera_mismatch(q: np.ndarray, g: np.ndarray, data) -> np.ndarray:
+    """(Q, G) 1 - A[c_q, c_g], the camera affinity A estimated on the query and
+    gallery features together (cameras only, never identities): in a network
+    where a person passes a few cameras, a gallery image from a camera that
+    shares no people with the query's is ranked down."""
+    from jaxreid.pseudo_labels.camera_affinity import estimate_affinity, per_camera_neighbors
+    from jaxreid.utils import l2_normalize
+
+    features = l2_normalize(np.concatenate([q, g]).astype(np.float32))
+    cameras = np.concatenate([data.query.cameras, data.gallery.cameras])
+    ids, sims, idx = per_camera_neighbors(features, cameras, 1)
+    mismatch = 1.0 - estimate_affinity(cameras, ids, sims, idx)
+    index = np.searchsorted(ids, cameras)
+    return mismatch[index[: len(q)]][:, index[len(q) :]].astype(np.float32)
 
 
 def _camera_centred_distance(q: np.ndarray, g: np.ndarray, data) -> np.ndarray:
