@@ -134,16 +134,12 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         problems.append(
             f"cluster.final_eps = {final_eps}: must be 0 (eps at every epoch) or in (0, 1]"
         )
-    if config.cluster.camera_affinity < 0:
-        problems.append(
-            f"cluster.camera_affinity = {config.cluster.camera_affinity}: must be >= 0 "
-            "(0 = off; 0.2 on the adaptation recipe)"
-        )
-    if config.eval.camera_affinity < 0:
-        problems.append(
-            f"eval.camera_affinity = {config.eval.camera_affinity}: must be >= 0 "
-            "(0 = off; 0.2 on the adaptation recipe)"
-        )
+    for group in ("cluster", "eval"):
+        if config[group].camera_affinity < 0:
+            problems.append(
+                f"{group}.camera_affinity = {config[group].camera_affinity}: must be >= 0 "
+                "(0 = off; the adaptation recipe clusters with 0.2)"
+            )
     for key in ("k1", "k2"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")
