@@ -71,6 +71,11 @@ MAIN_CASES = [
         ["--config.cluster.camera_affinity=-0.2"],
         ["cluster.camera_affinity = -0.2", "must be >= 0"],
     ),
+    (
+        "negative-eval-camera-affinity",
+        ["--config.eval.camera_affinity=-0.2"],
+        ["eval.camera_affinity = -0.2", "must be >= 0"],
+    ),
     ("negative-final-eps", ["--config.cluster.final_eps=-0.3"], ["cluster.final_eps = -0.3"]),
     ("ema-decay-1", ["--config.train.ema_decay=1.0"], ["train.ema_decay = 1.0", "[0, 1)"]),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),

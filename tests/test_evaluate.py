@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -582,8 +583,6 @@ def test_camera_centred_ranking_removes_a_camera_offset():
     person, so its match is third: AP 1/3. Each camera's mean removed, query
     0 is (e0 - e1)/2, its match the same, person 1 the opposite, the strangers
     orthogonal: AP 1."""
-    from types import SimpleNamespace
-
     from jaxreid.config_base import base_config
     from jaxreid.evaluate.protocol import evaluate_features
 
@@ -602,3 +601,71 @@ def test_camera_centred_ranking_removes_a_camera_offset():
     assert results["centred"]["mAP"] == pytest.approx(1.0)
     config.eval.camera_centering = False
     assert "centred" not in evaluate_features(config, {"global": q}, {"global": g}, data)
+
+
+def _two_camera_pairs(seed: int = 0):
+    """Cameras 0-1 see persons 0..19, cameras 2-3 persons 20..39 (one image per
+    camera). Camera 1 adds a style offset b (|b| = 0.4), and persons 20..24 are
+    look-alikes of persons 0..4 (centre + an offset of norm 0.25), each image
+    with noise 0.03 per dimension (32-d). A query of person p < 5 (camera 0)
+    is then nearer its look-alike in camera 3 (about 0.35) than its own image
+    in camera 1 (about 0.47): plain AP 1/2. The look-alikes' own cameras 2-3
+    are nearer each other (0.24), so camera 0 shares no mutual nearest pair
+    with cameras 2-3, and A is 1 within a pair and 0 across."""
+    rng = np.random.default_rng(seed)
+    dim = 32
+    centres = rng.standard_normal((40, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    offsets = rng.standard_normal((5, dim))
+    centres[20:25] = centres[:5] + 0.25 * offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
+    style = rng.standard_normal(dim)
+    style *= 0.4 / np.linalg.norm(style)
+
+    def images(people, with_style):
+        x = centres[people] + 0.03 * rng.standard_normal((len(people), dim))
+        return (x + style if with_style else x).astype(np.float32)
+
+    first, second = np.arange(20), np.arange(20, 40)
+    q = np.concatenate([images(first, False), images(second, False)])
+    g = np.concatenate([images(first, True), images(second, False)])
+    pids = np.concatenate([first, second])
+    data = SimpleNamespace(
+        query=SimpleNamespace(pids=pids, cameras=np.repeat([0, 2], 20)),
+        gallery=SimpleNamespace(pids=pids, cameras=np.repeat([1, 3], 20)),
+    )
+    return q, g, data
+
+
+def test_camera_affinity_ranking_drops_look_alikes_of_other_camera_pairs():
+    from jaxreid.config_base import base_config
+    from jaxreid.evaluate.protocol import evaluate_features
+
+    q, g, data = _two_camera_pairs()
+    config = base_config()
+    assert "affinity" not in evaluate_features(config, {"global": q}, {"global": g}, data)
+    config.eval.camera_affinity = 0.2
+    results = evaluate_features(config, {"global": q}, {"global": g}, data)
+    # Five of the 40 queries find their look-alike first: AP 1/2 each.
+    assert results["plain"]["mAP"] == pytest.approx(1 - 5 * 0.5 / 40)
+    assert results["plain"]["rank1"] == pytest.approx(35 / 40)
+    # The affinity adds 0.2 (1 - 0) to every cross-pair distance: all first.
+    assert results["affinity"]["mAP"] == pytest.approx(1.0)
+    assert results["affinity"]["rank1"] == pytest.approx(1.0)
+
+
+def test_camera_affinity_ranking_is_plain_where_all_cameras_share_people():
+    """Query in camera 0, gallery in camera 1 only: A = 1, the distance is
+    unchanged, and so is every metric."""
+    from jaxreid.config_base import base_config
+    from jaxreid.evaluate.protocol import evaluate_features
+
+    q, g, data = _two_camera_pairs()
+    q, g = q[:20], g[:20]
+    data = SimpleNamespace(
+        query=SimpleNamespace(pids=data.query.pids[:20], cameras=data.query.cameras[:20]),
+        gallery=SimpleNamespace(pids=data.gallery.pids[:20], cameras=data.gallery.cameras[:20]),
+    )
+    config = base_config()
+    config.eval.camera_affinity = 0.5
+    results = evaluate_features(config, {"global": q}, {"global": g}, data)
+    assert results["affinity"] == results["plain"]
