@@ -113,3 +113,30 @@ def test_clustering_with_camera_affinity_keeps_people_within_camera_pairs():
     assert cross_pair_links(off) > 0 and cross_pair_links(on) == 0
     with pytest.raises(ValueError, match="cameras"):
         clustering.cluster_features(x, {**config, "camera_affinity": 0.5})
+
+
+@pytest.mark.parametrize("k1,k2,lambda_value", [(9, 3, 0.3), (6, 1, 0.0)])
+def test_camera_aware_rerank_equals_dense_reference(k1, k2, lambda_value):
+    """Re-ranking of the penalised similarity: the dense re-ranking (test_kreciprocal's
+    reference) run on 2 - 2 s', each row divided by the maximum of the plain distance."""
+    x, cameras, _ = _paired_cameras(people_per_pair=12, noise=0.8, seed=3)
+    query_rows = np.arange(0, len(x), 3)
+    gallery_rows = np.setdiff1d(np.arange(len(x)), query_rows)
+    q, g = x[query_rows], x[gallery_rows]
+    both = np.concatenate([cameras[query_rows], cameras[gallery_rows]])
+    strength = 0.2
+    result = kreciprocal.k_reciprocal_rerank(
+        q, g, k1, k2, lambda_value, cameras=both, camera_affinity=strength
+    )
+    features = np.concatenate([q, g]).astype(np.float64)
+    scale = (2.0 - 2.0 * features @ features.T).max(axis=1, keepdims=True)
+    distance = (2.0 - 2.0 * _dense_penalised(features, both, strength)) / scale
+    v = _dense_encoding(distance, _rank(distance), k1 + 1, round(k1 / 2) + 1, k2)
+    nq = len(q)
+    jaccard = _dense_jaccard(v[:nq], v)
+    expected = ((1 - lambda_value) * jaccard + lambda_value * distance[:nq])[:, nq:]
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    plain = kreciprocal.k_reciprocal_rerank(q, g, k1, k2, lambda_value)
+    assert np.abs(plain - expected).max() > 0.05, "the penalty must change the distance"
+    with pytest.raises(ValueError, match="cameras"):
+        kreciprocal.k_reciprocal_rerank(q, g, camera_affinity=strength)

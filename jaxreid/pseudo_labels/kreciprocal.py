@@ -303,6 +303,8 @@ def k_reciprocal_rerank(
     *,
     backend: str = "faiss",
     knn_block_size: int | None = None,
+    cameras: np.ndarray | None = None,
+    camera_affinity: float = 0.0,
 ) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al. 2017) of query vs gallery: (Q, G) float32 distance.
 
@@ -311,6 +313,12 @@ def k_reciprocal_rerank(
     features, each row divided by its maximum over all Q + G points; R(i) from the k1 + 1 nearest
     (i included); final = (1 - lambda) * Jaccard + lambda * original. Memory: the (Q, G) output
     plus O((Q + G) k1); the kNN and the row maxima are blocked searches.
+
+    camera_affinity > 0 (with `cameras`, the (Q + G,) cameras of the query then gallery rows):
+    every similarity s_ij becomes s_ij - camera_affinity * (1 - A[c_i, c_j]), A the camera
+    affinity of the Q + G features (`camera_affinity.penalised_neighbors`), in the neighbour
+    lists, the Jaccard weights and the original distance alike (the row maxima stay those of
+    the plain distance).
     """
     query = unit_rows(query_features)
     gallery = unit_rows(gallery_features)
@@ -322,7 +330,18 @@ def k_reciprocal_rerank(
     k_forward = min(k1 + 1, n)
     k2 = max(1, min(k2, k_forward))
     timer = _Timer()
-    sims, order = neighbors.knn(features, k_forward, backend=backend, block_size=knn_block_size)
+    camera_penalty = None
+    if camera_affinity > 0:
+        from jaxreid.pseudo_labels.camera_affinity import penalised_neighbors
+
+        if cameras is None or len(cameras) != n:
+            raise ValueError(f"camera_affinity needs the cameras of all {n} query + gallery rows")
+        (sims, order), affinity, camera_index = penalised_neighbors(
+            features, np.asarray(cameras), k_forward, camera_affinity, backend
+        )
+        camera_penalty = (camera_affinity * (1.0 - affinity), camera_index)
+    else:
+        sims, order = neighbors.knn(features, k_forward, backend=backend, block_size=knn_block_size)
     # max_l d(i, l) = 2 - 2 min_l s(i, l): the nearest neighbour of -x_i.
     min_sims = -neighbors.knn_query(
         -features, features, 1, backend=backend, block_size=knn_block_size
@@ -341,6 +360,7 @@ def k_reciprocal_rerank(
         timer=timer,
         query_rows=num_query,
         column_offset=num_query,
+        camera_penalty=camera_penalty,
     )
     out = np.ones((num_query, num_gallery), np.float32)
     out[rows, cols - num_query] = jaccard
@@ -349,7 +369,11 @@ def k_reciprocal_rerank(
     step = max(1, _CHUNK_ELEMENTS // max(num_gallery, 1))
     for s in range(0, num_query, step):
         e = min(s + step, num_query)
-        original = (2.0 - 2.0 * (query[s:e] @ gallery.T).astype(np.float64)) / row_max[s:e, None]
+        similarity = (query[s:e] @ gallery.T).astype(np.float64)
+        if camera_penalty is not None:
+            penalty, camera_index = camera_penalty
+            similarity -= penalty[camera_index[s:e, None], camera_index[None, num_query:]]
+        original = (2.0 - 2.0 * similarity) / row_max[s:e, None]
         out[s:e] += (lambda_value * original).astype(np.float32)
     timer.lap("final")
     logger.info("k_reciprocal_rerank: Q=%d, G=%d; %s", num_query, num_gallery, timer)
