@@ -75,6 +75,8 @@ def test_adaptation_configs():
         assert config.model.pretrained.endswith("weights/osnet_x0_25_msmt17.pth")
         assert (config.data.height, config.data.width) == (256, 128)
         assert config.model.head == ("scl" if name == "scl" else "fc")
+        # HHCL and its upper bound ranked alike, beside the plain cosine.
+        assert config.eval.camera_affinity == (0.2 if name in ("hhcl", "supervised") else 0.0)
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
