@@ -150,19 +150,19 @@ def evaluate_features(
     else:
         distance = evaluate.cosine_distance(q["global"], g["global"])
     results["plain"] = evaluate.evaluate_ranking(distance, *labels)
-    if config.eval.camera_affinity and config.eval.rerank:
-        # The camera-aware similarity in the neighbour sets too, not only added after.
-        distance = k_reciprocal_rerank(
-            q["global"],
-            g["global"],
-            cameras=np.concatenate([data.query.cameras, data.gallery.cameras]),
-            camera_affinity=config.eval.camera_affinity,
-        )
-        results["affinity"] = evaluate.evaluate_ranking(distance, *labels)
-    elif config.eval.camera_affinity:
-        distance = distance + config.eval.camera_affinity * _camera_mismatch(
-            q["global"], g["global"], data
-        )
+    if config.eval.camera_affinity:
+        if config.eval.rerank:
+            # The camera-aware similarity in the neighbour sets too, not only added after.
+            distance = k_reciprocal_rerank(
+                q["global"],
+                g["global"],
+                cameras=np.concatenate([data.query.cameras, data.gallery.cameras]),
+                camera_affinity=config.eval.camera_affinity,
+            )
+        else:
+            distance = distance + config.eval.camera_affinity * _camera_mismatch(
+                q["global"], g["global"], data
+            )
         results["affinity"] = evaluate.evaluate_ranking(distance, *labels)
     if config.eval.camera_centering:
         results["centred"] = evaluate.evaluate_ranking(
