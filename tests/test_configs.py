@@ -77,6 +77,9 @@ def test_adaptation_configs():
         assert config.model.head == ("scl" if name == "scl" else "fc")
         # HHCL and its upper bound ranked alike, beside the plain cosine.
         assert config.eval.camera_affinity == (0.2 if name in ("hhcl", "supervised") else 0.0)
+        assert config.optimizer.schedule == (
+            "constant" if name in ("hhcl", "supervised") else "cosine"
+        )
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
