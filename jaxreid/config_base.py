@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     # positives): cluster_contrast / self_paced / hhcl / joint (cap's intra term
     # always does); scl: its n negatives are the nearest own-camera rows.
     c.method.camera_negatives = False
+    # hhcl: weight of a ClusterNCE whose positive is the mean of the sample's
+    # cluster's instances from the other cameras (methods.cluster.cross_camera_loss).
+    c.method.cross_camera_weight = 0.0
     # Supervised reference (method "supervised"): identity CE + batch-hard triplet.
     c.method.label_smoothing = 0.1
     c.method.triplet_margin = 0.3

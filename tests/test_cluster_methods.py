@@ -472,6 +472,67 @@ def test_hard_instance_loss_by_hand():
     np.testing.assert_allclose(float(value), 0.0, atol=1e-6)
 
 
+def _cross_camera_case():
+    """2-D, tau 1. Instances: 0 (1, 0) cam 0 cluster 0; 1 (0, 1) cam 1 cluster 0;
+    2 (0.6, 0.8) cam 1 cluster 1; 3 (-1, 0) cam 0 cluster 1; 4 (0.8, 0.6) cam 0
+    cluster 2 (no other camera). Prototypes: row 0 (0.6, -0.8), row 1 (0.6, 0.8),
+    row 2 (0, -1)."""
+    memory = cluster_methods.build_memory(
+        "hhcl",
+        np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0], [0.8, 0.6]]),
+        np.array([0, 1, 1, 0, 0]),
+        np.array([0, 0, 1, 1, 2]),
+    )
+    prototypes = np.zeros_like(memory.prototypes)
+    prototypes[:3] = [[0.6, -0.8], [0.6, 0.8], [0.0, -1.0]]
+    return _to_jax(memory.replace(prototypes=prototypes))
+
+
+def test_cross_camera_loss_by_hand():
+    """Sample 0 (1, 0): its cluster from camera 1 is (0, 1), logit 0; the other
+    rows 1 and 2 give 0.6 and 0: loss = log(e^0 + e^0.6 + e^0) - 0. Sample 4's
+    cluster has no other camera: skipped. With row 2 masked out, log(1 + e^0.6)."""
+    memory = _cross_camera_case()
+    f = jnp.array([[1.0, 0.0], [0.8, 0.6]])
+    indices, cams = jnp.array([0, 4]), jnp.array([0, 0])
+    value = cluster_methods.cross_camera_loss(f, memory, indices, cams, memory.valid, 1.0)
+    np.testing.assert_allclose(float(value), np.log(2 + np.exp(0.6)), rtol=1e-6)
+    used = jnp.array([[True, True, False, False, False]] * 2)
+    value = cluster_methods.cross_camera_loss(f, memory, indices, cams, used, 1.0)
+    np.testing.assert_allclose(float(value), np.log(1 + np.exp(0.6)), rtol=1e-6)
+    # No sample with another camera in its cluster: 0, with zero gradients.
+    grad = jax.grad(cluster_methods.cross_camera_loss)(
+        f[1:], memory, indices[1:], cams[1:], memory.valid, 1.0
+    )
+    assert (
+        float(
+            cluster_methods.cross_camera_loss(
+                f[1:], memory, indices[1:], cams[1:], memory.valid, 1.0
+            )
+        )
+        == 0.0
+    )
+    assert np.all(np.asarray(grad) == 0)
+
+
+def test_cross_camera_loss_gradient():
+    """Gradient w.r.t. the (unnormalised) feature against central differences
+    of the by-hand formula, tau 0.5."""
+    memory = _cross_camera_case()
+    centre, rows = np.array([0.0, 1.0]), np.asarray(memory.prototypes)[1:3]
+
+    def by_hand(x):
+        u = _unit(x[0])
+        return _lse(np.concatenate([[u @ centre], rows @ u]) / 0.5) - u @ centre / 0.5
+
+    f = np.array([[0.9, -0.3]], np.float32)
+    grad = jax.grad(cluster_methods.cross_camera_loss)(
+        jnp.asarray(f), memory, jnp.array([0]), jnp.array([0]), memory.valid, 0.5
+    )
+    numeric = _finite_difference(by_hand, f, [(0, 0), (0, 1)])
+    np.testing.assert_allclose(np.asarray(grad)[0], numeric, rtol=1e-3, atol=1e-5)
+
+
 def test_multi_positive_instance_loss_matches_numpy():
     f, memory = _case("joint", seed=7)
     instances = np.asarray(memory.instances)

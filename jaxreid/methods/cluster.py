@@ -277,6 +277,38 @@ def multi_positive_instance_loss(
     return jnp.mean(per_sample)
 
 
+def cross_camera_loss(
+    features: jax.Array,
+    memory: ClusterMemory,
+    indices: jax.Array,
+    cams: jax.Array,
+    rows_used: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """ClusterNCE whose positive is the sample's cluster seen from the other
+    cameras: the normalised mean of the instance-bank rows of its cluster from
+    cameras other than its own, against the other `rows_used` ((R,) or (B, R))
+    prototypes. Samples whose cluster has no member in another camera (and
+    outliers) are skipped."""
+    f = l2_normalize(features.astype(jnp.float32))
+    labels = memory.pseudo_labels[indices]
+    others = (
+        (memory.pseudo_labels[None, :] == labels[:, None])
+        & (memory.cameras[None, :] != cams[:, None])
+        & (labels[:, None] >= 0)
+    )  # (B, N)
+    bank = jax.lax.stop_gradient(memory.instances)
+    centre = l2_normalize(others.astype(jnp.float32) @ bank)
+    positive = jnp.sum(f * centre, axis=1) / temperature
+    negatives = f @ jax.lax.stop_gradient(memory.prototypes).T / temperature
+    target_row = memory.rows[indices]
+    row_ids = jnp.arange(negatives.shape[1])[None, :]
+    negatives = jnp.where(rows_used & (row_ids != target_row[:, None]), negatives, _NEG)
+    logits = jnp.concatenate([positive[:, None], negatives], axis=1)
+    ce = jax.nn.logsumexp(logits, axis=1) - positive
+    return _mean_over(ce, jnp.any(others, axis=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     temperature: float
@@ -290,6 +322,8 @@ class LossSettings:
     # clusters rarely span cameras, the other rows of other cameras are mostly
     # the sample's own identity seen elsewhere.
     camera_negatives: bool = False
+    # hhcl: weight of `cross_camera_loss` (0 = off).
+    cross_camera_weight: float = 0.0
 
 
 def _cluster_term(f, memory: ClusterMemory, indices, cams, s: LossSettings):
@@ -323,7 +357,15 @@ def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
         negatives_used=instances_used,
     )
     total = cluster + s.instance_weight * instance
-    return total, {"loss_cluster": cluster, "loss_instance": instance}
+    metrics = {"loss_cluster": cluster, "loss_instance": instance}
+    if s.cross_camera_weight:
+        rows_used = memory.valid
+        if s.camera_negatives:
+            rows_used = memory.valid[None, :] & same_camera_rows(memory, cams)
+        cross = cross_camera_loss(f, memory, indices, cams, rows_used, s.temperature)
+        total = total + s.cross_camera_weight * cross
+        metrics["loss_cross_camera"] = cross
+    return total, metrics
 
 
 def joint_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
@@ -489,6 +531,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         inter_camera_weight=m.inter_camera_weight,
         num_hard_negatives=m.num_hard_negatives,
         camera_negatives=bool(m.camera_negatives),
+        cross_camera_weight=m.get("cross_camera_weight", 0.0),
     )
 
     def init_memory(train: TrainSet) -> ClusterMemory:
