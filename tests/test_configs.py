@@ -80,6 +80,7 @@ def test_adaptation_configs():
         assert config.optimizer.schedule == (
             "constant" if name in ("hhcl", "supervised") else "cosine"
         )
+        assert config.model.freeze_stages == (1 if name in ("hhcl", "supervised") else 2)
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
