@@ -328,7 +328,8 @@ class LossSettings:
 
 def _cluster_term(f, memory: ClusterMemory, indices, cams, s: LossSettings):
     """ClusterNCE against the valid rows (own-camera ones with camera_negatives),
-    and the instances the instance terms may use as negatives (None: all)."""
+    those rows, and the instances the instance terms may use as negatives
+    (None: all)."""
     rows_used = memory.valid
     instances_used = None
     if s.camera_negatives:
@@ -336,18 +337,18 @@ def _cluster_term(f, memory: ClusterMemory, indices, cams, s: LossSettings):
         instances_used = memory.cameras[None, :] == cams[:, None]
     targets = memory.rows[indices]
     cluster = masked_nce(f, memory.prototypes, rows_used, targets, s.temperature)
-    return cluster, instances_used
+    return cluster, rows_used, instances_used
 
 
 def cluster_nce_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
     """cluster_contrast and self_paced: ClusterNCE only."""
-    cluster, _ = _cluster_term(f, memory, indices, cams, s)
+    cluster, _, _ = _cluster_term(f, memory, indices, cams, s)
     return cluster, {"loss_cluster": cluster}
 
 
 def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
     """ClusterNCE + the hard instance term."""
-    cluster, instances_used = _cluster_term(f, memory, indices, cams, s)
+    cluster, rows_used, instances_used = _cluster_term(f, memory, indices, cams, s)
     instance = hard_instance_loss(
         f,
         memory.instances,
@@ -359,9 +360,6 @@ def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
     total = cluster + s.instance_weight * instance
     metrics = {"loss_cluster": cluster, "loss_instance": instance}
     if s.cross_camera_weight:
-        rows_used = memory.valid
-        if s.camera_negatives:
-            rows_used = memory.valid[None, :] & same_camera_rows(memory, cams)
         cross = cross_camera_loss(f, memory, indices, cams, rows_used, s.temperature)
         total = total + s.cross_camera_weight * cross
         metrics["loss_cross_camera"] = cross
@@ -370,7 +368,7 @@ def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
 
 def joint_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
     """ClusterNCE + the multi-positive instance term."""
-    cluster, instances_used = _cluster_term(f, memory, indices, cams, s)
+    cluster, _, instances_used = _cluster_term(f, memory, indices, cams, s)
     instance = multi_positive_instance_loss(
         f,
         memory.instances,
@@ -531,7 +529,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         inter_camera_weight=m.inter_camera_weight,
         num_hard_negatives=m.num_hard_negatives,
         camera_negatives=bool(m.camera_negatives),
-        cross_camera_weight=m.get("cross_camera_weight", 0.0),
+        cross_camera_weight=m.cross_camera_weight,
     )
 
     def init_memory(train: TrainSet) -> ClusterMemory:
