@@ -81,6 +81,9 @@ def test_adaptation_configs():
             "constant" if name in ("hhcl", "supervised") else "cosine"
         )
         assert config.model.freeze_stages == (1 if name in ("hhcl", "supervised") else 2)
+        if name not in ("scl", "supervised"):
+            # Only HHCL was measured with the narrower Jaccard (the others' rows use 30).
+            assert config.cluster.k1 == (20 if name == "hhcl" else 30)
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
