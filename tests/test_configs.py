@@ -84,6 +84,9 @@ def test_adaptation_configs():
         if name not in ("scl", "supervised"):
             # Only HHCL was measured with the narrower Jaccard (the others' rows use 30).
             assert config.cluster.k1 == (20 if name == "hhcl" else 30)
+            # ... and the sharper temperature (the others keep their family's).
+            if name == "hhcl":
+                assert config.method.temperature == 0.04
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
