@@ -64,7 +64,7 @@ def test_adaptation_configs():
     supervised bound adapt the torchreid OSNet source at 256x128 with the same
     budget; the same function builds any Market-layout target from any
     torchreid OSNet checkpoint."""
-    from jaxreid.config_base import RECIPE_METHODS, uda_config
+    from jaxreid.config_base import RECIPE_METHODS, cluster_config, uda_config
 
     path = CONFIGS[[os.path.basename(p) for p in CONFIGS].index("cuhk03_uda.py")]
     budgets = set()
@@ -85,8 +85,8 @@ def test_adaptation_configs():
             # Only HHCL was measured with the narrower Jaccard (the others' rows use 30).
             assert config.cluster.k1 == (20 if name == "hhcl" else 30)
             # ... and the sharper temperature (the others keep their family's).
-            if name == "hhcl":
-                assert config.method.temperature == 0.04
+            family = cluster_config("cuhk03", "/data/cuhk03", name).method.temperature
+            assert config.method.temperature == (0.04 if name == "hhcl" else family)
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
