@@ -140,7 +140,7 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 f"{group}.camera_affinity = {config[group].camera_affinity}: must be >= 0 "
                 "(0 = off; the adaptation recipe clusters with 0.2)"
             )
-    for key in ("k1", "k2"):
+    for key in ("k1", "k2", "k1_intra", "k1_inter", "k2_intra", "k2_inter"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")
     pretrained = config.model.pretrained

@@ -77,6 +77,7 @@ MAIN_CASES = [
         ["eval.camera_affinity = -0.2", "must be >= 0"],
     ),
     ("negative-final-eps", ["--config.cluster.final_eps=-0.3"], ["cluster.final_eps = -0.3"]),
+    ("k1-inter-0", ["--config.cluster.k1_inter=0"], ["cluster.k1_inter = 0", "must be >= 1"]),
     ("ema-decay-1", ["--config.train.ema_decay=1.0"], ["train.ema_decay = 1.0", "[0, 1)"]),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),
     ("missing-data-root", ["--config.data.root=/no/such/root"], ["/no/such/root"]),

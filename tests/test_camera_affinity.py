@@ -140,3 +140,111 @@ def test_camera_aware_rerank_equals_dense_reference(k1, k2, lambda_value):
     assert np.abs(plain - expected).max() > 0.05, "the penalty must change the distance"
     with pytest.raises(ValueError, match="cameras"):
         kreciprocal.k_reciprocal_rerank(q, g, camera_affinity=strength)
+
+
+def _camera_rank(distance, cameras, same):
+    """Every row's own-camera (`same`) or other-camera list: itself first, then by
+    distance, ties by index; -1 pads a row to the longest list."""
+    rank = _rank(distance)
+    keep = (cameras[rank] == cameras[:, None]) == same
+    lists = [row[k] for row, k in zip(rank, keep, strict=True)]
+    width = max(len(r) for r in lists)
+    return np.array([np.pad(r, (0, width - len(r)), constant_values=-1) for r in lists])
+
+
+def reference_camera_aware_jaccard(distance, cameras, k1_intra, k1_inter, k2_intra, k2_inter):
+    """CA-Jaccard from its definition, dense: union of the own-camera and the
+    other-camera k-reciprocal sets, softmax weights, query expansion over both lists."""
+    n = len(distance)
+    intra = _camera_rank(distance, cameras, True)
+    inter = _camera_rank(distance, cameras, False)
+
+    def reciprocal(rank, i, size):
+        return [j for j in rank[i, :size] if j >= 0 and i in rank[j, :size]]
+
+    v = np.zeros((n, n))
+    for i in range(n):
+        e = sorted(
+            set(reciprocal(intra, i, k1_intra + 1)) | set(reciprocal(inter, i, k1_inter + 1))
+        )
+        w = np.exp(-distance[i, e])
+        v[i, e] = w / w.sum()
+    expanded = np.zeros_like(v)
+    for i in range(n):
+        rows = [j for j in [*intra[i, :k2_intra], *inter[i, :k2_inter]] if j >= 0]
+        expanded[i] = v[rows].mean(axis=0)
+    return np.maximum(_dense_jaccard(expanded, expanded), 0.0)
+
+
+@pytest.mark.parametrize(
+    "sizes,strength", [((2, 4, 1, 5), 0.2), ((4, 4, 5, 2), 0.0), ((3, 3, 4, 2), 0.3)]
+)
+def test_camera_aware_jaccard_equals_dense_reference(sizes, strength):
+    k1_intra, k1_inter, k2_intra, k2_inter = sizes[:4]
+    x, cameras, _ = _paired_cameras(people_per_pair=12, noise=0.3, seed=5)
+    cameras = cameras.copy()
+    cameras[:2] = 7  # a camera of 2 images: shorter own-camera lists than k1_intra + 1
+    intra, inter, affinity, camera_index = camera_affinity.intra_inter_neighbors(
+        x, cameras, max(k1_intra + 1, k2_intra), max(k1_inter + 1, k2_inter), strength
+    )
+    assert (intra[1][:2] == -1).any(axis=1).all(), "the small camera must pad its lists"
+    penalty = strength * (1 - affinity)
+    result = kreciprocal.camera_aware_jaccard_distance(
+        x,
+        intra,
+        inter,
+        k1_intra=k1_intra,
+        k1_inter=k1_inter,
+        k2_intra=k2_intra,
+        k2_inter=k2_inter,
+        camera_penalty=(penalty, camera_index),
+    )
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    distance = 2.0 - 2.0 * (s - penalty[camera_index[:, None], camera_index[None, :]])
+    expected = reference_camera_aware_jaccard(
+        distance, cameras, k1_intra, k1_inter, k2_intra, k2_inter
+    )
+    np.testing.assert_allclose(kreciprocal.densify(result), expected, atol=1e-6)
+    assert (result != result.T).nnz == 0
+    assert (expected < 1).sum() > 2 * len(x) and (expected >= 1).any()
+
+
+def test_camera_aware_jaccard_links_views_the_plain_distance_keeps_apart():
+    """Two cameras whose every image carries the camera's own offset: each plain
+    k-reciprocal set holds only same-camera images, so no pair across the cameras
+    shares support (distance 1); the camera-aware sets always hold the other
+    camera's nearest reciprocal images, and each person's two views come closest."""
+    rng = np.random.default_rng(0)
+    # Eight orthogonal people in dimensions 0-7, the cameras' offsets in 8-11 and
+    # 12-15: cos 0.9 within a camera, 0.1 for one person across the cameras, 0 else.
+    people = np.pad(2.0 * np.eye(8), ((0, 0), (0, 8)))
+    offsets = np.zeros((2, 16))
+    offsets[0, 8:12] = offsets[1, 12:16] = 3.0
+    x = np.concatenate([people + offsets[c] + 0.01 * rng.standard_normal((8, 16)) for c in (0, 1)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    cameras = np.repeat([0, 1], 8)
+    plain = kreciprocal.densify(kreciprocal.jaccard_distance(x, k1=4, k2=1))
+    np.testing.assert_array_equal(plain[:8, 8:], 1.0)
+    intra, inter, _, camera_index = camera_affinity.intra_inter_neighbors(x, cameras, 4, 2, 0.0)
+    aware = kreciprocal.densify(
+        kreciprocal.camera_aware_jaccard_distance(
+            x, intra, inter, k1_intra=3, k1_inter=1, k2_intra=1, k2_inter=1
+        )
+    )
+    cross = aware[:8, 8:]
+    assert (cross < 1).sum() >= 8
+    np.testing.assert_array_equal(cross.argmin(axis=1), np.arange(8))
+
+
+def test_cluster_features_with_camera_aware_jaccard():
+    x, cameras, people = _paired_cameras(people_per_pair=10, noise=0.3, seed=6)
+    config = dict(eps=0.6, min_samples=2, camera_aware_jaccard=True, k1_intra=1, k1_inter=1)
+    labels = clustering.cluster_features(x, {**config, "k2_intra": 1, "k2_inter": 1}, cameras)
+    # Each person's two views (one per camera) form one cluster: the camera-aware
+    # sets are the image and its reciprocal nearest view in the other camera.
+    assert (labels >= 0).all()
+    np.testing.assert_array_equal(
+        labels[:, None] == labels[None, :], people[:, None] == people[None, :]
+    )
+    with pytest.raises(ValueError, match="cameras"):
+        clustering.cluster_features(x, config)

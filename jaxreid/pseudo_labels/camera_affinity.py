@@ -67,6 +67,30 @@ def estimate_affinity(
     return affinity
 
 
+def _nearest_first(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k of each row's candidates (N, M): the image itself first, then
+    decreasing similarity, ties by index, padding (index -1) last."""
+    n = len(sims)
+    self_rows = idx == np.arange(n)[:, None]
+    key = np.where(self_rows, np.inf, sims)
+    order = np.lexsort((np.where(idx < 0, n, idx), -key), axis=1)[:, :k]
+    return (
+        np.ascontiguousarray(np.take_along_axis(sims, order, axis=1)),
+        np.ascontiguousarray(np.take_along_axis(idx, order, axis=1)),
+    )
+
+
+def _penalised_lists(features, cameras, k, strength, backend):
+    """per_camera_neighbors, its affinity, the camera index of every image and the
+    candidates' similarities minus the penalty of their camera pair."""
+    ids, sims, idx = per_camera_neighbors(features, cameras, k, backend)
+    affinity = estimate_affinity(cameras, ids, sims, idx)
+    penalty = strength * (1.0 - affinity)
+    camera_index = np.searchsorted(ids, cameras)
+    shifted = sims - penalty[camera_index][:, :, None].astype(np.float32)
+    return shifted, idx, affinity, camera_index
+
+
 def penalised_neighbors(
     features: np.ndarray,
     cameras: np.ndarray,
@@ -83,21 +107,38 @@ def penalised_neighbors(
     """
     features = np.asarray(features, np.float32)
     k = min(k, len(features))
-    ids, sims, idx = per_camera_neighbors(features, cameras, k, backend)
-    affinity = estimate_affinity(cameras, ids, sims, idx)
-    penalty = strength * (1.0 - affinity)
-    camera_index = np.searchsorted(ids, cameras)
+    shifted, idx, affinity, camera_index = _penalised_lists(features, cameras, k, strength, backend)
     n = len(features)
-    shifted = sims - penalty[camera_index][:, :, None].astype(np.float32)
-    shifted, idx = shifted.reshape(n, -1), idx.reshape(n, -1)
-    self_rows = idx == np.arange(n)[:, None]
-    key = np.where(self_rows, np.inf, shifted)
-    order = np.lexsort((np.where(idx < 0, n, idx), -key), axis=1)[:, :k]
-    return (
-        (
-            np.ascontiguousarray(np.take_along_axis(shifted, order, axis=1)),
-            np.ascontiguousarray(np.take_along_axis(idx, order, axis=1)),
-        ),
-        affinity,
-        camera_index,
+    lists = _nearest_first(shifted.reshape(n, -1), idx.reshape(n, -1), k)
+    return lists, affinity, camera_index
+
+
+def intra_inter_neighbors(
+    features: np.ndarray,
+    cameras: np.ndarray,
+    k_intra: int,
+    k_inter: int,
+    strength: float,
+    backend: str = "faiss",
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+    """Every image's k_intra nearest images of its own camera (itself first) and
+    its k_inter nearest of the other cameras under the penalised similarity (the
+    two ranking lists of the camera-aware Jaccard distance,
+    `kreciprocal.camera_aware_jaccard_distance`).
+
+    Returns (intra (similarities, indices), inter (similarities, indices), the
+    affinity A, the camera index of every image), lists (N, k_intra) and
+    (N, k_inter); where a list runs out of images its entries are index -1,
+    similarity -inf.
+    """
+    features = np.asarray(features, np.float32)
+    shifted, idx, affinity, camera_index = _penalised_lists(
+        features, cameras, max(k_intra, k_inter), strength, backend
     )
+    n = len(features)
+    rows = np.arange(n)
+    intra = _nearest_first(shifted[rows, camera_index], idx[rows, camera_index], k_intra)
+    shifted[rows, camera_index] = -np.inf
+    idx[rows, camera_index] = -1
+    inter = _nearest_first(shifted.reshape(n, -1), idx.reshape(n, -1), k_inter)
+    return intra, inter, affinity, camera_index

@@ -38,7 +38,10 @@ def default_cluster_config():
     camera_affinity (strength of the penalty on pairs of cameras that share few people,
     learned from the features; 0 = off; jaxreid.pseudo_labels.camera_affinity), final_eps
     (0 = eps at every epoch; else eps moves linearly to final_eps at the last epoch:
-    `epoch_eps`).
+    `epoch_eps`), camera_aware_jaccard (the Jaccard distance of
+    `kreciprocal.camera_aware_jaccard_distance` instead of the plain one, with its sizes
+    k1_intra, k1_inter, k2_intra, k2_inter in place of k1, k2; the defaults are the
+    public code's).
     """
     import ml_collections
 
@@ -55,6 +58,11 @@ def default_cluster_config():
             camera_bn=False,
             camera_affinity=0.0,
             final_eps=0.0,
+            camera_aware_jaccard=False,
+            k1_intra=5,
+            k1_inter=20,
+            k2_intra=2,
+            k2_inter=4,
         )
     )
 
@@ -172,6 +180,70 @@ def pseudo_label_stats(labels: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _log_affinity(affinity: np.ndarray) -> None:
+    logger.info("cluster_features: camera affinity\n%s", np.array2string(affinity, precision=2))
+
+
+def _plain_distance(features, cameras, params, eps) -> sp.csr_matrix:
+    """`kreciprocal.jaccard_distance` of the features (its kNN lists ranked by the
+    penalised similarity of `camera_affinity` when cluster.camera_affinity > 0)."""
+    neighbors_result = camera_penalty = None
+    if float(params["camera_affinity"]) > 0:
+        if cameras is None:
+            raise ValueError("cluster.camera_affinity needs the images' cameras")
+        strength = float(params["camera_affinity"])
+        neighbors_result, affinity, camera_index = camera_affinity.penalised_neighbors(
+            kreciprocal.unit_rows(features),
+            np.asarray(cameras),
+            int(params["k1"]),
+            strength,
+            params["knn_backend"],
+        )
+        camera_penalty = (strength * (1.0 - affinity), camera_index)
+        _log_affinity(affinity)
+    return kreciprocal.jaccard_distance(
+        features,
+        k1=int(params["k1"]),
+        k2=int(params["k2"]),
+        backend=params["knn_backend"],
+        max_distance=eps if eps < 1.0 else None,
+        knn_block_size=int(params["knn_block_size"]) or None,
+        neighbors_result=neighbors_result,
+        camera_penalty=camera_penalty,
+    )
+
+
+def _camera_aware_distance(features, cameras, params, eps) -> sp.csr_matrix:
+    """`kreciprocal.camera_aware_jaccard_distance` of the features, its own-camera and
+    other-camera lists ranked by the penalised similarity of `camera_affinity`."""
+    if cameras is None:
+        raise ValueError("cluster.camera_aware_jaccard needs the images' cameras")
+    strength = float(params["camera_affinity"])
+    k1_intra, k1_inter = int(params["k1_intra"]), int(params["k1_inter"])
+    k2_intra, k2_inter = int(params["k2_intra"]), int(params["k2_inter"])
+    intra, inter, affinity, camera_index = camera_affinity.intra_inter_neighbors(
+        kreciprocal.unit_rows(features),
+        np.asarray(cameras),
+        max(k1_intra + 1, k2_intra),
+        max(k1_inter + 1, k2_inter),
+        strength,
+        params["knn_backend"],
+    )
+    if strength > 0:
+        _log_affinity(affinity)
+    return kreciprocal.camera_aware_jaccard_distance(
+        features,
+        intra,
+        inter,
+        k1_intra=k1_intra,
+        k1_inter=k1_inter,
+        k2_intra=k2_intra,
+        k2_inter=k2_inter,
+        max_distance=eps if eps < 1.0 else None,
+        camera_penalty=(strength * (1.0 - affinity), camera_index),
+    )
+
+
 def cluster_features(
     features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None
 ) -> np.ndarray:
@@ -199,30 +271,10 @@ def cluster_features(
         return np.zeros(0, np.int64)
     start = time.perf_counter()
     eps = float(params["eps"])
-    neighbors_result = camera_penalty = None
-    if float(params["camera_affinity"]) > 0:
-        if cameras is None:
-            raise ValueError("cluster.camera_affinity needs the images' cameras")
-        strength = float(params["camera_affinity"])
-        neighbors_result, affinity, camera_index = camera_affinity.penalised_neighbors(
-            kreciprocal.unit_rows(features),
-            np.asarray(cameras),
-            int(params["k1"]),
-            strength,
-            params["knn_backend"],
-        )
-        camera_penalty = (strength * (1.0 - affinity), camera_index)
-        logger.info("cluster_features: camera affinity\n%s", np.array2string(affinity, precision=2))
-    distance = kreciprocal.jaccard_distance(
-        features,
-        k1=int(params["k1"]),
-        k2=int(params["k2"]),
-        backend=params["knn_backend"],
-        max_distance=eps if eps < 1.0 else None,
-        knn_block_size=int(params["knn_block_size"]) or None,
-        neighbors_result=neighbors_result,
-        camera_penalty=camera_penalty,
-    )
+    if params["camera_aware_jaccard"]:
+        distance = _camera_aware_distance(features, cameras, params, eps)
+    else:
+        distance = _plain_distance(features, cameras, params, eps)
     jaccard_seconds = time.perf_counter() - start
     labels = dbscan(distance, eps, int(params["min_samples"]))
     stats = pseudo_label_stats(labels)

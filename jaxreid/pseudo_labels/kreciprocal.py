@@ -70,12 +70,15 @@ def half_k(k1: int) -> int:
 
 
 def reciprocal_sets(order: np.ndarray, k: int) -> sp.csr_matrix:
-    """R(i, k) as a boolean CSR matrix (row i = the set of i, column indices sorted)."""
+    """R(i, k) as a boolean CSR matrix (row i = the set of i, column indices sorted).
+    Negative entries of `order` (padding of a short list) are no neighbours."""
     n = len(order)
     k = min(k, order.shape[1])
     forward = np.sort(order[:, :k], axis=1)
     rows = np.repeat(np.arange(n, dtype=np.int64), k)
     cols = forward.ravel()
+    listed = cols >= 0
+    rows, cols = rows[listed], cols[listed]
     keys = rows * n + cols  # sorted: rows ascending, columns sorted within a row
     is_reciprocal = _contains(keys, cols * n + rows)
     return _csr_from_sorted(
@@ -119,13 +122,13 @@ def pair_similarities(
 ) -> np.ndarray:
     """s(rows[t], cols[t]) (float64): looked up in the kNN lists, computed for the rest
     (minus penalty[camera[i], camera[j]] where `camera_penalty` = (penalty, camera)
-    says the kNN lists hold a penalised similarity)."""
+    says the kNN lists hold a penalised similarity). Negative list entries are padding."""
     n = len(order)
     perm = np.argsort(order, axis=1, kind="stable")
-    knn_keys = (
-        np.arange(n, dtype=np.int64)[:, None] * n + np.take_along_axis(order, perm, axis=1)
-    ).ravel()
-    knn_sims = np.take_along_axis(sims, perm, axis=1).ravel().astype(np.float64)
+    sorted_order = np.take_along_axis(order, perm, axis=1)
+    listed = (sorted_order >= 0).ravel()
+    knn_keys = (np.arange(n, dtype=np.int64)[:, None] * n + sorted_order).ravel()[listed]
+    knn_sims = np.take_along_axis(sims, perm, axis=1).ravel()[listed].astype(np.float64)
     keys = rows.astype(np.int64) * n + cols
     pos = np.minimum(np.searchsorted(knn_keys, keys), len(knn_keys) - 1)
     found = knn_keys[pos] == keys
@@ -156,13 +159,21 @@ def encode(expanded: sp.csr_matrix, distances: np.ndarray) -> sp.csr_matrix:
 
 
 def query_expansion(encoding: sp.csr_matrix, order: np.ndarray, k2: int) -> sp.csr_matrix:
-    """V_i <- mean of V_j over the first k2 neighbours of i (i included); k2 = 1 is a no-op."""
+    """V_i <- mean of V_j over the first k2 neighbours of i (i included); k2 = 1 is a no-op.
+    Negative entries of `order` (padding) are left out of the mean."""
     if k2 <= 1:
         return encoding
     n = encoding.shape[0]
     k2 = min(k2, order.shape[1])
+    first = order[:, :k2]
+    listed = first >= 0
+    counts = listed.sum(axis=1)
     averaging = sp.csr_matrix(
-        (np.full(n * k2, 1.0 / k2), order[:, :k2].ravel(), np.arange(0, n * k2 + 1, k2)),
+        (
+            np.repeat(1.0 / np.maximum(counts, 1), counts),
+            first[listed],
+            np.concatenate([[0], np.cumsum(counts)]),
+        ),
         shape=(n, n),
     )
     expanded = (averaging @ encoding).tocsr()
@@ -266,6 +277,77 @@ def jaccard_distance(
         timer=timer,
         camera_penalty=camera_penalty,
     )
+    return _symmetric(rows, cols, dist, n, timer, "jaccard_distance")
+
+
+def camera_aware_jaccard_distance(
+    features: np.ndarray,
+    intra: tuple[np.ndarray, np.ndarray],
+    inter: tuple[np.ndarray, np.ndarray],
+    *,
+    k1_intra: int = 5,
+    k1_inter: int = 20,
+    k2_intra: int = 2,
+    k2_inter: int = 4,
+    max_distance: float | None = None,
+    camera_penalty: tuple[np.ndarray, np.ndarray] | None = None,
+) -> sp.csr_matrix:
+    """Camera-aware Jaccard distance (after Chen et al., "CA-Jaccard", CVPR 2024).
+
+    The plain k-reciprocal sets of a camera network are mostly same-camera
+    images (they look alike), so two views of one person in different cameras
+    share little support. Here each support is the union of the k-reciprocal
+    set within the own camera's list and the one within the other cameras'
+    list, so every image keeps cross-camera neighbours; no 2/3 expansion; the
+    query expansion averages V over the first k2_intra entries of the own-camera
+    list (the image itself first) and the first k2_inter of the other cameras'.
+
+    Args:
+      features: (N, D); L2-normalised here (no-op when they already are).
+      intra, inter: (similarities, indices) of `camera_affinity.intra_inter_neighbors`:
+        each image's own-camera list (itself first, >= k1_intra + 1 entries) and
+        other-camera list (>= k1_inter + 1 entries); index -1 pads a short list.
+      k1_intra, k1_inter: R_intra(i) = i and its reciprocal ones among its k1_intra
+        nearest of its camera; R_inter(i) = the reciprocal ones among its k1_inter + 1
+        nearest of the other cameras (the public code's sizes).
+      k2_intra, k2_inter: query-expansion sizes of the two lists.
+      max_distance, camera_penalty: as in `jaccard_distance` (the lists rank by the
+        penalised similarity, and so do the weights).
+
+    Returns: the (N, N) CSR matrix of `jaccard_distance`'s conventions.
+    """
+    features = unit_rows(features)
+    n = len(features)
+    if n == 0:
+        return sp.csr_matrix((0, 0), dtype=np.float32)
+    (intra_sims, intra_order), (inter_sims, inter_order) = (
+        tuple(np.asarray(a) for a in lists) for lists in (intra, inter)
+    )
+    intra_order, inter_order = intra_order.astype(np.int64), inter_order.astype(np.int64)
+    timer = _Timer()
+    support = (
+        reciprocal_sets(intra_order, k1_intra + 1) + reciprocal_sets(inter_order, k1_inter + 1)
+    ).astype(bool)
+    support.sort_indices()
+    timer.lap("reciprocal")
+    dist = 2.0 - 2.0 * pair_similarities(
+        features,
+        np.concatenate([intra_sims, inter_sims], axis=1),
+        np.concatenate([intra_order, inter_order], axis=1),
+        _row_ids(support),
+        support.indices.astype(np.int64),
+        camera_penalty,
+    )
+    expansion = np.concatenate([intra_order[:, :k2_intra], inter_order[:, :k2_inter]], axis=1)
+    encoding = query_expansion(encode(support, dist), expansion, expansion.shape[1])
+    timer.lap("encode")
+    rows, cols, dist = jaccard_upper(encoding, max_distance)
+    timer.lap("jaccard")
+    return _symmetric(rows, cols, dist, n, timer, "camera_aware_jaccard_distance")
+
+
+def _symmetric(rows, cols, dist, n, timer, name) -> sp.csr_matrix:
+    """The (N, N) float32 CSR matrix of the upper-triangle pairs (rows <= cols) and their mirror."""
     offdiag = rows != cols
     full = sp.csr_matrix(
         (
@@ -277,11 +359,7 @@ def jaccard_distance(
     full.sort_indices()
     timer.lap("assemble")
     logger.info(
-        "jaccard_distance: N=%d, %d stored pairs (%.1f per row); %s",
-        n,
-        full.nnz,
-        full.nnz / n,
-        timer,
+        "%s: N=%d, %d stored pairs (%.1f per row); %s", name, n, full.nnz, full.nnz / n, timer
     )
     return full
 
