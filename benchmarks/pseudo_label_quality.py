@@ -9,7 +9,7 @@ Two modes:
 
     # the clustering of one model's features over a grid of eps values
     python benchmarks/pseudo_label_quality.py --config=configs/cuhk03_uda.py \
-        --eps=0.4,0.5,0.6 [--checkpoint_workdir=/tmp/uda_cc]
+        --eps=0.4,0.5,0.6 [--checkpoint_workdir=/tmp/uda_cc] [--jaccard=plain,camera_aware]
 
 Pairwise precision: of the pairs of images put in one cluster, the fraction
 that show one person; pairwise recall: of the pairs that show one person, the
@@ -38,6 +38,12 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint_workdir", None, "With --config: evaluate this workdir's latest checkpoint."
 )
 _EPS = flags.DEFINE_string("eps", "", "With --config: comma-separated eps values.")
+_JACCARD = flags.DEFINE_list(
+    "jaccard",
+    [],
+    "With --config: the Jaccard distances to compare, plain and / or camera_aware "
+    "(cluster.camera_aware_jaccard off / on); default: the config's.",
+)
 
 
 def pair_counts(labels: np.ndarray) -> int:
@@ -163,10 +169,20 @@ def main(argv) -> None:
     )["global"]
     truth = data.train.pids
     rows = []
-    for eps in [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]:
-        config.cluster.eps = eps
-        labels = clustering.cluster_features(features, config.cluster, data.train.cameras)
-        rows.append(quality_row(f"eps {eps:g}", labels, truth, data.train.cameras))
+    jaccards = {"plain": False, "camera_aware": True}
+    unknown = set(_JACCARD.value) - set(jaccards)
+    if unknown:
+        raise SystemExit(f"--jaccard: unknown {sorted(unknown)}; use plain and / or camera_aware")
+    names = _JACCARD.value or [[*jaccards][bool(config.cluster.camera_aware_jaccard)]]
+    for name in names:
+        config.cluster.camera_aware_jaccard = jaccards[name]
+        for eps in (
+            [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]
+        ):
+            config.cluster.eps = eps
+            labels = clustering.cluster_features(features, config.cluster, data.train.cameras)
+            label = f"eps {eps:g}" if len(names) == 1 else f"{name.split('_')[0]} {eps:g}"
+            rows.append(quality_row(label, labels, truth, data.train.cameras))
     print_table(rows, len(np.unique(truth)))
 
 

@@ -87,6 +87,13 @@ def test_adaptation_configs():
             # ... and the sharper temperature (the others keep their family's).
             family = cluster_config("cuhk03", "/data/cuhk03", name).method.temperature
             assert config.method.temperature == (0.04 if name == "hhcl" else family)
+            # ... and the camera-aware Jaccard, at the sizes measured.
+            assert config.cluster.camera_aware_jaccard == (name == "hhcl")
+            if name == "hhcl":
+                sizes = [
+                    config.cluster[k] for k in ("k1_intra", "k1_inter", "k2_intra", "k2_inter")
+                ]
+                assert sizes == [10, 10, 4, 2]
         budgets.add((config.train.epochs, config.train.steps_per_epoch))
     assert len(budgets) == 1
     other = uda_config(
