@@ -173,12 +173,11 @@ def main(argv) -> None:
     unknown = set(_JACCARD.value) - set(jaccards)
     if unknown:
         raise SystemExit(f"--jaccard: unknown {sorted(unknown)}; use plain and / or camera_aware")
-    names = _JACCARD.value or [[*jaccards][bool(config.cluster.camera_aware_jaccard)]]
+    names = _JACCARD.value or ["camera_aware" if config.cluster.camera_aware_jaccard else "plain"]
+    eps_values = [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]
     for name in names:
         config.cluster.camera_aware_jaccard = jaccards[name]
-        for eps in (
-            [float(e) for e in _EPS.value.split(",")] if _EPS.value else [config.cluster.eps]
-        ):
+        for eps in eps_values:
             config.cluster.eps = eps
             labels = clustering.cluster_features(features, config.cluster, data.train.cameras)
             label = f"eps {eps:g}" if len(names) == 1 else f"{name.split('_')[0]} {eps:g}"
