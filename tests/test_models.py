@@ -9,9 +9,11 @@ import pytest
 from flax import nnx
 
 from jaxreid import models
+from jaxreid.models import winograd
 from jaxreid.models.layers import (
     IBN,
     AvgPool,
+    Conv,
     DepthwiseConv,
     GeM,
     GhostBatchNorm,
@@ -224,6 +226,72 @@ def test_conv_vjp_matches_autodiff_of_the_convolution(size, kernel, stride, padd
     cotangent = jax.random.normal(jax.random.key(3), out.shape)
     for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size, padding",
+    # ResNet's padding 1; no padding; uneven padding; sizes that leave partial
+    # tiles at the bottom and right, a map of one tile.
+    [((8, 6), 1), ((9, 7), 1), ((6, 11), 0), ((5, 4), ((2, 0), (1, 2))), ((4, 4), 1)],
+)
+def test_winograd_conv3x3_and_its_vjp_match_the_direct_convolution_in_float64(size, padding):
+    pads = conv_padding(size, 3, 1, padding) if isinstance(padding, int) else padding
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, *size, 5)))
+        w = jnp.asarray(rng.normal(size=(3, 3, 5, 4)))
+
+        def reference(x, w):
+            return jax.lax.conv_general_dilated(
+                x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        out, vjp = jax.vjp(lambda x, w: winograd.conv3x3(x, w, pads), x, w)
+        expected, vjp_ref = jax.vjp(reference, x, w)
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(out, expected, atol=1e-11)
+        cotangent = jnp.asarray(rng.normal(size=out.shape))
+        for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-11)
+
+
+def test_winograd_conv3x3_float32_error_near_the_direct_convolution():
+    # ResNet's layer1 shape. F(4x4, 3x3) loses about 4 bits against the direct
+    # convolution (its transforms scale by up to 8 and 1/24): measured 4.9e-6
+    # of the largest output against 3.2e-7, well inside float32 training noise.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 16, 8, 64))
+    w = rng.normal(size=(3, 3, 64, 64)) * 0.05
+    pads = ((1, 1), (1, 1))
+
+    def direct(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    with jax.enable_x64(True):
+        exact = np.asarray(direct(jnp.asarray(x), jnp.asarray(w)))
+    x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    scale = np.abs(exact).max()
+    wino_error = np.abs(np.asarray(winograd.conv3x3(x32, w32, pads)) - exact).max() / scale
+    direct_error = np.abs(np.asarray(direct(x32, w32)) - exact).max() / scale
+    assert direct_error < 1e-6
+    assert wino_error < 2e-5
+
+
+def test_conv_module_uses_winograd_only_for_3x3_stride_1_on_larger_maps():
+    assert winograd.applies((2, 8, 6, 5), (3, 3, 5, 4), 1, ((1, 1), (1, 1)))
+    assert not winograd.applies((2, 8, 6, 5), (3, 3, 5, 4), 2, ((1, 1), (1, 1)))  # stride
+    assert not winograd.applies((2, 8, 6, 5), (7, 7, 5, 4), 1, ((3, 3), (3, 3)))  # 7x7
+    assert not winograd.applies((2, 3, 6, 5), (3, 3, 5, 4), 1, ((1, 1), (1, 1)))  # 3 rows
+    assert not winograd.applies((2, 8, 6, 5), (3, 3, 5, 4), 1, ((3, 3), (1, 1)))  # pad 3
+    conv = Conv(5, 4, 3, 1, 1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 8, 6, 5))
+    expected = jax.lax.conv_general_dilated(
+        x, conv.kernel[...], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(conv(x), expected, atol=1e-4)
+    np.testing.assert_array_equal(conv(x), winograd.conv3x3(x, conv.kernel[...], ((1, 1), (1, 1))))
 
 
 def test_pointwise_conv_matches_strided_1x1_convolution():
