@@ -18,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxreid.models import winograd
-
 # torch's BatchNorm momentum 0.1 (running = 0.9 * running + 0.1 * batch), i.e. flax
 # momentum 0.9. Same value for every norm layer of every model.
 BN_MOMENTUM = 0.1
@@ -649,8 +647,6 @@ class Conv(nnx.Module):
         padding = conv_padding(x.shape[1:3], kernel.shape[0], self.stride, self.padding)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.default_backend() == "cpu":
-            if winograd.applies(x.shape, kernel.shape, self.stride, padding) and not _EXPORTING:
-                return winograd.conv3x3(x, kernel, padding)
             return conv2d(x, kernel, self.stride, padding)
         return jax.lax.conv_general_dilated(
             x,
