@@ -10,11 +10,11 @@ two forms alternated twice.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax_step import time_runs
 
 import jaxreid  # noqa: F401  (XLA:CPU defaults)
 from jaxreid.models import layers, winograd
@@ -26,13 +26,7 @@ PADDING = ((1, 1), (1, 1))
 
 
 def best_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(time_runs(lambda _: jax.block_until_ready(fn(*args)), 1, repeats))
 
 
 def main() -> None:

@@ -583,6 +583,14 @@ def _conv2d_bwd(stride, padding, residuals, grad):
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
+def pad_to(x: jax.Array, top: int, left: int, rows: int, cols: int) -> jax.Array:
+    """(B, H, W, C) with `top` / `left` zero rows / columns before it, then
+    zero-padded or cropped at the bottom and right to exactly (rows, cols)."""
+    height, width = x.shape[1], x.shape[2]
+    pads = ((0, 0), (top, max(rows - height - top, 0)), (left, max(cols - width - left, 0)), (0, 0))
+    return jnp.pad(x, pads)[:, :rows, :cols]
+
+
 def _conv2d_kernel_grad(x, grad, k: int, stride: int, padding: tuple) -> jax.Array:
     """dW[i, j, c, d] = sum_{b,y,x} xpad[b, i + s y, j + s x, c] g[b, y, x, d], as a
     forward convolution of x with its batch and channel axes swapped (batch C,
@@ -595,19 +603,10 @@ def _conv2d_kernel_grad(x, grad, k: int, stride: int, padding: tuple) -> jax.Arr
     loop over groups. This forward form: layer4 3x3 kernel gradient 44 -> 31 ms.
     """
     (top, _), (left, _) = padding
-    height, width = x.shape[1], x.shape[2]
     out_h, out_w = grad.shape[1], grad.shape[2]
     # The rows and columns of the padded input the forward read.
     need_h, need_w = stride * (out_h - 1) + k, stride * (out_w - 1) + k
-    padded = jnp.pad(
-        x,
-        (
-            (0, 0),
-            (top, max(need_h - height - top, 0)),
-            (left, max(need_w - width - left, 0)),
-            (0, 0),
-        ),
-    )[:, :need_h, :need_w]
+    padded = pad_to(x, top, left, need_h, need_w)
     out = jax.lax.conv_general_dilated(
         jnp.transpose(padded, (3, 1, 2, 0)),  # (C, H, W, B)
         jnp.transpose(grad, (1, 2, 0, 3)),  # (out_h, out_w, B, D)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreid.models.layers import pad_to
+
 TILE = 4  # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
 
@@ -141,18 +143,7 @@ def _pad_for_tiles(x: jax.Array, padding: tuple, out_h: int, out_w: int) -> jax.
     exactly the 4 th + 2 rows and 4 tw + 2 columns the tiles read."""
     (top, _), (left, _) = padding
     tiles_h, tiles_w = _tiles_shape(out_h, out_w)
-    need_h, need_w = TILE * tiles_h + 2, TILE * tiles_w + 2
-    height, width = x.shape[1], x.shape[2]
-    padded = jnp.pad(
-        x,
-        (
-            (0, 0),
-            (top, max(need_h - height - top, 0)),
-            (left, max(need_w - width - left, 0)),
-            (0, 0),
-        ),
-    )
-    return padded[:, :need_h, :need_w]
+    return pad_to(x, top, left, TILE * tiles_h + 2, TILE * tiles_w + 2)
 
 
 def _forward(
