@@ -132,8 +132,12 @@ class JaxStep:
         jax.block_until_ready(metrics)
 
     def time_steps(self, warmup: int, repeats: int) -> list[float]:
-        """Seconds per step (compilation in the first warm-up step)."""
-        return time_runs(self.run, warmup, repeats)
+        """Seconds per step after `warmup` (>= 1) steps; the first, which
+        compiles, is kept in `first_step_seconds`."""
+        start = time.perf_counter()
+        self.run(0)
+        self.first_step_seconds = time.perf_counter() - start
+        return time_runs(lambda i: self.run(i + 1), warmup - 1, repeats)
 
     def time_extraction(self, batch: int, repeats: int) -> list[float]:
         """Seconds per eval batch of `batch` images through `extract` (the

@@ -57,7 +57,7 @@ def fmt(s: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help=">= 1 (the first compiles)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-extract", action="store_true")
@@ -87,6 +87,7 @@ def main() -> None:
         jax_step = JaxStep(config, num_images)
         batch = jax_step.batch_size
         entries = {"train": (summary(batch, jax_step.time_steps(args.warmup, args.repeats)), None)}
+        compile_s = jax_step.first_step_seconds
         if not args.no_extract:
             entries["extract"] = (
                 summary(EXTRACT_BATCH, jax_step.time_extraction(EXTRACT_BATCH, args.repeats)),
@@ -111,6 +112,8 @@ def main() -> None:
             row = f"{label} {kind}"
             print(f"{row:48s} {fmt(ours):>22s} {fmt(theirs):>22s} {ratio:>6s}", flush=True)
             results[f"{name}/{kind}"] = {"jaxreid": ours, "pytorch": theirs}
+        print(f"# {label}: jaxreid's first step (compilation) {compile_s:.0f} s", flush=True)
+        results[f"{name}/first_step_seconds"] = compile_s
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

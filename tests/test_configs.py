@@ -31,6 +31,8 @@ def test_config_loads_and_names_a_method(path):
         "cuhk03_cc_hard": "cluster_contrast",
         "cuhk03_uda": "cluster_contrast",
     }
+    # Winograd only where the backbone has dense 3x3 convolutions (else build_model raises).
+    assert config.model.winograd == config.model.backbone.startswith("resnet")
     if name.startswith("cuhk03_"):
         assert config.method.name == expected.get(name, name[len("cuhk03_") :])
     if method.name != "scl":  # P x K batches over (pseudo-)identities
@@ -50,6 +52,7 @@ def test_cluster_recipe_settings():
     assert (market.method.temperature, market.method.momentum) == (0.05, 0.1)
     assert (market.cluster.k1, market.cluster.k2, market.cluster.min_samples) == (30, 6, 4)
     assert market.optimizer.name == "adam" and market.optimizer.lr == 3.5e-4
+    assert market.model.winograd  # the ResNet-50 recipes: faster CPU steps
     msmt = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("msmt17_cc.py")])
     assert msmt.train.steps_per_epoch == 400
     hhcl = _load(CONFIGS[[os.path.basename(p) for p in CONFIGS].index("market_cc.py")], "hhcl")

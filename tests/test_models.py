@@ -13,6 +13,7 @@ from jaxreid.models import winograd
 from jaxreid.models.layers import (
     IBN,
     AvgPool,
+    Conv,
     DepthwiseConv,
     GeM,
     GhostBatchNorm,
@@ -20,8 +21,10 @@ from jaxreid.models.layers import (
     conv2d,
     conv_padding,
     depthwise_conv_same,
+    export_friendly,
     normalize_groups,
     pointwise_conv,
+    space_to_depth_conv,
     stripe_bins,
     stripe_pool,
 )
@@ -286,6 +289,51 @@ def test_winograd_applies_only_to_3x3_stride_1_on_larger_maps():
     assert not winograd.applies((2, 8, 6, 5), (3, 3, 5, 4), 1, ((3, 3), (1, 1)))  # pad 3
 
 
+def test_conv_routes_winograd_only_when_asked_and_stems_through_space_to_depth():
+    pads = ((1, 1), (1, 1))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 5))
+    plain = Conv(5, 4, 3, 1, 1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    fast = Conv(5, 4, 3, 1, 1, dtype=jnp.float32, rngs=nnx.Rngs(0), winograd=True)
+    kernel = plain.kernel[...]
+    np.testing.assert_array_equal(plain(x), conv2d(x, kernel, 1, pads))
+    np.testing.assert_array_equal(fast(x), winograd.conv3x3(x, kernel, pads))
+    strided = Conv(5, 4, 3, 2, 1, dtype=jnp.float32, rngs=nnx.Rngs(0), winograd=True)
+    np.testing.assert_array_equal(strided(x), conv2d(x, kernel, 2, pads))  # not Winograd's
+    stem = Conv(3, 4, 7, 2, 3, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    image = jax.random.normal(jax.random.key(1), (2, 16, 10, 3))
+    stem_pads = ((3, 3), (3, 3))
+    np.testing.assert_array_equal(
+        stem(image), space_to_depth_conv(image, stem.kernel[...], stem_pads)
+    )
+    with export_friendly():  # exporters get the plain convolution
+        np.testing.assert_array_equal(stem(image), conv2d(image, stem.kernel[...], 2, stem_pads))
+
+
+@pytest.mark.parametrize(
+    "size, kernel, padding",
+    # ResNet's / OSNet's 7x7 stem, EfficientNet's "SAME" 3x3 stem, odd sizes
+    [((16, 10), 7, 3), ((15, 9), 7, 3), ((9, 8), 3, "SAME"), ((8, 8), 3, "SAME")],
+)
+def test_space_to_depth_conv_and_its_vjp_match_the_stride_2_convolution(size, kernel, padding):
+    pads = conv_padding(size, kernel, 2, padding)
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, *size, 3)))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)))
+
+        def reference(x, w):
+            return jax.lax.conv_general_dilated(
+                x, w, (2, 2), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        out, vjp = jax.vjp(lambda x, w: space_to_depth_conv(x, w, pads), x, w)
+        expected, vjp_ref = jax.vjp(reference, x, w)
+        np.testing.assert_allclose(out, expected, atol=1e-11)
+        cotangent = jnp.asarray(rng.normal(size=out.shape))
+        for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-11)
+
+
 def test_pointwise_conv_matches_strided_1x1_convolution():
     conv = PointwiseConv(4, 3, stride=2, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 7, 6, 4))
@@ -407,6 +455,8 @@ def test_bnneck_shapes_and_no_projection_when_embed_dim_is_zero():
 def test_config_errors():
     with pytest.raises(ValueError, match="multiple of num_stripes"):
         models.build_model(_config(embed_dim=30), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="winograd is only available for the ResNets"):
+        models.build_model(_config(backbone="efficientnet_lite0", winograd=True), nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown backbone"):
         models.build_model(_config(backbone="vgg16"), nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown head"):

@@ -621,9 +621,37 @@ def _conv2d_kernel_grad(x, grad, k: int, stride: int, padding: tuple) -> jax.Arr
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
+    """A stride-2 kxk convolution as a stride-1 one over 2x2 pixel blocks: the
+    padded input's 2x2 blocks become 4C channels, the kernel (zero-padded to
+    even size) (k'/2, k'/2, 4C, D). For stems of few input channels, whose
+    stride-2 form XLA:CPU runs at half PyTorch's speed."""
+    k = kernel.shape[0]
+    even_k = k + k % 2
+    (top, _), (left, _) = padding
+    batch, height, width, channels = x.shape
+    out_h = (height + sum(padding[0]) - k) // 2 + 1
+    out_w = (width + sum(padding[1]) - k) // 2 + 1
+    rows, cols = 2 * (out_h - 1) + even_k, 2 * (out_w - 1) + even_k
+    blocks = pad_to(x, top, left, rows, cols).reshape(batch, rows // 2, 2, cols // 2, 2, channels)
+    blocks = jnp.transpose(blocks, (0, 1, 3, 2, 4, 5)).reshape(
+        batch, rows // 2, cols // 2, 4 * channels
+    )
+    even = jnp.pad(kernel, ((0, even_k - k), (0, even_k - k), (0, 0), (0, 0)))
+    even = even.reshape(even_k // 2, 2, even_k // 2, 2, channels, -1)
+    even = jnp.transpose(even, (0, 2, 1, 3, 4, 5)).reshape(
+        even_k // 2, even_k // 2, 4 * channels, -1
+    )
+    return conv2d(blocks, even, 1, ((0, 0), (0, 0)))
+
+
 class Conv(nnx.Module):
     """kxk convolution without bias, nnx.Conv's parameter layout (kernel (k, k,
-    in, out)); on the CPU through `conv2d`'s gradient, elsewhere autodiff's."""
+    in, out)); on the CPU through `conv2d`'s gradient, elsewhere autodiff's.
+
+    On the CPU, stride-2 stems (<= 4 input channels) run as `space_to_depth_conv`
+    and, with `winograd`, 3x3 stride-1 ones as `winograd.conv3x3` (faster
+    steps, several times longer compilation)."""
 
     def __init__(
         self,
@@ -635,17 +663,28 @@ class Conv(nnx.Module):
         *,
         dtype,
         rngs: nnx.Rngs,
+        winograd: bool = False,
     ):
         self.kernel = nnx.Param(kaiming_fan_out(rngs.params(), (kernel, kernel, in_ch, out_ch)))
         self.stride = stride
         self.padding = padding
         self.dtype = dtype
+        self.winograd = winograd
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         padding = conv_padding(x.shape[1:3], kernel.shape[0], self.stride, self.padding)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.default_backend() == "cpu":
+            if _EXPORTING:
+                return conv2d(x, kernel, self.stride, padding)
+            if self.stride == 2 and x.shape[-1] <= 4:
+                return space_to_depth_conv(x, kernel, padding)
+            if self.winograd:
+                from jaxreid.models import winograd  # it imports this module
+
+                if winograd.applies(x.shape, kernel.shape, self.stride, padding):
+                    return winograd.conv3x3(x, kernel, padding)
             return conv2d(x, kernel, self.stride, padding)
         return jax.lax.conv_general_dilated(
             x,

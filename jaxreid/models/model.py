@@ -68,6 +68,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.num_stripes = 8  # P (scl head)
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
     config.bn_group_size = 0  # ghost-BN group size in samples; 0 = whole batch
+    # CPU only, ResNets: 3x3 stride-1 convolutions by Winograd F(4x4, 3x3).
+    # Faster steps (ResNet-50 b8 1.8 -> 2.3 img/s on 2 cores), slower compile.
+    config.winograd = False
     config.num_classes = 0  # bnneck: identity classifier (supervised training); 0 = none
     # OSNet: the first n stages (stem, conv2, ...) get no gradient and no weight
     # decay (their batch-norm statistics still adapt). 0 = train everything.
@@ -102,6 +105,7 @@ class ReIDModel(nnx.Module):
                 ibn=bool(config.ibn),
                 dtype=dtype,
                 bn_group_size=group,
+                winograd=bool(config.get("winograd", False)),
             )
         elif config.backbone == "efficientnet_lite0":
             if config.ibn:
@@ -122,6 +126,11 @@ class ReIDModel(nnx.Module):
             )
         else:
             feature_dim(config.backbone)  # raises with the list of names
+        if config.get("winograd", False) and config.backbone not in RESNET_DEPTHS:
+            # The other backbones' 3x3 convolutions are depthwise.
+            raise ValueError(
+                f"model.winograd is only available for the ResNets, not {config.backbone}"
+            )
         if config.freeze_stages and not hasattr(self.backbone, "frozen_prefixes"):
             raise ValueError(
                 f"model.freeze_stages is only available for OSNet, not {config.backbone}"

@@ -41,6 +41,7 @@ class LayerFactory:
     dtype: jnp.dtype = jnp.float32
     bn_group_size: int = 0
     bn_epsilon: float = 1e-5
+    winograd: bool = False  # 3x3 stride-1 convs by Winograd on the CPU (layers.Conv)
 
     def conv(
         self,
@@ -54,7 +55,16 @@ class LayerFactory:
         `padding`: "SAME" (TF) or an int (torch's symmetric padding)."""
         if kernel == 1:
             return PointwiseConv(in_ch, out_ch, stride, dtype=self.dtype, rngs=self.rngs)
-        return Conv(in_ch, out_ch, kernel, stride, padding, dtype=self.dtype, rngs=self.rngs)
+        return Conv(
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding,
+            dtype=self.dtype,
+            rngs=self.rngs,
+            winograd=self.winograd,
+        )
 
     def bn(self, num_features: int) -> GhostBatchNorm:
         return GhostBatchNorm(num_features, group_size=self.bn_group_size, epsilon=self.bn_epsilon)
@@ -129,6 +139,7 @@ class ResNet(nnx.Module):
         ibn: bool = False,
         dtype: jnp.dtype = jnp.float32,
         bn_group_size: int = 0,
+        winograd: bool = False,
     ):
         if name not in RESNET_DEPTHS:
             raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(RESNET_DEPTHS)}")
@@ -136,7 +147,7 @@ class ResNet(nnx.Module):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
         kind, depths = RESNET_DEPTHS[name]
         block = BasicBlock if kind == "basic" else Bottleneck
-        make = LayerFactory(rngs=rngs, dtype=dtype, bn_group_size=bn_group_size)
+        make = LayerFactory(rngs=rngs, dtype=dtype, bn_group_size=bn_group_size, winograd=winograd)
         self.conv1 = make.conv(3, 64, 7, 2, padding=3)
         self.bn1 = make.bn(64)
         in_ch = 64

@@ -7,10 +7,10 @@ matrix products over the channels, and transformed back (A^T m A). On the
 CPU the convolutions are most of a ResNet's step, and XLA:CPU runs them as
 direct convolutions; the transforms are elementwise sums XLA fuses.
 
-Not routed from layers.Conv: measured in the ResNet-50 SCL step it is faster
-(2-core AMD EPYC, b8 1.8 -> 2.3 img/s), but XLA:CPU compiles its transforms
-slowly (ResNet-18's gradient at 128x64: 5.5 -> 63 s), which a config option
-or transforms as small products must fix first.
+Used by layers.Conv on the CPU when the model config asks (`model.winograd`,
+on in the ResNet-50 paper configs): the ResNet-50 SCL step runs faster
+(2-core AMD EPYC, b8 1.8 -> 2.3 img/s), but XLA:CPU compiles the transforms
+slowly (ResNet-18's gradient at 128x64: 5.5 -> 63 s), so it is off by default.
 
 The gradient stays in the transformed domain too: the input gradient is the
 same convolution of the cotangent with the flipped kernel, the kernel
