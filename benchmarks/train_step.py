@@ -4,6 +4,7 @@ loop of the same network, loss and optimizer, on the same CPU, in one run.
     python benchmarks/train_step.py                       # every row
     python benchmarks/train_step.py --rows lite0_sup,lite0_cc --repeats 5
     python benchmarks/train_step.py --no-torch            # jaxreid only
+    python benchmarks/train_step.py --rows r50_scl8,r50_scl8_direct --no-torch  # Winograd's gain
 
 jaxreid: the full step of the config (augmentation, model, method loss,
 gradients, optimizer, memory update), built with the functions training uses
@@ -32,7 +33,15 @@ ROWS = {
     "osnet_cc": ("cuhk03_uda.py", {}, 512, "OSNet-x0.25 256x128 b64 cluster contrast (uda)"),
     "r50_scl8": ("market.py", {}, 12936, "ResNet-50 256x128 b8 SCL (paper config)"),
     "r50_scl32": ("market.py", {"train.batch_size": 32}, 12936, "ResNet-50 256x128 b32 SCL"),
+    # Not in the default run: the b8 row without Winograd, for the comparison.
+    "r50_scl8_direct": (
+        "market.py",
+        {"model.winograd": False},
+        12936,
+        "ResNet-50 256x128 b8 SCL, direct 3x3",
+    ),
 }
+DEFAULT_ROWS = [name for name in ROWS if not name.endswith("_direct")]
 EXTRACT_BATCH = 256
 
 
@@ -56,7 +65,7 @@ def fmt(s: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of {', '.join(ROWS)}")
     parser.add_argument("--warmup", type=int, default=2, help=">= 1 (the first compiles)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
