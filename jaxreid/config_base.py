@@ -7,6 +7,7 @@ import ml_collections
 
 from jaxreid import augment
 from jaxreid.models.model import default_model_config
+from jaxreid.models.resnet import RESNET_DEPTHS
 from jaxreid.pseudo_labels.clustering import default_cluster_config
 
 
@@ -350,7 +351,7 @@ def uda_config(
     c.data.height, c.data.width = 256, 128
     c.augment.flip, c.augment.pad, c.augment.erasing_prob = True, 10, 0.5
     c.model.backbone = backbone
-    c.model.winograd = backbone.startswith("resnet")
+    c.model.winograd = backbone in RESNET_DEPTHS
     c.model.pretrained = source
     c.model.pooling = "avg"
     c.model.embed_dim = 512

@@ -69,7 +69,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
     config.bn_group_size = 0  # ghost-BN group size in samples; 0 = whole batch
     # CPU only, ResNets: 3x3 stride-1 convolutions by Winograd F(4x4, 3x3).
-    # Faster steps (ResNet-50 b8 1.8 -> 2.3 img/s on 2 cores), slower compile.
+    # Faster steps, slower compile (ResNet-50 b8 on 2 cores: 2.1 -> 2.3 img/s,
+    # first step 45 -> 125 s; benchmarks/train_step.py r50_scl8_direct / r50_scl8).
     config.winograd = False
     config.num_classes = 0  # bnneck: identity classifier (supervised training); 0 = none
     # OSNet: the first n stages (stem, conv2, ...) get no gradient and no weight
@@ -97,6 +98,7 @@ class ReIDModel(nnx.Module):
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
         dtype = _DTYPES[config.dtype]
         group = int(config.bn_group_size)
+        winograd = bool(config.get("winograd", False))  # absent from older saved configs
         if config.backbone in RESNET_DEPTHS:
             self.backbone = ResNet(
                 config.backbone,
@@ -105,7 +107,7 @@ class ReIDModel(nnx.Module):
                 ibn=bool(config.ibn),
                 dtype=dtype,
                 bn_group_size=group,
-                winograd=bool(config.get("winograd", False)),
+                winograd=winograd,
             )
         elif config.backbone == "efficientnet_lite0":
             if config.ibn:
@@ -126,7 +128,7 @@ class ReIDModel(nnx.Module):
             )
         else:
             feature_dim(config.backbone)  # raises with the list of names
-        if config.get("winograd", False) and config.backbone not in RESNET_DEPTHS:
+        if winograd and config.backbone not in RESNET_DEPTHS:
             # The other backbones' 3x3 convolutions are depthwise.
             raise ValueError(
                 f"model.winograd is only available for the ResNets, not {config.backbone}"

@@ -9,8 +9,9 @@ direct convolutions; the transforms are elementwise sums XLA fuses.
 
 Used by layers.Conv on the CPU when the model config asks (`model.winograd`,
 on in the ResNet-50 paper configs): the ResNet-50 SCL step runs faster
-(2-core AMD EPYC, b8 1.8 -> 2.3 img/s), but XLA:CPU compiles the transforms
-slowly (ResNet-18's gradient at 128x64: 5.5 -> 63 s), so it is off by default.
+(2-core AMD EPYC, b8 2.1 -> 2.3 img/s in benchmarks/train_step.py), but
+XLA:CPU compiles the transforms slowly (its first step 45 -> 125 s), so it is
+off by default.
 
 The gradient stays in the transformed domain too: the input gradient is the
 same convolution of the cotangent with the flipped kernel, the kernel
