@@ -21,7 +21,14 @@ from jaxreid import models
 from jaxreid.evaluate.protocol import extract, output_shapes
 from jaxreid.methods import TrainSet, get_method
 from jaxreid.parallel import make_mesh
-from jaxreid.step import TrainArrays, TrainState, make_optimizer, make_train_step, put_epoch_batches
+from jaxreid.step import (
+    TrainArrays,
+    TrainState,
+    make_optimizer,
+    make_train_step,
+    phase_index,
+    put_epoch_batches,
+)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -115,7 +122,8 @@ class JaxStep:
             nonfinite_step=jnp.full((), -1, jnp.int32),
         )
         self.state = jax.device_put(self.state, replicated)
-        self.step = make_train_step(config, graphdef, tx, method, mesh, plan.phase)
+        self.step = make_train_step(config, graphdef, tx, method, mesh)
+        self.phase = phase_index(method, plan.phase)
         batch = config.train.batch_size
         order = np.random.default_rng(1).permutation(num_images)
         steps = num_images // batch
@@ -127,7 +135,7 @@ class JaxStep:
 
     def run(self, i: int) -> None:
         self.state, metrics = self.step(
-            self.state, self.arrays, self.batches, np.int32(i % self.num_steps)
+            self.state, self.arrays, self.batches, np.int32(i % self.num_steps), self.phase
         )
         jax.block_until_ready(metrics)
 

@@ -73,7 +73,7 @@ def main() -> None:
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             op_ms[e["name"]] += e["dur"] / 1000 / args.steps
-    hlo = step.step.lower(step.state, step.arrays, step.batches, 0).compile().as_text()
+    hlo = step.step.lower(step.state, step.arrays, step.batches, 0, step.phase).compile().as_text()
     kinds = op_kinds(hlo)
     print(machine_description())
     print(f"{label}: {args.steps} steps traced; ms per step")

@@ -1,6 +1,6 @@
 """The training state and the compiled train step.
 
-One `jax.jit` function per step (donated state): uint8 batch -> augment ->
+One `jax.jit` function for every step of a run (donated state): uint8 batch -> augment ->
 model -> method loss -> gradients -> optax -> method memory update. Data
 parallel over every device of a `Mesh(("data",))`: the epoch's batch indices
 are sharded along the batch, params, optimizer state and memory replicated.
@@ -143,11 +143,13 @@ def make_train_step(
     tx,
     method: Method,
     mesh: Mesh,
-    phase: Hashable,
 ) -> Callable:
-    """The compiled step: (state, train arrays, epoch batches, i) -> (state, metrics),
-    training on batch `i` of the epoch's (steps, B) index array (on the devices
-    once per epoch).
+    """The compiled step: (state, train arrays, epoch batches, i, phase) ->
+    (state, metrics), training on batch `i` of the epoch's (steps, B) index
+    array (on the devices once per epoch) in `phase`, an index into
+    `method.phases` (`phase_index`). One program serves every phase: a
+    method with several (SCL's warm-up) branches at run time instead of
+    compiling a step per phase.
 
     The batch is cut into G groups of `model.bn_group_size` samples; each
     device runs its G / n groups one after the other, each group its own
@@ -164,8 +166,10 @@ def make_train_step(
     group, num_groups = batch_groups(config, num_devices)
     local_groups = num_groups // num_devices
     feature_keys = method.feature_keys
+    method_loss = by_phase(method.loss, method.phases)
+    method_update = by_phase(method.update, method.phases)
 
-    def group_step(params, batch_stats, memory, key_data, arrays, batches, i):
+    def group_step(params, batch_stats, memory, key_data, arrays, batches, i, phase):
         # Inside shard_map: `batches` holds this device's local_groups groups
         # of every batch of the epoch.
         key = jax.random.wrap_key_data(key_data)
@@ -183,8 +187,8 @@ def make_train_step(
                 outputs, new_stats = models.apply_model(
                     graphdef, p, batch_stats, images, train=True
                 )
-                value, aux, metrics = method.loss(
-                    outputs, memory, batch, jax.random.fold_in(k_method, number), phase
+                value, aux, metrics = method_loss(
+                    phase, outputs, memory, batch, jax.random.fold_in(k_method, number)
                 )
                 return value, (new_stats, outputs, aux, metrics)
 
@@ -220,12 +224,14 @@ def make_train_step(
     sharded_step = jax.shard_map(
         group_step,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(), P(None, parallel.AXIS), P()),
+        in_specs=(P(), P(), P(), P(), P(), P(None, parallel.AXIS), P(), P()),
         out_specs=P(),
         check_vma=False,
     )
 
-    def step_fn(state: TrainState, arrays: TrainArrays, batches: jax.Array, i: jax.Array):
+    def step_fn(
+        state: TrainState, arrays: TrainArrays, batches: jax.Array, i: jax.Array, phase: jax.Array
+    ):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grads, new_stats, metrics, (outputs, aux, indices) = sharded_step(
             state.params,
@@ -235,6 +241,7 @@ def make_train_step(
             arrays,
             batches,
             i,
+            phase,
         )
         loss = metrics["loss"]
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -249,7 +256,7 @@ def make_train_step(
         # which read the whole memory); a non-finite step writes nothing.
         outputs = computed_after(outputs, (aux, grads))
         batch = Batch(indices=jnp.where(finite, indices, -1), cameras=arrays.cameras[indices])
-        new_memory = method.update(state.memory, outputs, batch, aux, phase)
+        new_memory = method_update(phase, state.memory, outputs, batch, aux)
         params = keep(params, state.params)
         new_stats = keep(new_stats, state.batch_stats)
         ema = state.ema
@@ -275,6 +282,25 @@ def make_train_step(
         donate_argnums=(0,),
         out_shardings=(replicated, replicated),
     )
+
+
+def phase_index(method: Method, phase: Hashable) -> np.int32:
+    """The train step's `phase` argument for an EpochPlan's phase."""
+    if phase not in method.phases:
+        raise ValueError(
+            f"method {method.name!r} planned phase {phase!r}, not one of its phases "
+            f"{method.phases}: list it in Method.phases"
+        )
+    return np.int32(method.phases.index(phase))
+
+
+def by_phase(hook: Callable, phases: tuple[Hashable, ...]) -> Callable:
+    """hook(*args, phase) as f(index, *args): a switch over one branch per
+    phase, each traced with its phase as a Python value (one phase: a call)."""
+    if len(phases) == 1:
+        return lambda index, *args: hook(*args, phases[0])
+    branches = [lambda *args, p=p: hook(*args, p) for p in phases]
+    return lambda index, *args: jax.lax.switch(index, branches, *args)
 
 
 def put_epoch_batches(batches: np.ndarray, mesh: Mesh) -> jax.Array:

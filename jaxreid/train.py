@@ -41,6 +41,7 @@ from jaxreid.step import (
     make_optimizer,
     make_train_step,
     model_variables,
+    phase_index,
     put_epoch_batches,
 )
 from jaxreid.utils import UserError
@@ -174,7 +175,7 @@ def train_and_evaluate(
     if evaluating:
         log(format_metrics("before training", meta["initial"]))
 
-    steps: dict[Any, Callable] = {}  # one compiled step per phase
+    train_step = make_train_step(config, graphdef, tx, method, mesh)  # every phase
     writer = MetricWriter(workdir)
     stop = StopRequest()
     from tqdm.auto import tqdm
@@ -197,9 +198,7 @@ def train_and_evaluate(
                     folder = os.path.join(workdir, name)
                     os.makedirs(folder, exist_ok=True)
                     np.save(os.path.join(folder, f"epoch_{epoch + 1:03d}.npy"), values)
-            if plan.phase not in steps:
-                steps[plan.phase] = make_train_step(config, graphdef, tx, method, mesh, plan.phase)
-            train_step = steps[plan.phase]
+            phase = phase_index(method, plan.phase)
             batches = _sampler(config, plan, data, steps_per_epoch).epoch_batches(epoch)
             batches = put_epoch_batches(batches[:steps_per_epoch], mesh)
             bar = tqdm(
@@ -219,7 +218,7 @@ def train_and_evaluate(
                     raise TrainingInterrupted(
                         f"stopped at step {step}; run the same command to resume"
                     )
-                state, metrics = train_step(state, arrays, batches, np.int32(i))
+                state, metrics = train_step(state, arrays, batches, np.int32(i), phase)
                 step += 1
                 last = i == steps_per_epoch - 1
                 if step % config.train.log_every == 0 or last:

@@ -9,12 +9,15 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from jaxreid.config_base import base_config
 from jaxreid.data import load_dataset
 from jaxreid.data.images import decode_split
+from jaxreid.methods import get_method
+from jaxreid.step import by_phase, make_train_step, phase_index
 from jaxreid.train import Data, TrainingInterrupted, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,10 +96,36 @@ def _losses(workdir) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def test_resume_gives_the_same_run(tiny_root, tmp_path):
+def test_by_phase_branches_at_run_time_in_one_program():
+    hook = lambda x, phase: x * {"warmup": 2.0, "select": 3.0}[phase]  # noqa: E731
+    f = jax.jit(by_phase(hook, ("warmup", "select")))
+    assert float(f(np.int32(0), 5.0)) == 10.0
+    assert float(f(np.int32(1), 5.0)) == 15.0
+    assert f._cache_size() == 1
+    assert float(by_phase(hook, ("select",))(np.int32(0), 5.0)) == 15.0
+
+
+def test_phase_index_names_the_unlisted_phase():
+    method = get_method(base_config())  # SCL
+    assert method.phases == ("warmup", "select")
+    assert phase_index(method, "select") == 1
+    with pytest.raises(ValueError, match=r"planned phase 'cluster'.*Method.phases"):
+        phase_index(method, "cluster")
+
+
+def test_resume_gives_the_same_run(tiny_root, tmp_path, monkeypatch):
     config = tiny_config(tiny_root)
     data = tiny_data(config)
+    built = []
+
+    def recording_make_train_step(*args):
+        built.append(make_train_step(*args))
+        return built[-1]
+
+    monkeypatch.setattr("jaxreid.train.make_train_step", recording_make_train_step)
     straight = train_and_evaluate(config, str(tmp_path / "a"), data, log=lambda s: None)
+    # Warm-up and selection epochs ran one compiled program.
+    assert len(built) == 1 and built[0]._cache_size() == 1
 
     # Interrupted twice (mid-epoch and right after an epoch end), resumed each time.
     interrupted = str(tmp_path / "b")

@@ -28,8 +28,10 @@ A `Method` is five hooks (docs/new_method.md writes one from scratch):
 only by the supervised reference), the eval-mode extraction of the training
 set with the current weights, and the model's output shapes. `outputs` are
 the model's outputs for the augmented batch (`update` receives only
-`feature_keys` of them). `phase` is any hashable value: one step is compiled
-per phase (e.g. SCL's warm-up). The step, not the method, orders the memory
+`feature_keys` of them). `phase` is one of `Method.phases` (hashable; SCL's
+warm-up and selection): the step compiles once for all of them, a branch per
+phase chosen at run time, so every phase's `loss` and `update` must return
+the same shapes. The step, not the method, orders the memory
 writes after the gradients (the backward pass reads the memory) and disables
 them when the loss is not finite: `update` then receives `batch.indices` of
 -1, which must write nothing.
@@ -93,6 +95,8 @@ class Method:
     update: Callable[..., Any]
     # Model outputs `update` receives (the step gathers them over the batch).
     feature_keys: tuple[str, ...] = ()
+    # The values EpochPlan.phase takes (one compiled step serves them all).
+    phases: tuple[Hashable, ...] = (None,)
     configure: Callable[[ml_collections.ConfigDict, np.ndarray], ml_collections.ConfigDict] = (
         lambda config, identities: config
     )

@@ -115,5 +115,11 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
         )
 
     return Method(
-        "scl", init_memory, start_epoch, scl_loss, update, feature_keys=("global", "stripes")
+        "scl",
+        init_memory,
+        start_epoch,
+        scl_loss,
+        update,
+        feature_keys=("global", "stripes"),
+        phases=(WARMUP, SELECT),
     )

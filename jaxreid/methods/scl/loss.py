@@ -10,8 +10,9 @@ and the candidate list [i ; k positives ; n negatives] of sample i:
     L = mean_i [ lam_p * loss(concat_p l_i) + (1 - lam_p) * loss(g_i) ]
 
 In warm-up only the a = 0 term exists (weight lam_t); the candidate list then
-is [i ; k + n random rows], the same width. The training loop compiles one
-step per phase (`warmup` is static there; a traced bool works too). The mixture bank is a constant
+is [i ; k + n random rows], the same width. The train step branches on the
+phase at run time with `warmup` static in each branch (a traced bool works
+too). The mixture bank is a constant
 (stop-gradient): the gradient flows only through g and l.
 """
 
