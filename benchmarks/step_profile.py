@@ -4,6 +4,7 @@ few steps of a benchmarks/train_step.py row, time per XLA op summed by kind
 
     python benchmarks/step_profile.py --row r50_scl8
     python benchmarks/step_profile.py --row lite0_sup --top 30
+    python benchmarks/step_profile.py --config synthetic.py   # the README's main command
 """
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ def op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--row", default="r50_scl8", help=f"one of {', '.join(ROWS)}")
+    parser.add_argument(
+        "--config", default="", help="a file of configs/ instead of a row (e.g. synthetic.py)"
+    )
+    parser.add_argument("--images", type=int, default=512, help="random images with --config")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    config, overrides, num_images, label = ROWS[args.row]
+    if args.config:
+        config, overrides, num_images, label = args.config, {}, args.images, args.config
+    else:
+        config, overrides, num_images, label = ROWS[args.row]
     step = JaxStep(apply(load_config(config), overrides), num_images)
     for i in range(2):  # compile and warm up
         step.run(i)
