@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,8 +179,9 @@ def _grouped_conv(x, kernel, stride):
 
 @pytest.mark.parametrize(
     "batch, height, width, stride, kernel",
-    # batches 2, 8 and 5: the kernel gradient loops over chunks of 2, 4 and 1 images
-    [(2, 9, 6, 2, 3), (8, 7, 5, 1, 5), (5, 8, 8, 2, 5)],
+    # batches 2, 8 and 5: the kernel gradient loops over chunks of 2, 4 and 1 images;
+    # a map smaller than the kernel (most of the padded input is never read)
+    [(2, 9, 6, 2, 3), (8, 7, 5, 1, 5), (5, 8, 8, 2, 5), (2, 3, 2, 1, 5), (2, 3, 4, 2, 5)],
 )
 def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, width, stride, kernel):
     conv = DepthwiseConv(6, kernel, stride, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -196,6 +199,24 @@ def test_depthwise_conv_and_its_vjp_match_grouped_convolution(batch, height, wid
     # forward, input gradient and kernel gradient (the hand-written VJP)
     for got, expected in zip(ours, reference, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_depthwise_training_step_computes_each_tap_sum_once():
+    # Between two batch norms (as in EfficientNet) XLA:CPU fused the plain
+    # k*k-tap sum into each of its consumers and recomputed it there (11
+    # computations held the nine taps, against 3 with `_shifted_sum_once`):
+    # the forward, the input gradient and the kernel gradient, once each.
+    def batch_norm(x, scale):
+        return normalize_groups(x[None], scale, 0.1 * scale, (1, 2, 3), 1e-5)[0][0]
+
+    def loss(x, kernel, scale):
+        y = depthwise_conv_same(jnp.clip(batch_norm(x, scale), 0, 6), kernel, 1)
+        return jnp.sum(jnp.square(jnp.clip(batch_norm(y, 1.5 * scale), 0, 6)))
+
+    args = jnp.ones((8, 8, 4, 64)), jnp.ones((3, 3, 1, 64)), jnp.ones(64)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)  # top-level blocks: one per computation
+    assert sum(c.count(" slice(") >= 9 for c in computations) == 3
 
 
 @pytest.mark.parametrize(

@@ -413,31 +413,58 @@ def depthwise_conv_same(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arr
     return _shifted_sum(padded, kernel, stride, out_h, out_w).astype(x.dtype)
 
 
+def _shifted_sum_once(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, out_w: int):
+    """`_shifted_sum` as its own XLA computation, whose output is written once.
+
+    Why: in a training step XLA:CPU fused the plain k*k-tap sum into every
+    consumer of its result (batch-norm statistics, normalisation, ReLU6 and
+    their backward) and recomputed it there: 9 times per layer in
+    EfficientNet-Lite0. The branch of a conditional is a fusion boundary; the
+    predicate is always true, but XLA cannot see it through the barrier (a
+    barrier on the sum itself does not survive XLA's CPU pipeline).
+    """
+    shape = (padded.shape[0], out_h, out_w, padded.shape[3])
+    always = jax.lax.optimization_barrier(jnp.bool_(True))
+    return jax.lax.cond(
+        always,
+        lambda p, k: _shifted_sum(p, k, stride, out_h, out_w),
+        lambda p, k: jnp.zeros(shape, jnp.float32),
+        padded,
+        kernel,
+    )
+
+
 def _depthwise_fwd(x, kernel, stride):
-    return depthwise_conv_same(x, kernel, stride), (x, kernel)
+    # Only under differentiation (a training step); inference keeps the plain
+    # sum, which its single consumer fuses without recomputing.
+    k = kernel.shape[0]
+    padded, _, _ = _pad_same(x, k, stride)
+    out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    out = _shifted_sum_once(padded, kernel, stride, out_h, out_w).astype(x.dtype)
+    return out, (x, kernel)
 
 
 def _depthwise_bwd(stride, residuals, grad):
     x, kernel = residuals
     k = kernel.shape[0]
     padded, top, left = _pad_same(x, k, stride)
-    _, hp, wp, channels = padded.shape
+    channels = padded.shape[3]
+    height, width = x.shape[1], x.shape[2]
     out_h, out_w = grad.shape[1], grad.shape[2]
-    # input gradient: scatter of grad * kernel = dilate grad by the stride, pad by
-    # k - 1 (plus the rows/columns the forward never read) and correlate with the
-    # flipped kernel.
+    # input gradient: scatter of grad * kernel = dilate grad by the stride, pad it
+    # so that a correlation with the flipped kernel yields exactly (H, W) (not
+    # the padded map, then cropped: 3x the work on the 8x4 maps of 5x5 layers).
     dilated = jax.lax.pad(
         grad,
         jnp.zeros((), grad.dtype),
         (
             (0, 0, 0),
-            (k - 1, k - 1 + hp - ((out_h - 1) * stride + k), stride - 1),
-            (k - 1, k - 1 + wp - ((out_w - 1) * stride + k), stride - 1),
+            (k - 1 - top, height - 1 - (out_h - 1) * stride + top, stride - 1),
+            (k - 1 - left, width - 1 - (out_w - 1) * stride + left, stride - 1),
             (0, 0, 0),
         ),
     )
-    grad_padded = _shifted_sum(dilated, kernel[::-1, ::-1], 1, hp, wp)
-    grad_x = grad_padded[:, top : top + x.shape[1], left : left + x.shape[2]].astype(x.dtype)
+    grad_x = _shifted_sum_once(dilated, kernel[::-1, ::-1], 1, height, width).astype(x.dtype)
     # Kernel gradient: per chunk of images, the k*k tap products summed in one
     # variadic reduction (one pass). The loop keeps XLA from fusing the
     # producers of `grad` (batch norm backward, this layer's forward) into the
