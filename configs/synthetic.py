@@ -1,6 +1,6 @@
 """CPU demo and the README's embedded default: SCL on the generated synthetic
-set with EfficientNet-Lite0 (ImageNet weights, packaged) at 128x64; about 5
-minutes on 2 CPU cores.
+set with EfficientNet-Lite0 (ImageNet weights, packaged) at 128x64; about 6
+minutes on 2 CPU cores (README, Results).
 
     python -m jaxreid.main --config=configs/synthetic.py --workdir=/tmp/w
 """
