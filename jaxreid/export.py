@@ -26,6 +26,8 @@ from collections.abc import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxreid.host import configure_host
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
 _OUT = flags.DEFINE_string("out", None, "Output .onnx file.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint.")
@@ -54,7 +56,7 @@ def exported_function(embedder) -> tuple[Callable, list[str]]:
 
 def export_onnx(embedder, path: str) -> list[str]:
     """Writes the embedder's eval-mode model to `path`; returns the output names."""
-    from jaxreid.models.layers import export_friendly
+    from jaxreid.models.layers import export_mode
     from jaxreid.utils import UserError
 
     try:
@@ -64,7 +66,7 @@ def export_onnx(embedder, path: str) -> list[str]:
             f"ONNX export needs jax2onnx ({e}): pip install jax2onnx onnxruntime"
         ) from e
     features, names = exported_function(embedder)
-    with export_friendly():
+    with export_mode():
         model = to_onnx(
             features,
             [("batch", embedder.height, embedder.width, 3)],
@@ -80,6 +82,7 @@ def export_onnx(embedder, path: str) -> list[str]:
 
 def main(argv) -> None:
     del argv
+    configure_host()  # before jax starts a backend
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
     # onnx_ir warns for every intermediate value whose shape has no element type

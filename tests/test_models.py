@@ -12,6 +12,14 @@ from flax import nnx
 
 from jaxreid import models
 from jaxreid.models import winograd
+from jaxreid.models.cpu_kernels import (
+    conv2d,
+    conv_padding,
+    depthwise_conv_same,
+    normalize_groups,
+    pointwise_conv,
+    space_to_depth_conv,
+)
 from jaxreid.models.layers import (
     IBN,
     AvgPool,
@@ -20,13 +28,7 @@ from jaxreid.models.layers import (
     GeM,
     GhostBatchNorm,
     PointwiseConv,
-    conv2d,
-    conv_padding,
-    depthwise_conv_same,
-    export_friendly,
-    normalize_groups,
-    pointwise_conv,
-    space_to_depth_conv,
+    export_mode,
     stripe_bins,
     stripe_pool,
 )
@@ -326,7 +328,7 @@ def test_conv_routes_winograd_only_when_asked_and_stems_through_space_to_depth()
     np.testing.assert_array_equal(
         stem(image), space_to_depth_conv(image, stem.kernel[...], stem_pads)
     )
-    with export_friendly():  # exporters get the plain convolution
+    with export_mode():  # exporters get the plain convolution
         np.testing.assert_array_equal(stem(image), conv2d(image, stem.kernel[...], 2, stem_pads))
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreid.models.layers import pad_to
+from jaxreid.models.cpu_kernels import pad_to
 
 TILE = 4  # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
