@@ -21,7 +21,6 @@ points, generated in row blocks from a fixed seed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -31,22 +30,23 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
+from jaxreid.utils import l2_normalize
 
 K1, K2, EPS, MIN_SAMPLES = 30, 6, 0.6, 4
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def clustered_features(n: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     num_clusters = max(1, n // 8)
     num_groups = max(1, num_clusters // 16)
-    groups = _unit(rng.standard_normal((num_groups, dim), dtype=np.float32))
-    centres = _unit(
+    groups = l2_normalize(rng.standard_normal((num_groups, dim), dtype=np.float32))
+    centres = l2_normalize(
         groups[rng.integers(num_groups, size=num_clusters)]
-        + _unit(rng.standard_normal((num_clusters, dim), dtype=np.float32))
+        + l2_normalize(rng.standard_normal((num_clusters, dim), dtype=np.float32))
     )
     labels = rng.integers(num_clusters, size=n)
     unclustered = rng.random(n) < 0.15
@@ -54,10 +54,10 @@ def clustered_features(n: int, dim: int, seed: int = 0) -> np.ndarray:
     features = np.empty((n, dim), np.float32)
     for start in range(0, n, 4096):
         rows = slice(start, start + 4096)
-        directions = _unit(rng.standard_normal((len(features[rows]), dim), dtype=np.float32))
+        directions = l2_normalize(rng.standard_normal((len(features[rows]), dim), dtype=np.float32))
         base = centres[labels[rows]]
         base[unclustered[rows]] = 0.0
-        features[rows] = _unit(base + noise[rows, None] * directions)
+        features[rows] = l2_normalize(base + noise[rows, None] * directions)
     return features
 
 
@@ -194,25 +194,25 @@ def _run_child(method: str, n: int, dim: int, labels_out: str) -> dict | None:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[12936, 32621])
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["sparse-faiss", "sparse-jax", "dense"],
-        choices=["sparse-faiss", "sparse-jax", "dense"],
+PROG = "benchmarks/clustering.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Pseudo-label clustering cost: kNN + k-reciprocal Jaccard + DBSCAN, sparse vs dense."""
+    flags.DEFINE_multi_integer("sizes", [12936, 32621], "feature counts N", flag_values=fv)
+    flags.DEFINE_integer("dim", 2048, "feature dimension", flag_values=fv)
+    methods = ["sparse-faiss", "sparse-jax", "dense"]
+    flags.DEFINE_multi_enum("methods", methods, methods, "methods to time", flag_values=fv)
+    flags.DEFINE_integer(
+        "dense_max", 32621, "largest N for the dense method (it needs ~9 N^2 bytes)", flag_values=fv
     )
-    parser.add_argument(
-        "--dense-max",
-        type=int,
-        default=32621,
-        help="largest N for the dense method (it needs ~9 N^2 bytes)",
-    )
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--labels-out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    flags.DEFINE_string("child", None, "internal: the measuring subprocess", flag_values=fv)
+    flags.DEFINE_string("labels_out", None, "internal: its labels file", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG, multi=("sizes", "methods"))
     if args.child:
         print(json.dumps(measure(args.child, args.sizes[0], args.dim, args.labels_out)))
         return
@@ -273,4 +273,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """What a run pays before its first step: tracing, lowering and XLA
 compilation of a config's train step (one program for every phase of its
 method), then the step time, on random images. Extra XLA flags are
-appended to those `import jaxreid` sets, for comparing compiler settings.
+appended to those jaxreid.host.configure_host sets, for comparing compiler settings.
 
     python benchmarks/compile_time.py                       # configs/synthetic.py
     python benchmarks/compile_time.py --config cuhk03_cc.py --images 512
@@ -10,20 +10,28 @@ appended to those `import jaxreid` sets, for comparing compiler settings.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-import jaxreid  # noqa: F401  (sets the XLA:CPU defaults before the flags below)
+from absl import flags
+
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
+
+PROG = "benchmarks/compile_time.py"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="synthetic.py", help="a file of configs/ (name[:arg])")
-    parser.add_argument("--images", type=int, default=512, help="random training images")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps after 2 warm-up steps")
-    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
-    args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    """A config's compilation cost before its first step (see the module docstring)."""
+    flags.DEFINE_string("config", "synthetic.py", "a file of configs/ (name[:arg])", flag_values=fv)
+    flags.DEFINE_integer("images", 512, "random training images", flag_values=fv)
+    flags.DEFINE_integer("steps", 8, "timed steps after 2 warm-up steps", flag_values=fv)
+    flags.DEFINE_string("xla_flags", "", "appended to XLA_FLAGS", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
 
     import numpy as np
@@ -54,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

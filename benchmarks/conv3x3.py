@@ -1,4 +1,4 @@
-"""3x3 stride-1 convolutions on the CPU: the direct form (layers.conv2d, with
+"""3x3 stride-1 convolutions on the CPU: the direct form (cpu_kernels.conv2d, with
 its hand-written VJP) beside Winograd F(4x4, 3x3) (models/winograd.py), at
 ResNet-50's 3x3 layer shapes for 256x128 inputs (last stride 1). Forward, and
 forward + input and kernel gradients; best of `--repeats` after warm-up, the
@@ -9,15 +9,15 @@ two forms alternated twice.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax_step import time_runs
 
-import jaxreid  # noqa: F401  (XLA:CPU defaults)
-from jaxreid.models import layers, winograd
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
+from jaxreid.models import cpu_kernels, winograd
 from jaxreid.utils import machine_description
 
 # (height, width, channels) of ResNet-50's 3x3 stride-1 layers at 256x128.
@@ -29,14 +29,21 @@ def best_ms(fn, args, repeats: int) -> float:
     return 1e3 * min(time_runs(lambda _: jax.block_until_ready(fn(*args)), 1, repeats))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+PROG = "benchmarks/conv3x3.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """3x3 stride-1 convolutions on the CPU: direct form beside Winograd."""
+    flags.DEFINE_integer("batch", 8, "images per batch", flag_values=fv)
+    flags.DEFINE_integer("repeats", 7, "timed calls (best of)", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     print(machine_description())
     forms = {
-        "direct": lambda x, w: layers.conv2d(x, w, 1, PADDING),
+        "direct": lambda x, w: cpu_kernels.conv2d(x, w, 1, PADDING),
         "winograd": lambda x, w: winograd.conv3x3(x, w, PADDING),
     }
     print(f"{'shape':>16s} {'form':>9s} {'forward ms':>11s} {'fwd+bwd ms':>11s}")
@@ -64,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,6 +1,6 @@
 """What computing the depthwise convolutions' tap sums once is worth in a
 train step: two compiled steps of one config, one with
-`layers._shifted_sum_once` (as trained: the sum behind a fusion boundary) and
+`cpu_kernels._shifted_sum_once` (as trained: the sum behind a fusion boundary) and
 one with the plain k*k-tap sum that XLA fused into, and recomputed in, each
 consumer; run alternately in one process so that a noisy machine slows both
 alike.
@@ -11,34 +11,43 @@ alike.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
+from absl import flags
 from jax_step import JaxStep, load_config
 
-from jaxreid.models import layers
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
+from jaxreid.models import cpu_kernels
 from jaxreid.utils import machine_description
 
 
 def build(config: str, images: int, tap_sum) -> JaxStep:
     """A step traced with `tap_sum` as the training-time depthwise sum, run twice
     (compile, warm up)."""
-    layers._shifted_sum_once = tap_sum
+    cpu_kernels._shifted_sum_once = tap_sum
     step = JaxStep(load_config(config), images)
     step.run(0)
     step.run(1)
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="synthetic.py", help="a file of configs/")
-    parser.add_argument("--images", type=int, default=512, help="random training images")
-    parser.add_argument("--steps", type=int, default=15, help="timed steps of each, alternating")
-    args = parser.parse_args()
-    once = layers._shifted_sum_once
-    plain = build(args.config, args.images, layers._shifted_sum)
+PROG = "benchmarks/depthwise_once.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Depthwise taps computed once vs per use (see the module docstring)."""
+    flags.DEFINE_string("config", "synthetic.py", "a file of configs/", flag_values=fv)
+    flags.DEFINE_integer("images", 512, "random training images", flag_values=fv)
+    flags.DEFINE_integer("steps", 15, "timed steps of each, alternating", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
+    once = cpu_kernels._shifted_sum_once
+    plain = build(args.config, args.images, cpu_kernels._shifted_sum)
     computed_once = build(args.config, args.images, once)
     times = {"plain sum": [], "once": []}
     for i in range(args.steps):
@@ -59,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,17 +10,19 @@ markdown table and the machine description.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import numpy as np
+from absl import flags
 
 from jaxreid import evaluate
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
 from jaxreid.utils import machine_description
 
 
-def make_problem(args: argparse.Namespace) -> dict[str, np.ndarray]:
+def make_problem(args: flags.FlagValues) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(args.seed)
     num_distractors = int(args.distractor_fraction * args.num_gallery)
     gallery_pids = np.concatenate(
@@ -66,22 +68,34 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float]:
     return result, best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-query", type=int, default=3368)
-    parser.add_argument("--num-gallery", type=int, default=15913)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--num-stripes", type=int, default=8)
-    parser.add_argument("--num-ids", type=int, default=750)
-    parser.add_argument("--num-cams", type=int, default=6)
-    parser.add_argument("--distractor-fraction", type=float, default=0.18)
-    parser.add_argument("--noise", type=float, default=3.5, help="per-image noise vs centre")
-    parser.add_argument("--max-block-bytes", type=int, default=evaluate.DEFAULT_MAX_BLOCK_BYTES)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--skip-scl", action="store_true")
-    parser.add_argument("--skip-rerank", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+PROG = "benchmarks/evaluation.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Evaluation cost on a synthetic retrieval problem (see the module docstring)."""
+    for name, default in (
+        ("num_query", 3368),
+        ("num_gallery", 15913),
+        ("dim", 2048),
+        ("num_stripes", 8),
+        ("num_ids", 750),
+        ("num_cams", 6),
+    ):
+        flags.DEFINE_integer(name, default, "problem size", flag_values=fv)
+    flags.DEFINE_float("distractor_fraction", 0.18, "gallery distractors", flag_values=fv)
+    flags.DEFINE_float("noise", 3.5, "per-image noise vs centre", flag_values=fv)
+    flags.DEFINE_integer(
+        "max_block_bytes", evaluate.DEFAULT_MAX_BLOCK_BYTES, "distance block", flag_values=fv
+    )
+    flags.DEFINE_integer("repeats", 1, "timed calls (best of)", flag_values=fv)
+    flags.DEFINE_bool("skip_scl", False, "skip the SCL distance", flag_values=fv)
+    flags.DEFINE_bool("skip_rerank", False, "skip re-ranking", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "problem seed", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
 
     data = make_problem(args)
     labels = [data[k] for k in ("query_pids", "gallery_pids", "query_cams", "gallery_cams")]
@@ -166,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -28,7 +28,6 @@ in the row instead of stopping the run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -39,6 +38,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from jaxreid.command_line import parse, run  # noqa: E402
 
 BACKBONES = {  # name: (height, width, head, embed_dim, pooling)
     "efficientnet_lite0": (128, 64, "bnneck", 0, "gem"),
@@ -50,23 +52,26 @@ TF2ONNX_OPSET = 17  # the newest opset tf2onnx 1.17 maps to an IR version is 18
 REPEATS = 5
 
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backbones", default=",".join(BACKBONES), help="comma-separated backbone names"
+PROG = "benchmarks/export_compare.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """ONNX export paths compared (see the module docstring)."""
+    flags.DEFINE_string(
+        "backbones", ",".join(BACKBONES), "comma-separated backbone names", flag_values=fv
     )
-    parser.add_argument(
-        "--exporters", default=",".join(EXPORTERS), help=f"comma-separated, of {EXPORTERS}"
+    flags.DEFINE_string(
+        "exporters", ",".join(EXPORTERS), f"comma-separated, of {EXPORTERS}", flag_values=fv
     )
-    parser.add_argument("--batch", type=int, default=16, help="images per accuracy/speed batch")
-    parser.add_argument(
-        "--pooling",
-        default="usual",
-        choices=["avg", "gem", "usual"],
-        help="global pooling: each backbone's usual one (default), avg or gem",
+    flags.DEFINE_integer("batch", 16, "images per accuracy/speed batch", flag_values=fv)
+    flags.DEFINE_enum(
+        "pooling",
+        "usual",
+        ["avg", "gem", "usual"],
+        "global pooling: each backbone's usual one (default), avg or gem",
+        flag_values=fv,
     )
-    parser.add_argument("--out-dir", default="", help="keep the .onnx files here (default: temp)")
-    return parser.parse_args(argv)
+    flags.DEFINE_string("out_dir", "", "keep the .onnx files here (default: temp)", flag_values=fv)
 
 
 def build_embedder(backbone: str, pooling: str = "avg"):
@@ -102,11 +107,11 @@ def export_jax2tf_tf2onnx(embedder, path: str) -> None:
     from jax.experimental import jax2tf
 
     from jaxreid.export import exported_function
-    from jaxreid.models.layers import export_friendly
+    from jaxreid.models.layers import export_mode
 
     height, width = embedder.height, embedder.width
     signature = [tf.TensorSpec((None, height, width, 3), tf.float32, name="images")]
-    with export_friendly():
+    with export_mode():
         converted = jax2tf.convert(
             exported_function(embedder)[0],
             polymorphic_shapes=[f"(b, {height}, {width}, 3)"],
@@ -203,7 +208,10 @@ def _versions() -> str:
 
 
 def main(argv=None) -> None:
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    from jaxreid.host import configure_host
+
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     from jaxreid.utils import machine_description
 
     backbones = [b for b in args.backbones.split(",") if b]
@@ -238,4 +246,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

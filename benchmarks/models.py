@@ -13,36 +13,40 @@ only when a GPU/TPU backend is present.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
 from jaxreid import models
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
 from jaxreid.utils import machine_description
 
+PROG = "benchmarks/models.py"
 
-def _parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backbones",
-        default="resnet18,efficientnet_lite0,resnet50,resnet34",
-        help="comma-separated backbone names",
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Backbone forward / backward speed (see the module docstring)."""
+    flags.DEFINE_string(
+        "backbones",
+        "resnet18,efficientnet_lite0,resnet50,resnet34",
+        "comma-separated backbone names",
+        flag_values=fv,
     )
-    parser.add_argument("--sizes", default="256x128,128x64", help="comma-separated HxW")
-    parser.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure")
-    parser.add_argument(
-        "--dtypes",
-        default="",
-        help="comma-separated compute dtypes (default: float32, plus bfloat16 on GPU/TPU)",
+    flags.DEFINE_string("sizes", "256x128,128x64", "comma-separated HxW", flag_values=fv)
+    flags.DEFINE_string("batches", "8,32", "comma-separated batch sizes", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed calls per figure", flag_values=fv)
+    flags.DEFINE_string(
+        "dtypes",
+        "",
+        "comma-separated compute dtypes (default: float32, plus bfloat16 on GPU/TPU)",
+        flag_values=fv,
     )
-    parser.add_argument("--no-backward", action="store_true", help="time the forward only")
-    return parser.parse_args(argv)
+    flags.DEFINE_bool("no_backward", False, "time the forward only", flag_values=fv)
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -112,7 +116,8 @@ def _format_row(row) -> str:
 
 
 def main(argv=None) -> None:
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     dtypes = [d for d in args.dtypes.split(",") if d] or (
         ["float32"] if jax.default_backend() == "cpu" else ["float32", "bfloat16"]
     )
@@ -136,4 +141,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

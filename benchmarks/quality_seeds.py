@@ -2,7 +2,7 @@
 figures behind the margins of tests/test_cluster_training.py.
 
     python benchmarks/quality_seeds.py --methods=cluster_contrast,hhcl --seeds=0,1,2
-    python benchmarks/quality_seeds.py --methods=joint --no-camera_aware   # without camera handling
+    python benchmarks/quality_seeds.py --methods=joint --nocamera_aware   # without camera handling
     python benchmarks/quality_seeds.py --methods=supervised
 
 Each run: the synthetic learning set of the tests (60 identities x 3
@@ -33,8 +33,12 @@ _CAMERA_AWARE = flags.DEFINE_bool(
 
 def main(argv) -> None:
     del argv
+    from jaxreid.host import configure_host
+
+    configure_host()  # before jax starts a backend
     logging.set_verbosity(logging.WARNING)  # orbax's per-checkpoint INFO lines
     import test_cluster_training as quality
+    from helpers import tiny_data
 
     from jaxreid.data import synthetic
     from jaxreid.train import train_and_evaluate
@@ -46,7 +50,7 @@ def main(argv) -> None:
             config = quality.short_training_config(root, name, _CAMERA_AWARE.value)
             config.seed = seed
             result = train_and_evaluate(
-                config, tempfile.mkdtemp(), quality.tiny_data(config), log=lambda s: None
+                config, tempfile.mkdtemp(), tiny_data(config), log=lambda s: None
             )
             before = 100 * result["initial"]["plain"]["mAP"]
             after = 100 * result["final"]["plain"]["mAP"]

@@ -11,12 +11,13 @@ these features is the floor any learned model must beat by a wide margin:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
+from absl import flags
 
+from jaxreid.command_line import parse, run
 from jaxreid.data import DataError, load_dataset
 from jaxreid.data.images import decode_split
 
@@ -28,14 +29,20 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return features
 
 
+PROG = "benchmarks/raw_pixel_features.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Raw-pixel features of a dataset's query and gallery (see the module docstring)."""
+    flags.DEFINE_string("root", "../shared/data/cuhk03", "dataset folder", flag_values=fv)
+    flags.DEFINE_string("format", "auto", "dataset layout (default: detect)", flag_values=fv)
+    flags.DEFINE_integer("height", 128, "image height", flag_values=fv)
+    flags.DEFINE_integer("width", 64, "image width", flag_values=fv)
+    flags.DEFINE_string("out", None, "npz to write", flag_values=fv, required=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="../shared/data/cuhk03", help="dataset folder")
-    parser.add_argument("--format", default="auto", help="dataset layout (default: detect)")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--out", required=True, help="npz to write")
-    args = parser.parse_args(argv)
+    args, _ = parse(define_flags, argv, PROG)
     start = time.perf_counter()
     try:
         dataset = load_dataset(args.format, args.root)
@@ -59,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

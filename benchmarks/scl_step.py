@@ -20,37 +20,35 @@ allows.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from jaxreid.command_line import parse, run
 from jaxreid.config_base import base_config
+from jaxreid.host import configure_host
 from jaxreid.methods import Batch, get_method
 from jaxreid.methods.scl import banks as memory
 from jaxreid.methods.scl import selection
 from jaxreid.step import computed_after
-from jaxreid.utils import machine_description
+from jaxreid.utils import l2_normalize, machine_description
 
 RELEASE_SECONDS = {"selection": 0.12, "loss": 0.30, "total": 0.42}  # batch 8, same CPU
-
-
-def _unit(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def random_banks(
     rng: jax.Array, num_rows: int, dim: int, stripes: int, dtype: str = "float32"
 ) -> memory.SCLBanks:
     k_g, k_l, k_m, k_c = jax.random.split(rng, 4)
-    g = _unit(jax.random.normal(k_g, (num_rows, dim)))
-    st = _unit(jax.random.normal(k_l, (num_rows, stripes, dim // stripes)))
+    g = l2_normalize(jax.random.normal(k_g, (num_rows, dim)))
+    st = l2_normalize(jax.random.normal(k_l, (num_rows, stripes, dim // stripes)))
     banks = memory.init_banks(g, st, jax.random.randint(k_c, (num_rows,), 0, 6), dtype=dtype)
     # A bank past the first epoch: non-zero mixture rows.
-    mixture = _unit(jax.random.normal(k_m, (num_rows, dim))).astype(dtype)
+    mixture = l2_normalize(jax.random.normal(k_m, (num_rows, dim))).astype(dtype)
     return banks.replace(mixture_bank=mixture)
 
 
@@ -59,9 +57,9 @@ def random_batch(rng: jax.Array, banks: memory.SCLBanks, batch: int):
     n, d = banks.global_bank.shape
     p, _, dp = banks.local_bank.shape
     idx = jax.random.choice(k_i, n, (batch,), replace=False).astype(jnp.int32)
-    g = _unit(banks.global_bank[idx] + 0.5 * jax.random.normal(k_g, (batch, d)) / d**0.5)
+    g = l2_normalize(banks.global_bank[idx] + 0.5 * jax.random.normal(k_g, (batch, d)) / d**0.5)
     st = jnp.transpose(banks.local_bank[:, idx], (1, 0, 2))
-    st = _unit(st + 0.5 * jax.random.normal(k_l, (batch, p, dp)) / dp**0.5)
+    st = l2_normalize(st + 0.5 * jax.random.normal(k_l, (batch, p, dp)) / dp**0.5)
     return idx, banks.cameras[idx], g, st
 
 
@@ -151,45 +149,48 @@ def bench_scaling(args, rows: int, dim: int, batch: int) -> list[float]:
     return time_calls(select, (g, st, idx, cams, banks), args.repeats)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-rows", type=int, default=12936)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--stripes", type=int, default=8)
-    parser.add_argument("--k", type=int, default=7)
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--batch-sizes", default="8,32")
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="bank rows per selection block (default: automatic)",
+PROG = "benchmarks/scl_step.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """SCL step cost without the model (see the module docstring)."""
+    flags.DEFINE_integer("num_rows", 12936, "bank rows N", flag_values=fv)
+    flags.DEFINE_integer("dim", 2048, "feature dimension D", flag_values=fv)
+    flags.DEFINE_integer("stripes", 8, "stripes P", flag_values=fv)
+    flags.DEFINE_integer("k", 7, "SCL k", flag_values=fv)
+    flags.DEFINE_integer("n", 500, "SCL n", flag_values=fv)
+    flags.DEFINE_string("batch_sizes", "8,32", "comma-separated batch sizes", flag_values=fv)
+    flags.DEFINE_integer(
+        "block_size", None, "bank rows per selection block (default: automatic)", flag_values=fv
     )
-    parser.add_argument(
-        "--mode",
-        default=base_config().method.mixture_update,
-        choices=["vectorized", "sequential"],
-        help="mixture-bank update mode (default: the training default, method.mixture_update)",
+    flags.DEFINE_enum(
+        "mode",
+        base_config().method.mixture_update,
+        ["vectorized", "sequential"],
+        "mixture-bank update mode (default: the training default, method.mixture_update)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--bank-dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="bfloat16 is for accelerators: XLA:CPU upcasts bf16 scatters",
+    flags.DEFINE_enum(
+        "bank_dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "bfloat16 is for accelerators: XLA:CPU upcasts bf16 scatters",
+        flag_values=fv,
     )
-    parser.add_argument("--approx", action="store_true", help="lax.approx_min_k selection")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument(
-        "--scaling", default="", help="selection only at ROWSxDIM[,ROWSxDIM...], e.g. 100000x2048"
+    flags.DEFINE_bool("approx", False, "lax.approx_min_k selection", flag_values=fv)
+    flags.DEFINE_integer("repeats", 7, "timed calls", flag_values=fv)
+    flags.DEFINE_string(
+        "scaling", "", "selection only at ROWSxDIM[,ROWSxDIM...], e.g. 100000x2048", flag_values=fv
     )
-    parser.add_argument("--scaling-batch", type=int, default=8)
-    parser.add_argument(
-        "--max-bank-gib",
-        type=float,
-        default=6.0,
-        help="skip scaling points whose G + L banks exceed this",
+    flags.DEFINE_integer("scaling_batch", 8, "batch of the scaling points", flag_values=fv)
+    flags.DEFINE_float(
+        "max_bank_gib", 6.0, "skip scaling points whose G + L banks exceed this", flag_values=fv
     )
-    args = parser.parse_args()
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
 
     print(
         f"# SCL step without the model: N = {args.num_rows:,}, D = {args.dim}, "
@@ -235,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,7 +9,6 @@ few steps of a benchmarks/train_step.py row, time per XLA op summed by kind
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -18,9 +17,12 @@ import re
 import tempfile
 
 import jax
+from absl import flags
 from jax_step import JaxStep, load_config
 from train_step import ROWS, apply
 
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
 from jaxreid.utils import machine_description
 
 
@@ -53,16 +55,23 @@ def op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
     return kinds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--row", default="r50_scl8", help=f"one of {', '.join(ROWS)}")
-    parser.add_argument(
-        "--config", default="", help="a file of configs/ instead of a row (e.g. synthetic.py)"
+PROG = "benchmarks/step_profile.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Where a train step's time goes, per XLA op (see the module docstring)."""
+    flags.DEFINE_string("row", "r50_scl8", f"one of {', '.join(ROWS)}", flag_values=fv)
+    flags.DEFINE_string(
+        "config", "", "a file of configs/ instead of a row (e.g. synthetic.py)", flag_values=fv
     )
-    parser.add_argument("--images", type=int, default=512, help="random images with --config")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--top", type=int, default=15)
-    args = parser.parse_args()
+    flags.DEFINE_integer("images", 512, "random images with --config", flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "traced steps", flag_values=fv)
+    flags.DEFINE_integer("top", 15, "slowest ops listed", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     if args.config:
         config, overrides, num_images, label = args.config, {}, args.images, args.config
     else:
@@ -99,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,14 +16,15 @@ random uint8 images, timed after warm-up; medians and [min-max] of
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 
+from absl import flags
 from jax_step import JaxStep, load_config, random_training_set
 
-import jaxreid
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
 from jaxreid.utils import machine_description
 
 # name -> (config, overrides, images in the training set, label)
@@ -63,15 +64,22 @@ def fmt(s: dict | None) -> str:
     return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of {', '.join(ROWS)}")
-    parser.add_argument("--warmup", type=int, default=2, help=">= 1 (the first compiles)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--no-extract", action="store_true")
-    parser.add_argument("--json", default="", help="also write the figures here")
-    args = parser.parse_args()
+PROG = "benchmarks/train_step.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Training speed, jaxreid beside PyTorch (see the module docstring)."""
+    flags.DEFINE_string("rows", ",".join(DEFAULT_ROWS), f"of {', '.join(ROWS)}", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, ">= 1 (the first compiles)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed steps", flag_values=fv)
+    flags.DEFINE_bool("no_torch", False, "skip the PyTorch column", flag_values=fv)
+    flags.DEFINE_bool("no_extract", False, "skip the extraction figures", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the figures here", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    host = configure_host()  # before jax starts a backend
+    args, _ = parse(define_flags, argv, PROG)
     torch_reference = None
     if not args.no_torch:
         try:
@@ -80,9 +88,9 @@ def main() -> None:
             print(f"# torch column skipped: {e}")
     print(machine_description())
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}")
-    # Set by `import jaxreid` (jaxreid/__init__.py); the glibc settings hold for
-    # the PyTorch column too, which runs in this process.
-    print(f"# freed host memory kept for reuse (glibc, both columns): {jaxreid.KEEPS_HOST_MEMORY}")
+    # Set by configure_host (jaxreid/host.py); the glibc settings hold for the
+    # PyTorch column too, which runs in this process.
+    print(f"# freed host memory kept for reuse (glibc, both columns): {host.keeps_host_memory}")
     if torch_reference is not None:
         import torch
 
@@ -129,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

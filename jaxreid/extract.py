@@ -18,6 +18,8 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxreid.host import configure_host
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
 _OUT = flags.DEFINE_string("out", None, "Output .npz file.")
@@ -79,6 +81,7 @@ def extract_folder(embedder, folder: str, chunk: int = 1024, log=print) -> dict[
 
 def main(argv) -> None:
     del argv
+    configure_host()  # before jax starts a backend
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
     from jaxreid.inference import Embedder

@@ -18,9 +18,11 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from jaxreid.host import configure_host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (log, results, checkpoints).")
@@ -48,6 +50,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
     del argv
+    configure_host()  # before jax starts a backend
     if _MULTIPROCESS.value:
         from jaxreid.parallel import start_distributed
 
@@ -103,6 +106,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from jaxreid.validate import parse_flags
+    from jaxreid.command_line import run_with_config
 
-    app.run(main, flags_parser=lambda argv: parse_flags(flags, argv))
+    run_with_config(main)

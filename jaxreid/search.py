@@ -18,6 +18,8 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxreid.host import configure_host
+
 _FEATURES = flags.DEFINE_string("features", None, ".npz written by python -m jaxreid.extract.")
 _QUERY = flags.DEFINE_string("query", None, "A path stored in the .npz, or an image file.")
 _TOP = flags.DEFINE_integer("top", 10, "How many results.")
@@ -59,6 +61,7 @@ def search(
 
 def main(argv) -> None:
     del argv
+    configure_host()  # before jax starts a backend
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
     from jaxreid.utils import UserError

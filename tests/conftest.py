@@ -5,9 +5,12 @@ in a subprocess."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
+
+from jaxreid.host import configure_host
 
 # Persistent XLA compilation cache shared by the tests, the pytest-xdist
 # workers and the subprocesses they start: the training tests compile the same
@@ -20,6 +23,13 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The process-wide XLA and malloc settings of the entry points (python -m
+# jaxreid.main etc.), before any test starts jax's backend.
+configure_host()
+
+
+# The recipes of configs/recipes.py, imported as the config files import them.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
 CUHK03 = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_kreciprocal import _dense_encoding, _dense_jaccard, _rank
+from helpers import dense_encoding, dense_jaccard, dense_rank
 
 from jaxreid.pseudo_labels import camera_affinity, clustering, kreciprocal
 
@@ -69,7 +69,7 @@ def test_penalised_neighbors_match_brute_force(seed):
         x, cameras, 7, strength=0.3
     )
     dense = _dense_penalised(x, cameras, 0.3)
-    expected = _rank(-dense)[:, :7]  # itself first, then decreasing, ties by index
+    expected = dense_rank(-dense)[:, :7]  # itself first, then decreasing, ties by index
     np.testing.assert_array_equal(order, expected)
     np.testing.assert_allclose(sims, np.take_along_axis(dense, expected, 1), atol=1e-5)
     assert affinity.shape == (3, 3) and np.allclose(np.diag(affinity), 1)
@@ -87,9 +87,9 @@ def test_penalised_jaccard_equals_dense_reference():
         x, k1, k2, neighbors_result=neighbors_result, camera_penalty=(penalty, camera_index)
     )
     distance = 2.0 - 2.0 * _dense_penalised(x, cameras, strength)
-    rank = _rank(distance)
-    v = _dense_encoding(distance, rank, k1, round(k1 / 2) + 1, k2)
-    expected = np.maximum(_dense_jaccard(v, v), 0.0)
+    rank = dense_rank(distance)
+    v = dense_encoding(distance, rank, k1, round(k1 / 2) + 1, k2)
+    expected = np.maximum(dense_jaccard(v, v), 0.0)
     np.testing.assert_allclose(kreciprocal.densify(result), expected, atol=1e-5)
     plain = kreciprocal.densify(kreciprocal.jaccard_distance(x, k1, k2))
     assert np.abs(plain - expected).max() > 0.05, "the penalty must change the distance"
@@ -131,9 +131,9 @@ def test_camera_aware_rerank_equals_dense_reference(k1, k2, lambda_value):
     features = np.concatenate([q, g]).astype(np.float64)
     scale = (2.0 - 2.0 * features @ features.T).max(axis=1, keepdims=True)
     distance = (2.0 - 2.0 * _dense_penalised(features, both, strength)) / scale
-    v = _dense_encoding(distance, _rank(distance), k1 + 1, round(k1 / 2) + 1, k2)
+    v = dense_encoding(distance, dense_rank(distance), k1 + 1, round(k1 / 2) + 1, k2)
     nq = len(q)
-    jaccard = _dense_jaccard(v[:nq], v)
+    jaccard = dense_jaccard(v[:nq], v)
     expected = ((1 - lambda_value) * jaccard + lambda_value * distance[:nq])[:, nq:]
     np.testing.assert_allclose(result, expected, atol=1e-5)
     plain = kreciprocal.k_reciprocal_rerank(q, g, k1, k2, lambda_value)
@@ -145,7 +145,7 @@ def test_camera_aware_rerank_equals_dense_reference(k1, k2, lambda_value):
 def _camera_rank(distance, cameras, same):
     """Every row's own-camera (`same`) or other-camera list: itself first, then by
     distance, ties by index; -1 pads a row to the longest list."""
-    rank = _rank(distance)
+    rank = dense_rank(distance)
     keep = (cameras[rank] == cameras[:, None]) == same
     lists = [row[k] for row, k in zip(rank, keep, strict=True)]
     width = max(len(r) for r in lists)
@@ -173,7 +173,7 @@ def reference_camera_aware_jaccard(distance, cameras, k1_intra, k1_inter, k2_int
     for i in range(n):
         rows = [j for j in [*intra[i, :k2_intra], *inter[i, :k2_inter]] if j >= 0]
         expanded[i] = v[rows].mean(axis=0)
-    return np.maximum(_dense_jaccard(expanded, expanded), 0.0)
+    return np.maximum(dense_jaccard(expanded, expanded), 0.0)
 
 
 @pytest.mark.parametrize(

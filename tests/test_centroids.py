@@ -6,13 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.methods import centroids as cluster_memory
 from jaxreid.methods import cluster
-
-
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def test_prototypes_are_normalised_cluster_means():
@@ -25,7 +22,7 @@ def test_prototypes_are_normalised_cluster_means():
 
 
 def _numpy_loss(f, c, y, tau):
-    f = _unit(f)
+    f = unit(f)
     losses = []
     for i in range(len(y)):
         if y[i] < 0:
@@ -38,7 +35,7 @@ def _numpy_loss(f, c, y, tau):
 def test_cluster_nce_value_and_gradient_match_numpy():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(6, 5)).astype(np.float32)
-    c = _unit(rng.normal(size=(4, 5))).astype(np.float32)
+    c = unit(rng.normal(size=(4, 5))).astype(np.float32)
     y = np.array([0, 3, -1, 1, 1, 2])
 
     def loss(f, c):
@@ -62,13 +59,13 @@ def _numpy_sequential(c, f, y, m):
     c = c.copy()
     for i in range(len(y)):
         if y[i] >= 0:
-            c[y[i]] = _unit(m * c[y[i]] + (1 - m) * _unit(f[i]))
+            c[y[i]] = unit(m * c[y[i]] + (1 - m) * unit(f[i]))
     return c
 
 
 def test_sequential_update_matches_numpy_loop():
     rng = np.random.default_rng(1)
-    c = _unit(rng.normal(size=(4, 6))).astype(np.float32)
+    c = unit(rng.normal(size=(4, 6))).astype(np.float32)
     f = rng.normal(size=(7, 6)).astype(np.float32)
     y = np.array([2, 0, 2, -1, 3, 2, 0])
     new = cluster_memory.update_centroids(c, f, y, momentum=0.2, mode="sequential")
@@ -78,7 +75,7 @@ def test_sequential_update_matches_numpy_loop():
 
 def test_mean_update_equals_sequential_with_one_sample_per_cluster_and_averages_otherwise():
     rng = np.random.default_rng(2)
-    c = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    c = unit(rng.normal(size=(5, 4))).astype(np.float32)
     f = rng.normal(size=(3, 4)).astype(np.float32)
     distinct = np.array([4, 0, -1])
     np.testing.assert_allclose(
@@ -88,8 +85,8 @@ def test_mean_update_equals_sequential_with_one_sample_per_cluster_and_averages_
     )
     shared = np.array([1, 1, 3])
     new = cluster_memory.update_centroids(c, f, shared, 0.1, "mean")
-    mean = (_unit(f[0]) + _unit(f[1])) / 2
-    np.testing.assert_allclose(new[1], _unit(0.1 * c[1] + 0.9 * mean), atol=1e-6)
+    mean = (unit(f[0]) + unit(f[1])) / 2
+    np.testing.assert_allclose(new[1], unit(0.1 * c[1] + 0.9 * mean), atol=1e-6)
 
 
 def test_hard_update_uses_least_similar_sample():
@@ -98,7 +95,7 @@ def test_hard_update_uses_least_similar_sample():
     y = np.array([1, 1, 0])
     new = cluster_memory.update_centroids(c, f, y, 0.5, "hard")
     # Cluster 1: sample 0 (cos 0.0995) is less similar than sample 1 (cos 0.98).
-    np.testing.assert_allclose(new[1], _unit(0.5 * c[1] + 0.5 * _unit(f[0])), atol=1e-6)
-    np.testing.assert_allclose(new[0], _unit(0.5 * c[0] + 0.5 * _unit(f[2])), atol=1e-6)
+    np.testing.assert_allclose(new[1], unit(0.5 * c[1] + 0.5 * unit(f[0])), atol=1e-6)
+    np.testing.assert_allclose(new[0], unit(0.5 * c[0] + 0.5 * unit(f[2])), atol=1e-6)
     with pytest.raises(ValueError, match="mode must be one of"):
         cluster_memory.update_centroids(c, f, y, 0.5, "median")

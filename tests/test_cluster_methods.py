@@ -3,10 +3,13 @@ written from the docstrings), momentum updates and gradient edge cases."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.methods import cluster as cluster_methods
 from jaxreid.methods.cluster import KINDS
@@ -14,9 +17,7 @@ from jaxreid.methods.cluster import KINDS
 # ------------------------------------------------------------------ helpers
 
 
-def _unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+unit64 = functools.partial(unit, dtype=np.float64)  # the references in float64
 
 
 def _lse(z):
@@ -101,12 +102,12 @@ def test_build_memory_hand_made_case(kind):
     np.testing.assert_array_equal(memory.cameras, HAND_CAMERAS)
 
     # Prototype of a row: normalised mean of the normalised features of its images.
-    unit = _unit(features)
+    unit = unit64(features)
     expected = np.zeros((n, d))
     for row in range(r):
         members = [i for i in range(n) if rows[i] == row]
         assert members, row
-        expected[row] = _unit(np.mean(unit[members], axis=0))
+        expected[row] = unit64(np.mean(unit[members], axis=0))
     np.testing.assert_allclose(memory.prototypes, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(memory.prototypes[:r], axis=1), 1.0, rtol=1e-5)
     if kind == "self_paced":  # an outlier's row is its own normalised feature
@@ -137,7 +138,7 @@ def test_build_memory_all_outliers_self_paced_gives_one_row_per_image():
     memory = cluster_methods.build_memory("self_paced", features, HAND_CAMERAS, np.full(8, -1))
     np.testing.assert_array_equal(memory.rows, np.arange(8))
     assert np.all(memory.valid)
-    np.testing.assert_allclose(memory.prototypes, _unit(features), atol=1e-6)
+    np.testing.assert_allclose(memory.prototypes, unit64(features), atol=1e-6)
 
 
 def test_build_memory_rejects_unknown_kind():
@@ -149,7 +150,7 @@ def test_build_memory_rejects_unknown_kind():
 
 
 def _np_masked_nce(f, prototypes, row_mask, targets, tau):
-    f = _unit(f)
+    f = unit64(f)
     mask = np.broadcast_to(np.asarray(row_mask, bool), (len(f), len(prototypes)))
     losses = []
     for i in range(len(f)):
@@ -162,7 +163,7 @@ def _np_masked_nce(f, prototypes, row_mask, targets, tau):
 
 def _np_cap_intra(f, m, indices, cams, tau):
     # Softmax only over the proxies of the sample's camera.
-    f = _unit(f)
+    f = unit64(f)
     losses = []
     for i in range(len(f)):
         t = m["rows"][indices[i]]
@@ -177,7 +178,7 @@ def _np_cap_intra(f, m, indices, cams, tau):
 
 def _np_cap_inter(f, m, clusters, tau, k, cams=None):
     """cams given: hard negatives only among the proxies of the sample's camera."""
-    f = _unit(f)
+    f = unit64(f)
     losses = []
     for i in range(len(f)):
         y = clusters[i]
@@ -200,7 +201,7 @@ def _np_hard_instance(f, instances, labels, instance_labels, tau, used=None):
     """The release's CMhybrid_v2 instance term, one cluster at a time: logit of
     the own cluster = its least similar instance, of every other cluster = its
     most similar instance (among those `used[i]` marks)."""
-    f = _unit(f)
+    f = unit64(f)
     clusters = sorted({int(c) for c in instance_labels if c >= 0})
     losses = []
     for i in range(len(f)):
@@ -223,7 +224,7 @@ def _np_hard_instance(f, instances, labels, instance_labels, tau, used=None):
 
 
 def _np_multi_positive(f, instances, labels, instance_labels, indices, tau):
-    f = _unit(f)
+    f = unit64(f)
     losses = []
     for i in range(len(f)):
         s = f[i] @ np.asarray(instances, np.float64).T / tau
@@ -359,7 +360,7 @@ def test_cluster_loss_value_and_gradient_match_numpy(kind):
 def test_masked_nce_excludes_masked_rows_and_skips_negative_targets():
     rng = np.random.default_rng(4)
     f = rng.normal(size=(5, 4)).astype(np.float32)
-    prototypes = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    prototypes = unit64(rng.normal(size=(6, 4))).astype(np.float32)
     row_mask = np.array([True, True, False, True, False, True])
     targets = np.array([0, -1, 3, 5, 1])
     # A (B, R) mask: every sample sees a different subset (its target included).
@@ -515,7 +516,7 @@ def test_cross_camera_loss_gradient():
     centre, rows = np.array([0.0, 1.0]), np.asarray(memory.prototypes)[1:3]
 
     def by_hand(x):
-        u = _unit(x[0])
+        u = unit64(x[0])
         return _lse(np.concatenate([[u @ centre], rows @ u]) / 0.5) - u @ centre / 0.5
 
     f = np.array([[0.9, -0.3]], np.float32)
@@ -558,7 +559,7 @@ def test_multi_positive_instance_loss_matches_numpy():
         jnp.asarray([7]),
         TAU,
     )
-    s = _unit(f[2]) @ instances.astype(np.float64).T / TAU
+    s = unit64(f[2]) @ instances.astype(np.float64).T / TAU
     np.testing.assert_allclose(alone, _lse(s) - s[7], rtol=1e-5)
 
 
@@ -669,8 +670,8 @@ def test_mean_update_matches_hand_computation(kind):
     old = np.asarray(memory.prototypes, np.float64)
     expected = old.copy()
     for row, positions in UPDATE_ROWS[kind].items():
-        step = np.mean(_unit(f[positions]), axis=0)
-        expected[row] = _unit(0.2 * old[row] + 0.8 * step)
+        step = np.mean(unit64(f[positions]), axis=0)
+        expected[row] = unit64(0.2 * old[row] + 0.8 * step)
     np.testing.assert_allclose(new.prototypes, expected, rtol=1e-5, atol=1e-6)
     untouched = [r for r in range(8) if r not in UPDATE_ROWS[kind]]
     np.testing.assert_array_equal(np.asarray(new.prototypes)[untouched], old[untouched])
@@ -693,11 +694,11 @@ def test_hard_update_uses_least_similar_sample(kind):
     far = -p[0] + 0.3 * rng.normal(size=4)
     f = np.stack([close, far, rng.normal(size=4)]).astype(np.float32)
     indices = np.array([0, 2, 7])  # clusters 0, 0, 1
-    assert _unit(f[1]) @ p[0] < _unit(f[0]) @ p[0]
+    assert unit64(f[1]) @ p[0] < unit64(f[0]) @ p[0]
     new = np.asarray(_update(kind, memory, f, indices, mode="hard", momentum=0.5).prototypes)
-    np.testing.assert_allclose(new[0], _unit(0.5 * p[0] + 0.5 * _unit(f[1])), atol=1e-6)
-    np.testing.assert_allclose(new[1], _unit(0.5 * p[1] + 0.5 * _unit(f[2])), atol=1e-6)
-    assert not np.allclose(new[0], _unit(0.5 * p[0] + 0.5 * _unit(f[0])), atol=1e-3)
+    np.testing.assert_allclose(new[0], unit64(0.5 * p[0] + 0.5 * unit64(f[1])), atol=1e-6)
+    np.testing.assert_allclose(new[1], unit64(0.5 * p[1] + 0.5 * unit64(f[2])), atol=1e-6)
+    assert not np.allclose(new[0], unit64(0.5 * p[0] + 0.5 * unit64(f[0])), atol=1e-3)
     np.testing.assert_array_equal(new[2:], p[2:])
 
 
@@ -709,9 +710,9 @@ def test_instance_rows_move_with_instance_momentum(kind):
     indices = np.array([0, 5, 0, 3])  # image 0 twice, outlier 3 included
     new = np.asarray(_update(kind, memory, f, indices, instance_momentum=0.6).instances)
     expected = old.copy()
-    expected[0] = _unit(0.6 * old[0] + 0.4 * np.mean(_unit(f[[0, 2]]), axis=0))
-    expected[5] = _unit(0.6 * old[5] + 0.4 * _unit(f[1]))
-    expected[3] = _unit(0.6 * old[3] + 0.4 * _unit(f[3]))
+    expected[0] = unit64(0.6 * old[0] + 0.4 * np.mean(unit64(f[[0, 2]]), axis=0))
+    expected[5] = unit64(0.6 * old[5] + 0.4 * unit64(f[1]))
+    expected[3] = unit64(0.6 * old[3] + 0.4 * unit64(f[3]))
     np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(new[[1, 2, 4, 6, 7]], old[[1, 2, 4, 6, 7]])
 
@@ -734,7 +735,7 @@ def _np_camera_negatives_loss(kind, f, m, indices, cams, tau, instance_weight, k
     """cluster_loss with camera_negatives=True, from the definition: each
     sample's softmax keeps its positives and the rows / instances with a
     member from its own camera."""
-    f = _unit(f)
+    f = unit64(f)
     n = len(m["rows"])
     cluster_terms, instance_terms = [], []
     for i in range(len(f)):

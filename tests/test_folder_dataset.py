@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_train import _losses, tiny_config
+from helpers import step_losses, tiny_config
 
 from jaxreid.data.datasets import DataError, load_dataset
 
@@ -61,7 +61,7 @@ def test_training_on_a_folder(tiny_root, tmp_path, evaluate):
     data = load_data(config, lines.append)
     workdir = str(tmp_path / "w")
     result = train_and_evaluate(config, workdir, data, log=lines.append)
-    assert len(_losses(workdir)) == 2 and np.all(np.isfinite(_losses(workdir)))
+    assert len(step_losses(workdir)) == 2 and np.all(np.isfinite(step_losses(workdir)))
     if evaluate:
         assert 0 <= result["final"]["plain"]["mAP"] <= 1
         assert any("query and gallery from market_layout" in ln for ln in lines)

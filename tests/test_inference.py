@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_train import tiny_config, tiny_data, tiny_main_command
+from helpers import tiny_config, tiny_data, tiny_main_command
 
 from jaxreid.utils import UserError
 

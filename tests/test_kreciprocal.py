@@ -1,9 +1,9 @@
 """Sparse k-reciprocal Jaccard distance and re-ranking against dense brute-force references.
 
-The references below are written from the definitions (dense N x N arrays, per-row loops) and
-follow the public implementations' conventions: the clustering variant ranks k1 neighbours with
-the point itself included and uses d = 2 - 2 cos; re-ranking ranks all Q + G points, takes
-k1 + 1 neighbours and divides each row of d by its maximum.
+The references (below and in helpers.py) are written from the definitions (dense N x N arrays,
+per-row loops) and follow the public implementations' conventions: the clustering variant ranks
+k1 neighbours with the point itself included and uses d = 2 - 2 cos; re-ranking ranks all Q + G
+points, takes k1 + 1 neighbours and divides each row of d by its maximum.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import dense_encoding, dense_jaccard, dense_rank
 
 from jaxreid.pseudo_labels import kreciprocal, neighbors
 
@@ -24,58 +25,22 @@ def _clustered(n: int, dim: int, num_clusters: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _rank(distance: np.ndarray) -> np.ndarray:
-    """Neighbour order of every row: itself first, then by distance, ties by index."""
-    d = distance.copy()
-    np.fill_diagonal(d, -np.inf)
-    return np.argsort(d, axis=1, kind="stable")
-
-
-def _reciprocal(rank: np.ndarray, i: int, size: int) -> np.ndarray:
-    forward = rank[i, :size]
-    return np.array([j for j in forward if i in rank[j, :size]], dtype=np.int64)
-
-
-def _dense_encoding(distance, rank, k_forward, k_half, k2):
-    n = len(distance)
-    v = np.zeros((n, n))
-    for i in range(n):
-        r_i = _reciprocal(rank, i, k_forward)
-        members = set(r_i.tolist())
-        for c in r_i:
-            r_c = _reciprocal(rank, c, k_half)
-            if len(set(r_c.tolist()) & set(r_i.tolist())) > 2 / 3 * len(r_c):
-                members |= set(r_c.tolist())
-        e = np.array(sorted(members))
-        w = np.exp(-distance[i, e])
-        v[i, e] = w / w.sum()
-    if k2 > 1:
-        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
-    return v
-
-
-def _dense_jaccard(v_rows, v_all):
-    mins = np.minimum(v_rows[:, None, :], v_all[None, :, :]).sum(-1)
-    maxs = np.maximum(v_rows[:, None, :], v_all[None, :, :]).sum(-1)
-    return 1.0 - mins / maxs
-
-
 def reference_jaccard(x, k1, k2):
     x64 = x.astype(np.float64)
     distance = 2.0 - 2.0 * x64 @ x64.T
-    rank = _rank(distance)
-    v = _dense_encoding(distance, rank, k1, round(k1 / 2) + 1, k2)
-    return np.maximum(_dense_jaccard(v, v), 0.0)
+    rank = dense_rank(distance)
+    v = dense_encoding(distance, rank, k1, round(k1 / 2) + 1, k2)
+    return np.maximum(dense_jaccard(v, v), 0.0)
 
 
 def reference_rerank(q, g, k1, k2, lambda_value):
     x = np.concatenate([q, g]).astype(np.float64)
     distance = 2.0 - 2.0 * x @ x.T
     distance = distance / distance.max(axis=1, keepdims=True)
-    rank = _rank(distance)
-    v = _dense_encoding(distance, rank, k1 + 1, round(k1 / 2) + 1, k2)
+    rank = dense_rank(distance)
+    v = dense_encoding(distance, rank, k1 + 1, round(k1 / 2) + 1, k2)
     nq = len(q)
-    jaccard = _dense_jaccard(v[:nq], v)
+    jaccard = dense_jaccard(v[:nq], v)
     return ((1 - lambda_value) * jaccard + lambda_value * distance[:nq])[:, nq:]
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_cluster_training import _cluster_config
-from test_train import tiny_data
+from helpers import cluster_config, tiny_data
 
 from jaxreid.checkpoints import load_model_for_eval, restore_model
 from jaxreid.evaluate.protocol import evaluate_model
@@ -26,7 +25,7 @@ def test_update_ema_by_hand_and_frozen_leaves_keep_their_bits():
 
 
 def _supervised(root, **overrides):
-    return _cluster_config(
+    return cluster_config(
         root,
         "supervised",
         **{

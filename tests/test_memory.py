@@ -6,15 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.methods.scl import banks as memory
 from jaxreid.step import computed_after
 
 N, D, P, B, K = 40, 16, 4, 6, 3
-
-
-def _unit(x, axis=-1):
-    return x / np.linalg.norm(x, axis=axis, keepdims=True)
 
 
 def _np_blend(row, x):
@@ -51,14 +48,14 @@ def _np_mixture(mixture, positives, g, l_concat, order):
 @pytest.fixture
 def data():
     rng = np.random.default_rng(0)
-    g_bank = _unit(rng.normal(size=(N, D))).astype(np.float32)
-    l_bank = _unit(rng.normal(size=(N, P, D // P))).astype(np.float32)
+    g_bank = unit(rng.normal(size=(N, D))).astype(np.float32)
+    l_bank = unit(rng.normal(size=(N, P, D // P))).astype(np.float32)
     cams = rng.integers(0, 3, N)
     banks = memory.init_banks(g_bank, l_bank, cams)
     # Non-zero mixture rows so the blend does more than copy the feature.
-    banks = banks.replace(mixture_bank=jnp.asarray(_unit(rng.normal(size=(N, D))), jnp.float32))
-    g = _unit(rng.normal(size=(B, D))).astype(np.float32)
-    st = _unit(rng.normal(size=(B, P, D // P))).astype(np.float32)
+    banks = banks.replace(mixture_bank=jnp.asarray(unit(rng.normal(size=(N, D))), jnp.float32))
+    g = unit(rng.normal(size=(B, D))).astype(np.float32)
+    st = unit(rng.normal(size=(B, P, D // P))).astype(np.float32)
     return rng, banks, g, st
 
 
@@ -83,14 +80,14 @@ def test_mixture_init_features_is_one_update_from_zeros():
     # "features": the row one update of an empty M row leaves, with the
     # sample's own concat(l) then g (the release's order: local branch first).
     rng = np.random.default_rng(2)
-    g = _unit(rng.normal(size=(4, 8))).astype(np.float32)
-    st = _unit(rng.normal(size=(4, 2, 4))).astype(np.float32)
+    g = unit(rng.normal(size=(4, 8))).astype(np.float32)
+    st = unit(rng.normal(size=(4, 2, 4))).astype(np.float32)
     banks = memory.init_banks(g, st, np.arange(4), mixture_init="features")
     expected = [_np_blend(_np_blend(np.zeros(8), st[i].reshape(-1)), g[i]) for i in range(4)]
     np.testing.assert_allclose(banks.mixture_bank, np.stack(expected), atol=1e-6)
     # By hand: concat(l) has norm sqrt(P) = sqrt(2), so M = unit(g + concat(l) / sqrt(2)).
     np.testing.assert_allclose(
-        banks.mixture_bank, _unit(g + st.reshape(4, 8) / np.sqrt(2)), atol=1e-6
+        banks.mixture_bank, unit(g + st.reshape(4, 8) / np.sqrt(2)), atol=1e-6
     )
     with pytest.raises(ValueError, match="mixture_init"):
         memory.init_banks(g, st, np.arange(4), mixture_init="ones")
@@ -166,7 +163,7 @@ def test_mixture_from_zeros_is_normalised_feature():
 
 def test_vectorized_equals_sequential_random_lists():
     rng = np.random.default_rng(3)
-    bank = jnp.asarray(_unit(rng.normal(size=(30, 8))), jnp.float32)
+    bank = jnp.asarray(unit(rng.normal(size=(30, 8))), jnp.float32)
     xs = jnp.asarray(rng.normal(size=(64, 8)) * 3, jnp.float32)
     seq = jax.jit(functools.partial(memory.apply_row_updates, mode="sequential"))
     vec = jax.jit(functools.partial(memory.apply_row_updates, mode="vectorized"))

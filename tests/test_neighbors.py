@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.pseudo_labels import neighbors
 
@@ -18,9 +19,9 @@ VARIANTS = [
 IDS = ["faiss", "jax-symmetric", "jax-query-blocks"]
 
 
-def _unit(rows: int, dim: int, seed: int) -> np.ndarray:
+def _random_unit(rows: int, dim: int, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((rows, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return unit(x, axis=1).astype(np.float32)
 
 
 def _brute_force(queries, database, k, self_first):
@@ -33,7 +34,7 @@ def _brute_force(queries, database, k, self_first):
 
 @pytest.mark.parametrize("backend,kwargs", VARIANTS, ids=IDS)
 def test_knn_equals_brute_force_order(backend, kwargs):
-    x = _unit(257, 16, seed=0)
+    x = _random_unit(257, 16, seed=0)
     sims, idx = neighbors.knn(x, 12, backend, **kwargs)
     ref_sims, ref_idx = _brute_force(x, x, 12, self_first=True)
     assert sims.shape == idx.shape == (257, 12)
@@ -46,7 +47,7 @@ def test_knn_equals_brute_force_order(backend, kwargs):
 
 
 def test_backends_agree_with_duplicates_and_ties():
-    x = _unit(300, 8, seed=1)
+    x = _random_unit(300, 8, seed=1)
     group = [5, 7, 9, 100, 250]  # five copies of one vector
     x[group] = x[7]
     x[[20, 21]] = x[3]  # three copies
@@ -65,9 +66,9 @@ def test_backends_agree_with_duplicates_and_ties():
 @pytest.mark.parametrize("backend,kwargs", VARIANTS, ids=IDS)
 def test_knn_query_equals_brute_force(backend, kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k != "symmetric"}
-    database = _unit(150, 16, seed=2)
+    database = _random_unit(150, 16, seed=2)
     database[[40, 90]] = database[60]  # a three-way tie: 40, 60, 90 in this order
-    queries = np.concatenate([_unit(37, 16, seed=3), database[60:61]])
+    queries = np.concatenate([_random_unit(37, 16, seed=3), database[60:61]])
     sims, idx = neighbors.knn_query(queries, database, 9, backend, **kwargs)
     ref_sims, ref_idx = _brute_force(queries, database, 9, self_first=False)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -77,7 +78,7 @@ def test_knn_query_equals_brute_force(backend, kwargs):
 
 @pytest.mark.parametrize("backend", ["faiss", "jax"])
 def test_k_larger_than_n_is_clipped(backend):
-    x = _unit(7, 4, seed=4)
+    x = _random_unit(7, 4, seed=4)
     sims, idx = neighbors.knn(x, 30, backend)
     assert idx.shape == (7, 7)
     np.testing.assert_array_equal(np.sort(idx, axis=1), np.tile(np.arange(7), (7, 1)))
@@ -85,7 +86,7 @@ def test_k_larger_than_n_is_clipped(backend):
 
 
 def test_jax_blocks_compile_once():
-    x = _unit(200, 8, seed=5)
+    x = _random_unit(200, 8, seed=5)
     neighbors.knn(x, 5, "jax", block_size=48)  # warm the cache for this shape
     before = neighbors._pair_top_k._cache_size()
     neighbors.knn(x[::-1].copy(), 5, "jax", block_size=48)  # 5 blocks, 15 pairs, same shapes
@@ -95,6 +96,6 @@ def test_jax_blocks_compile_once():
 def test_missing_faiss_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ImportError, match="backend='jax'"):
-        neighbors.knn(_unit(10, 4, seed=6), 3, "faiss")
+        neighbors.knn(_random_unit(10, 4, seed=6), 3, "faiss")
     with pytest.raises(ValueError, match="backend"):
-        neighbors.knn(_unit(10, 4, seed=6), 3, "annoy")
+        neighbors.knn(_random_unit(10, 4, seed=6), 3, "annoy")

@@ -8,16 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.methods.scl import banks, release
 from jaxreid.methods.scl.loss import scl_loss
 
 N, D, P, B, K, NEG = 300, 64, 8, 8, 7, 50
 LAM_T, LAM_P, ALPHA, TAU = 0.5, 0.5, 1.75, 0.1
-
-
-def _unit(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def numpy_release(m0, g, lc, cand, k, warmup):
@@ -47,15 +44,15 @@ def numpy_release(m0, g, lc, cand, k, warmup):
                 grad[name][i] += d_logits[i, present] @ m[cand[i, present]] / TAU
             for i in range(b):
                 row = cand[i, a]
-                m[row] = _unit((m[row] + x[name][i]) / 2)
+                m[row] = unit((m[row] + x[name][i]) / 2)
     return m, grad["g"], grad["l"]
 
 
 def _inputs(seed, zero_bank=False, overlap=True):
     rng = np.random.default_rng(seed)
-    m0 = np.zeros((N, D)) if zero_bank else _unit(rng.normal(size=(N, D)))
-    g = _unit(rng.normal(size=(B, D)))
-    lc = _unit(rng.normal(size=(B, P, D // P))).reshape(B, D)  # norm sqrt(P)
+    m0 = np.zeros((N, D)) if zero_bank else unit(rng.normal(size=(N, D)))
+    g = unit(rng.normal(size=(B, D)))
+    lc = unit(rng.normal(size=(B, P, D // P))).reshape(B, D)  # norm sqrt(P)
     indices = rng.choice(N, B, replace=False)
     # Positives drawn from a pool of 12 rows: many rows are hit several times
     # in one step (by several samples and both branches).
@@ -173,7 +170,7 @@ def test_release_modes_train_through_the_step(tiny_root, tmp_path):
     """Warm-up then selection with every release switch on: the run is finite
     and differs from the clean run from the second step on (the first step
     starts from M = 0, where both give the same loss value)."""
-    from test_train import _losses, tiny_config, tiny_data
+    from helpers import step_losses, tiny_config, tiny_data
 
     from jaxreid.train import train_and_evaluate
 
@@ -189,7 +186,7 @@ def test_release_modes_train_through_the_step(tiny_root, tmp_path):
         )
         workdir = str(tmp_path / mode)
         train_and_evaluate(config, workdir, tiny_data(config), log=lambda s: None)
-        losses[mode] = _losses(workdir)
+        losses[mode] = step_losses(workdir)
     assert len(losses["release"]) == 6 and np.all(np.isfinite(losses["release"]))
     assert losses["release"][0] == pytest.approx(losses["clean"][0], abs=1e-6)
     assert losses["release"][1:] != losses["clean"][1:]
@@ -198,7 +195,7 @@ def test_release_modes_train_through_the_step(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_release_modes_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
     """The release switches keep device-count invariance (4 batch-norm groups)."""
-    from test_train import DEVICE_RUN, _losses, _run_on_devices
+    from helpers import DEVICE_RUN, run_on_devices, step_losses
 
     overrides = {
         **DEVICE_RUN,
@@ -206,17 +203,17 @@ def test_release_modes_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
         "method.gradient": "release",
         "method.warmup_sampling": "release",
     }
-    one = _run_on_devices(1, tiny_root, str(tmp_path / "one"), overrides)
-    four = _run_on_devices(4, tiny_root, str(tmp_path / "four"), overrides)
-    assert len(_losses(str(tmp_path / "one"))) == 6
-    assert _losses(str(tmp_path / "four")) == _losses(str(tmp_path / "one"))
+    one = run_on_devices(1, tiny_root, str(tmp_path / "one"), overrides)
+    four = run_on_devices(4, tiny_root, str(tmp_path / "four"), overrides)
+    assert len(step_losses(str(tmp_path / "one"))) == 6
+    assert step_losses(str(tmp_path / "four")) == step_losses(str(tmp_path / "one"))
     assert four["final"] == one["final"]
 
 
 def test_own_camera_negatives_train_through_the_step(tiny_root, tmp_path):
     """SCL with `method.camera_negatives`: a finite run whose losses equal the
     plain run's through the warm-up (no selection there) and differ after it."""
-    from test_train import _losses, tiny_config, tiny_data
+    from helpers import step_losses, tiny_config, tiny_data
 
     from jaxreid.train import train_and_evaluate
 
@@ -225,7 +222,7 @@ def test_own_camera_negatives_train_through_the_step(tiny_root, tmp_path):
         config = tiny_config(tiny_root, **{"method.camera_negatives": own})
         workdir = str(tmp_path / str(own))
         train_and_evaluate(config, workdir, tiny_data(config), log=lambda s: None)
-        losses[own] = _losses(workdir)
+        losses[own] = step_losses(workdir)
     assert len(losses[True]) == 6 and np.all(np.isfinite(losses[True]))
     assert losses[True][:3] == losses[False][:3]
     assert losses[True][3:] != losses[False][3:]

@@ -6,16 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unit
 
 from jaxreid.methods.scl import banks as memory
 from jaxreid.methods.scl import selection
 
 N, D, P, B = 257, 32, 4, 5
 LAM_G, LAM_C = 0.5, 0.05
-
-
-def _unit(x, axis=-1):
-    return x / np.linalg.norm(x, axis=axis, keepdims=True)
 
 
 def _np_distances(g, st, batch_idx, batch_cams, g_bank, l_bank, cams, lam_g, lam_c):
@@ -35,14 +32,14 @@ def _np_distances(g, st, batch_idx, batch_cams, g_bank, l_bank, cams, lam_g, lam
 @pytest.fixture(scope="module")
 def problem():
     rng = np.random.default_rng(0)
-    g_bank = _unit(rng.normal(size=(N, D))).astype(np.float32)
-    l_bank = _unit(rng.normal(size=(N, P, D // P))).astype(np.float32)
+    g_bank = unit(rng.normal(size=(N, D))).astype(np.float32)
+    l_bank = unit(rng.normal(size=(N, P, D // P))).astype(np.float32)
     cams = rng.integers(0, 4, N)
     banks = memory.init_banks(g_bank, l_bank, cams)
     batch_idx = np.array([0, 100, 256, 17, 128])
     # Batch features: the bank rows plus noise (as after a training step).
-    g = _unit(g_bank[batch_idx] + 0.3 * rng.normal(size=(B, D))).astype(np.float32)
-    st = _unit(l_bank[batch_idx] + 0.3 * rng.normal(size=(B, P, D // P))).astype(np.float32)
+    g = unit(g_bank[batch_idx] + 0.3 * rng.normal(size=(B, D))).astype(np.float32)
+    st = unit(l_bank[batch_idx] + 0.3 * rng.normal(size=(B, P, D // P))).astype(np.float32)
     d = _np_distances(g, st, batch_idx, cams[batch_idx], g_bank, l_bank, cams, LAM_G, LAM_C)
     return banks, g, st, batch_idx, cams[batch_idx], d
 

@@ -7,93 +7,24 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from helpers import (
+    DEVICE_RUN,
+    main_command,
+    run_on_devices,
+    step_losses,
+    tiny_config,
+    tiny_data,
+    tiny_main_command,
+)
 
 from jaxreid.config_base import base_config
-from jaxreid.data import load_dataset
-from jaxreid.data.images import decode_split
 from jaxreid.methods import get_method
 from jaxreid.step import by_phase, make_train_step, phase_index
-from jaxreid.train import Data, TrainingInterrupted, train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def main_command(workdir: str, *flags: str) -> list[str]:
-    """`python -m jaxreid.main` on configs/synthetic.py with extra flags."""
-    config = f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}"
-    return [sys.executable, "-m", "jaxreid.main", config, f"--workdir={workdir}", *flags]
-
-
-def tiny_main_command(root: str, workdir: str) -> list[str]:
-    """`python -m jaxreid.main` on the tiny set with the model of tiny_config."""
-    return main_command(
-        workdir,
-        "--config.data.dataset=market_layout",
-        f"--config.data.root={root}",
-        "--config.data.cache_dir=",
-        "--config.model.backbone=resnet18",
-        "--config.model.pretrained=",
-        "--config.model.embed_dim=32",
-        "--config.model.num_stripes=2",
-        "--config.model.bn_group_size=8",
-        "--config.method.k=2",
-        "--config.method.n=8",
-        "--config.train.batch_size=8",
-    )
-
-
-def tiny_config(root: str, **overrides):
-    c = base_config()
-    c.data.dataset = "market_layout"
-    c.data.root = root
-    # 128x64: XLA's CPU convolutions are very slow on the tiny last-stage
-    # maps that 64x32 inputs give.
-    c.data.height, c.data.width = 128, 64
-    c.data.cache_dir = ""
-    c.model.backbone = "resnet18"
-    c.model.embed_dim = 32
-    c.model.num_stripes = 2
-    c.model.bn_group_size = 8
-    c.method.k, c.method.n = 2, 8
-    c.method.warmup_epochs = 1
-    c.method.selection_block = 16
-    c.optimizer.name = "adam"
-    c.optimizer.lr = 3e-4
-    c.train.batch_size = 8
-    c.train.epochs = 2
-    c.train.steps_per_epoch = 3
-    c.train.eval_every = 1
-    c.train.log_every = 1
-    c.train.checkpoint_every_steps = 2
-    c.eval.batch_size = 32
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return c
-
-
-def tiny_data(config) -> Data:
-    dataset = load_dataset(config.data.dataset, config.data.root)
-    splits = {
-        s: decode_split(dataset.split(s), config.data.height, config.data.width, desc=s)
-        for s in ("train", "query", "gallery")
-    }
-    return Data(**splits)
-
-
-def _losses(workdir) -> list[float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    return [by_step[s] for s in sorted(by_step)]
+from jaxreid.train import TrainingInterrupted, train_and_evaluate
 
 
 def test_by_phase_branches_at_run_time_in_one_program():
@@ -140,8 +71,10 @@ def test_resume_gives_the_same_run(tiny_root, tmp_path, monkeypatch):
     resumed = train_and_evaluate(config, interrupted, data, log=lambda s: None)
     assert resumed["final"] == straight["final"]
     assert [h["plain"] for h in resumed["history"]] == [h["plain"] for h in straight["history"]]
-    np.testing.assert_allclose(_losses(interrupted), _losses(str(tmp_path / "a")), rtol=1e-6)
-    assert len(_losses(interrupted)) == 6
+    np.testing.assert_allclose(
+        step_losses(interrupted), step_losses(str(tmp_path / "a")), rtol=1e-6
+    )
+    assert len(step_losses(interrupted)) == 6
 
 
 def test_nonfinite_loss_stops_with_step_and_saves_nothing_corrupt(tiny_root, tmp_path):
@@ -156,27 +89,6 @@ def test_nonfinite_loss_stops_with_step_and_saves_nothing_corrupt(tiny_root, tmp
         int(p.name) for p in (tmp_path / "nan" / "checkpoints").glob("*/*") if p.name.isdigit()
     ]
     assert all(step <= bad_step for step in saved), (saved, bad_step)
-
-
-_DEVICE_SCRIPT = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from test_train import tiny_config, tiny_data
-from jaxreid.train import train_and_evaluate
-config = tiny_config({root!r}, **{overrides!r})
-result = train_and_evaluate(config, {workdir!r}, tiny_data(config), log=lambda s: None)
-print(json.dumps({{"final": result["final"]}}))
-"""
-
-
-# Batch-norm groups of 2: 4 (SCL) or 8 (cluster contrast) groups to share out.
-DEVICE_RUN = {
-    "train.epochs": 2,
-    "train.steps_per_epoch": 3,
-    "model.bn_group_size": 2,
-    "optimizer.name": "sgd",
-    "optimizer.lr": 1e-2,
-}
 
 
 CLUSTER_DEVICE_RUN = {
@@ -206,42 +118,29 @@ CLUSTER_DEVICE_RUN = {
 }
 
 
-def _run_on_devices(count: int, root: str, workdir: str, overrides=DEVICE_RUN) -> dict:
-    """Trains on the first `count` of 8 simulated CPU devices. The process
-    always simulates 8: XLA:CPU sizes its thread pool by max(cores, devices)
-    and splits kernels by it at compile time, so `--xla_force_host_platform_
-    device_count=N` alone changes the kernels, not only the device count."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    script = _DEVICE_SCRIPT.format(
-        tests=os.path.join(ROOT, "tests"),
-        root=root,
-        workdir=workdir,
-        overrides={**overrides, "train.num_devices": count},
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_scl_same_bits_on_1_and_4_devices(tiny_root, tmp_path):
-    one = _run_on_devices(1, tiny_root, str(tmp_path / "one"))
-    four = _run_on_devices(4, tiny_root, str(tmp_path / "four"))
+    one = run_on_devices(1, tiny_root, str(tmp_path / "one"))
+    four = run_on_devices(4, tiny_root, str(tmp_path / "four"))
     # Warm-up, then selection against the banks: every step's loss and the
     # final metrics are the same bits.
-    one_losses, four_losses = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "four"))
+    one_losses, four_losses = (
+        step_losses(str(tmp_path / "one")),
+        step_losses(str(tmp_path / "four")),
+    )
     assert len(one_losses) == 6
     assert four_losses == one_losses
     assert four["final"] == one["final"]
 
 
 def test_cluster_contrast_same_bits_on_1_and_8_devices(tiny_root, tmp_path):
-    one = _run_on_devices(1, tiny_root, str(tmp_path / "one"), CLUSTER_DEVICE_RUN)
-    eight = _run_on_devices(8, tiny_root, str(tmp_path / "eight"), CLUSTER_DEVICE_RUN)
+    one = run_on_devices(1, tiny_root, str(tmp_path / "one"), CLUSTER_DEVICE_RUN)
+    eight = run_on_devices(8, tiny_root, str(tmp_path / "eight"), CLUSTER_DEVICE_RUN)
     # Two re-clusterings (extraction with camera statistics, kNN, Jaccard,
     # DBSCAN) included.
-    one_losses, eight_losses = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
+    one_losses, eight_losses = (
+        step_losses(str(tmp_path / "one")),
+        step_losses(str(tmp_path / "eight")),
+    )
     assert len(one_losses) == 6
     assert eight_losses == one_losses
     assert eight["final"] == one["final"]

@@ -11,10 +11,12 @@ jaxreid does not install).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from absl import flags
+
+from jaxreid.command_line import HELP, fail, parse, run
 from jaxreid.data.datasets import READERS, DataError, dataset_stats, load_dataset
 
 
@@ -35,7 +37,7 @@ _BUILDERS = {
 }
 
 
-def _build(args: argparse.Namespace) -> int:
+def _build(args: flags.FlagValues) -> int:
     import tensorflow_datasets as tfds
 
     from jaxreid.data import tfds_builders
@@ -56,24 +58,50 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxreid.data")
-    commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="images / identities / cameras per split")
-    stats.add_argument("--root", required=True, help="dataset folder")
-    stats.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", *sorted(READERS)],
-        help="layout of --root (default: detect)",
+PROG = "python -m jaxreid.data"
+
+
+def _stats_flags(fv: flags.FlagValues) -> None:
+    """stats: images / identities / cameras per split."""
+    flags.DEFINE_string("root", None, "dataset folder", flag_values=fv, required=True)
+    flags.DEFINE_enum(
+        "format",
+        "auto",
+        ["auto", *sorted(READERS)],
+        "layout of --root (default: detect)",
+        flag_values=fv,
     )
-    stats.add_argument("--json", action="store_true", help="print one JSON object")
-    build = commands.add_parser("build", help="write the TFDS array_record version")
-    build.add_argument("--root", required=True, help="dataset folder (the TFDS manual_dir)")
-    build.add_argument("--format", required=True, choices=sorted(_BUILDERS))
-    build.add_argument("--data_dir", required=True, help="TFDS data_dir to write into")
-    args = parser.parse_args(argv)
-    if args.command == "build":
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
+
+
+def _build_flags(fv: flags.FlagValues) -> None:
+    """build: write the TFDS array_record version."""
+    flags.DEFINE_string(
+        "root", None, "dataset folder (the TFDS manual_dir)", flag_values=fv, required=True
+    )
+    flags.DEFINE_enum(
+        "format", None, sorted(_BUILDERS), "layout of --root", flag_values=fv, required=True
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data_dir to write into", flag_values=fv, required=True
+    )
+
+
+COMMANDS = {"stats": _stats_flags, "build": _build_flags}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command not in COMMANDS:
+        if set(argv) & set(HELP):
+            print(f"usage: {PROG} {{stats,build}} [flags] (--help after the command lists them)")
+            for define in COMMANDS.values():
+                print(f"  {define.__doc__}")
+            return 0
+        fail(PROG, f"the first argument is the command: {' or '.join(COMMANDS)}")
+    args, _ = parse(COMMANDS[command], argv[1:], f"{PROG} {command}")
+    if command == "build":
         return _build(args)
     try:
         dataset = load_dataset(args.format, args.root)
@@ -92,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

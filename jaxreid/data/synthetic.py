@@ -26,7 +26,6 @@ Only NumPy and PIL are used, so data can be generated without jax:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,7 +36,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFilter
+
+from jaxreid.command_line import parse, run
 
 # Bump whenever the rendering or the sampling changes, so that a cached folder made by an older
 # generator is reported as a mismatch instead of being silently reused.
@@ -671,20 +673,17 @@ def generate(
     return meta
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="output folder (Market-1501 layout)")
-    parser.add_argument("--num-ids", type=int, default=DEFAULT_SYNTHETIC["num_ids"])
-    parser.add_argument("--num-cameras", type=int, default=DEFAULT_SYNTHETIC["num_cameras"])
-    parser.add_argument(
-        "--images-per-id-per-camera",
-        type=int,
-        default=DEFAULT_SYNTHETIC["images_per_id_per_camera"],
+def define_flags(fv: flags.FlagValues) -> None:
+    """Writes a synthetic set in the Market-1501 layout (see generate)."""
+    flags.DEFINE_string(
+        "root", None, "output folder (Market-1501 layout)", flag_values=fv, required=True
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SYNTHETIC["seed"])
-    parser.add_argument("--height", type=int, default=DEFAULT_SYNTHETIC["height"])
-    parser.add_argument("--width", type=int, default=DEFAULT_SYNTHETIC["width"])
-    args = parser.parse_args(argv)
+    for name in ("num_ids", "num_cameras", "images_per_id_per_camera", "seed", "height", "width"):
+        flags.DEFINE_integer(name, DEFAULT_SYNTHETIC[name], "see generate", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, _ = parse(define_flags, argv, "python -m jaxreid.data.synthetic")
     meta = generate(
         args.root,
         num_ids=args.num_ids,
@@ -698,4 +697,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,8 +1,7 @@
 """Entry point: `python -m jaxreid.evaluate --features F.npz [--json]` (see cli.py)."""
 
-import sys
-
+from jaxreid.command_line import run
 from jaxreid.evaluate.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -15,7 +15,6 @@ Bad input ends with one line on stderr naming the file and the fix, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,9 @@ import zipfile
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
+from jaxreid.command_line import parse
 from jaxreid.evaluate.distances import (
     DEFAULT_MAX_BLOCK_BYTES,
     cosine_distance,
@@ -49,28 +50,30 @@ class InputError(Exception):
     """A problem with the user's input, reported as one line (no traceback)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+PROG = "python -m jaxreid.evaluate"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m jaxreid.evaluate",
-        description="mAP / CMC (Market-1501 protocol) of saved query and gallery features.",
+def define_flags(fv: flags.FlagValues) -> None:
+    """mAP / CMC (Market-1501 protocol) of saved query and gallery features."""
+    flags.DEFINE_string(
+        "features", None, "npz with query_/gallery_ arrays", flag_values=fv, required=True
     )
-    p.add_argument("--features", required=True, help="npz with query_/gallery_ arrays")
-    p.add_argument("--distance", choices=("cosine", "euclidean", "scl"), default="cosine")
-    p.add_argument("--lam-g", type=float, default=0.5, help="scl: weight of the global term")
-    p.add_argument("--lam-c", type=float, default=0.05, help="scl: same-camera penalty")
-    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--k1", type=int, default=20)
-    p.add_argument("--k2", type=int, default=6)
-    p.add_argument("--lambda-value", type=float, default=0.3)
-    p.add_argument("--max-rank", type=int, default=10, help="length of the CMC curve")
-    p.add_argument("--max-block-bytes", type=int, default=DEFAULT_MAX_BLOCK_BYTES)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
+    flags.DEFINE_enum(
+        "distance", "cosine", ["cosine", "euclidean", "scl"], "feature distance", flag_values=fv
+    )
+    flags.DEFINE_float("lam_g", 0.5, "scl: weight of the global term", flag_values=fv)
+    flags.DEFINE_float("lam_c", 0.05, "scl: same-camera penalty", flag_values=fv)
+    flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking", flag_values=fv)
+    flags.DEFINE_integer("k1", 20, "re-ranking: k1", flag_values=fv)
+    flags.DEFINE_integer("k2", 6, "re-ranking: k2", flag_values=fv)
+    flags.DEFINE_float(
+        "lambda_value", 0.3, "re-ranking: weight of the original distance", flag_values=fv
+    )
+    flags.DEFINE_integer("max_rank", 10, "length of the CMC curve", flag_values=fv)
+    flags.DEFINE_integer(
+        "max_block_bytes", DEFAULT_MAX_BLOCK_BYTES, "memory of a distance block", flag_values=fv
+    )
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
 
 
 def load_features(path: str, need_stripes: bool) -> dict[str, np.ndarray]:
@@ -162,7 +165,7 @@ def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> Non
             )
 
 
-def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> np.ndarray:
+def compute_distance(args: flags.FlagValues, data: dict[str, np.ndarray]) -> np.ndarray:
     qf, gf = data["query_features"], data["gallery_features"]
     if args.rerank:
         from jaxreid.pseudo_labels.kreciprocal import (
@@ -196,7 +199,7 @@ def compute_distance(args: argparse.Namespace, data: dict[str, np.ndarray]) -> n
     )
 
 
-def _table(path: str, args: argparse.Namespace, result: dict) -> str:
+def _table(path: str, args: flags.FlagValues, result: dict) -> str:
     method = (
         f"re-ranked (k1={args.k1}, k2={args.k2}, lambda={args.lambda_value})"
         if args.rerank
@@ -220,8 +223,7 @@ def _table(path: str, args: argparse.Namespace, result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    prog = "python -m jaxreid.evaluate"
+    args, _ = parse(define_flags, argv, PROG)
     try:
         if args.rerank and args.distance != "cosine":
             raise InputError(
@@ -245,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(same identity, other camera); check the pids / cams arrays"
             )
     except InputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({k: result[k] for k in JSON_KEYS}))

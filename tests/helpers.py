@@ -1,0 +1,215 @@
+"""Helpers shared by the test modules (and benchmarks/quality_seeds.py): the
+tiny training configs and data, the `python -m jaxreid.main` command lines,
+the per-step losses of a run, runs on simulated devices, the dense
+k-reciprocal references and `unit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from jaxreid.config_base import base_config
+from jaxreid.data import load_dataset
+from jaxreid.data.images import decode_split
+from jaxreid.methods import set_method
+from jaxreid.train import Data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unit(x, axis=-1, dtype=None):
+    """x / ||x|| along `axis`, in x's dtype (or `dtype`)."""
+    x = np.asarray(x, dtype)
+    return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def main_command(workdir: str, *flags: str) -> list[str]:
+    """`python -m jaxreid.main` on configs/synthetic.py with extra flags."""
+    config = f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}"
+    return [sys.executable, "-m", "jaxreid.main", config, f"--workdir={workdir}", *flags]
+
+
+def tiny_main_command(root: str, workdir: str, method: str = "scl") -> list[str]:
+    """`python -m jaxreid.main` on the tiny set with the model of tiny_config,
+    training `method` (SCL: with tiny_config's k and n; another method: its
+    declared settings)."""
+    method_flags = (
+        ["--config.method.k=2", "--config.method.n=8"]
+        if method == "scl"
+        else [f"--config.method.name={method}"]
+    )
+    return main_command(
+        workdir,
+        "--config.data.dataset=market_layout",
+        f"--config.data.root={root}",
+        "--config.data.cache_dir=",
+        "--config.model.backbone=resnet18",
+        "--config.model.pretrained=",
+        "--config.model.embed_dim=32",
+        "--config.model.num_stripes=2",
+        "--config.model.bn_group_size=8",
+        *method_flags,
+        "--config.train.batch_size=8",
+    )
+
+
+def tiny_config(root: str, **overrides):
+    """The tiny training run of the loop tests; `overrides` are dotted keys.
+    SCL with small k and n, or the method of a "method.name" override with
+    its declared settings (the other "method." overrides over them)."""
+    c = base_config()
+    c.data.dataset = "market_layout"
+    c.data.root = root
+    # 128x64: XLA's CPU convolutions are very slow on the tiny last-stage
+    # maps that 64x32 inputs give.
+    c.data.height, c.data.width = 128, 64
+    c.data.cache_dir = ""
+    c.model.backbone = "resnet18"
+    c.model.embed_dim = 32
+    c.model.num_stripes = 2
+    c.model.bn_group_size = 8
+    method = overrides.pop("method.name", "scl")
+    if method == "scl":
+        c.method.k, c.method.n = 2, 8
+        c.method.warmup_epochs = 1
+        c.method.selection_block = 16
+    else:
+        set_method(c, method)
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 3e-4
+    c.train.batch_size = 8
+    c.train.epochs = 2
+    c.train.steps_per_epoch = 3
+    c.train.eval_every = 1
+    c.train.log_every = 1
+    c.train.checkpoint_every_steps = 2
+    c.eval.batch_size = 32
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def tiny_data(config) -> Data:
+    dataset = load_dataset(config.data.dataset, config.data.root)
+    splits = {
+        s: decode_split(dataset.split(s), config.data.height, config.data.width, desc=s)
+        for s in ("train", "query", "gallery")
+    }
+    return Data(**splits)
+
+
+def step_losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+_DEVICE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from jaxreid.host import configure_host
+configure_host()
+from helpers import tiny_config, tiny_data
+from jaxreid.train import train_and_evaluate
+config = tiny_config({root!r}, **{overrides!r})
+result = train_and_evaluate(config, {workdir!r}, tiny_data(config), log=lambda s: None)
+print(json.dumps({{"final": result["final"]}}))
+"""
+
+
+# Batch-norm groups of 2: 4 (SCL) or 8 (cluster contrast) groups to share out.
+DEVICE_RUN = {
+    "train.epochs": 2,
+    "train.steps_per_epoch": 3,
+    "model.bn_group_size": 2,
+    "optimizer.name": "sgd",
+    "optimizer.lr": 1e-2,
+}
+
+
+def run_on_devices(count: int, root: str, workdir: str, overrides=DEVICE_RUN) -> dict:
+    """Trains on the first `count` of 8 simulated CPU devices. The process
+    always simulates 8: XLA:CPU sizes its thread pool by max(cores, devices)
+    and splits kernels by it at compile time, so `--xla_force_host_platform_
+    device_count=N` alone changes the kernels, not only the device count."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    script = _DEVICE_SCRIPT.format(
+        tests=os.path.join(ROOT, "tests"),
+        root=root,
+        workdir=workdir,
+        overrides={**overrides, "train.num_devices": count},
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Small sets: k-reciprocal sizes and min_samples scaled down with them.
+CLUSTER = {"cluster.k1": 10, "cluster.k2": 4, "cluster.min_samples": 2}
+
+
+def cluster_config(root, method="cluster_contrast", **overrides):
+    """tiny_config with a method of the clustering family (or the supervised
+    reference) on the small set, at the family's temperature 0.05."""
+    method_settings = {"method.temperature": 0.05} if method != "supervised" else {}
+    return tiny_config(
+        root,
+        **{
+            "model.head": "bnneck",
+            "model.pooling": "gem",
+            "model.embed_dim": 32,
+            "method.name": method,
+            **method_settings,
+            "train.num_instances": 2,
+            **CLUSTER,
+            **overrides,
+        },
+    )
+
+
+# Dense k-reciprocal references (test_kreciprocal, test_camera_affinity).
+def dense_rank(distance: np.ndarray) -> np.ndarray:
+    """Neighbour order of every row: itself first, then by distance, ties by index."""
+    d = distance.copy()
+    np.fill_diagonal(d, -np.inf)
+    return np.argsort(d, axis=1, kind="stable")
+
+
+def _reciprocal(rank: np.ndarray, i: int, size: int) -> np.ndarray:
+    forward = rank[i, :size]
+    return np.array([j for j in forward if i in rank[j, :size]], dtype=np.int64)
+
+
+def dense_encoding(distance, rank, k_forward, k_half, k2):
+    n = len(distance)
+    v = np.zeros((n, n))
+    for i in range(n):
+        r_i = _reciprocal(rank, i, k_forward)
+        members = set(r_i.tolist())
+        for c in r_i:
+            r_c = _reciprocal(rank, c, k_half)
+            if len(set(r_c.tolist()) & set(r_i.tolist())) > 2 / 3 * len(r_c):
+                members |= set(r_c.tolist())
+        e = np.array(sorted(members))
+        w = np.exp(-distance[i, e])
+        v[i, e] = w / w.sum()
+    if k2 > 1:
+        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    return v
+
+
+def dense_jaccard(v_rows, v_all):
+    mins = np.minimum(v_rows[:, None, :], v_all[None, :, :]).sum(-1)
+    maxs = np.maximum(v_rows[:, None, :], v_all[None, :, :]).sum(-1)
+    return 1.0 - mins / maxs
