@@ -25,7 +25,6 @@ steps, re-clustering every epoch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -33,6 +32,9 @@ import sys
 import tempfile
 
 import numpy as np
+from absl import flags
+
+from jaxreid.command_line import parse, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,14 +51,15 @@ def command(
         "--config.model.backbone=efficientnet_lite0", "--config.model.pretrained=imagenet",
         "--config.model.embed_dim=64", "--config.model.num_stripes=2",
         "--config.model.bn_group_size=2",
-        "--config.method.k=2", "--config.method.n=8",
         "--config.optimizer.name=sgd", "--config.optimizer.lr=0.001",
         "--config.train.batch_size=16", f"--config.train.epochs={epochs}",
         f"--config.train.steps_per_epoch={steps}", f"--config.train.eval_every={epochs}",
         "--config.train.log_every=1", f"--config.seed={seed}",
         f"--config.train.num_devices={devices}",
     ]  # fmt: skip
-    if method != "scl":
+    if method == "scl":
+        args += ["--config.method.k=2", "--config.method.n=8"]
+    else:
         args += [
             f"--config.method.name={method}", "--config.model.head=bnneck",
             "--config.method.temperature=0.05", "--config.train.num_instances=2",
@@ -74,26 +77,31 @@ def losses(workdir: str) -> np.ndarray:
     return np.array([by_step[s] for s in sorted(by_step)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=["scl", "cluster_contrast"])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument(
-        "--host-devices",
-        type=int,
-        default=8,
-        help="CPU devices every process simulates (0: as many as it trains on)",
+PROG = "benchmarks/device_invariance.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Device-count invariance of training (see the module docstring)."""
+    flags.DEFINE_multi_integer("devices", [1, 2, 4, 8], "device counts trained on", flag_values=fv)
+    flags.DEFINE_multi_string("methods", ["scl", "cluster_contrast"], "methods", flag_values=fv)
+    flags.DEFINE_integer("epochs", 3, "epochs per run", flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "steps per epoch", flag_values=fv)
+    flags.DEFINE_integer(
+        "host_devices",
+        8,
+        "CPU devices every process simulates (0: as many as it trains on)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="runs with other seeds give the seed-to-seed spread to compare with",
+    flags.DEFINE_multi_integer(
+        "seeds",
+        [0],
+        "runs with other seeds give the seed-to-seed spread to compare with",
+        flag_values=fv,
     )
-    args = parser.parse_args()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = parse(define_flags, argv, PROG, multi=("devices", "methods", "seeds"))
 
     from jaxreid.data import synthetic
     from jaxreid.utils import machine_description
@@ -150,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

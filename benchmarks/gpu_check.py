@@ -26,7 +26,6 @@ features) so that a test runs the whole script in about a minute.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -41,9 +40,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from jax_step import JaxStep, load_config  # noqa: E402
+from absl import flags  # noqa: E402
+from jax_step import CONFIGS, JaxStep, load_config  # noqa: E402
 
-from jaxreid.config_base import cluster_config  # noqa: E402
+sys.path.insert(0, CONFIGS)
+from recipes import cluster_config  # noqa: E402  configs/recipes.py
+
+from jaxreid import command_line  # noqa: E402
+from jaxreid.host import configure_host  # noqa: E402
 from jaxreid.utils import machine_description  # noqa: E402
 
 GFLOP_PER_TRAINED_IMAGE = 25.0  # ResNet-50 256x128, last stride 1, forward + backward
@@ -243,22 +247,31 @@ def _part_of(path: str, name: str, s: dict, save) -> dict:
     return value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="CI sizes (CPU, about a minute)")
-    parser.add_argument("--skip", default="", help=f"comma-separated parts of {', '.join(PARTS)}")
-    parser.add_argument("--out", default="gpu_check.json")
-    parser.add_argument(
-        "--sequential",
-        action="store_true",
-        help="run the cluster part after the others instead of in a second process beside "
+PROG = "benchmarks/gpu_check.py"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """One-shot accelerator check (see the module docstring)."""
+    flags.DEFINE_bool("small", False, "CI sizes (CPU, about a minute)", flag_values=fv)
+    flags.DEFINE_string("skip", "", f"comma-separated parts of {', '.join(PARTS)}", flag_values=fv)
+    flags.DEFINE_string("out", "gpu_check.json", "the JSON written", flag_values=fv)
+    flags.DEFINE_bool(
+        "sequential",
+        False,
+        "run the cluster part after the others instead of in a second process beside "
         "the epoch part",
+        flag_values=fv,
     )
-    args = parser.parse_args()
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_host()  # before jax starts a backend
+    args, _ = command_line.parse(define_flags, argv, PROG)
     sizes = SMALL if args.small else FULL
     skip = {p for p in args.skip.split(",") if p}
     if skip - set(PARTS):
-        parser.error(f"unknown parts {sorted(skip - set(PARTS))}; choose from {', '.join(PARTS)}")
+        unknown = sorted(skip - set(PARTS))
+        command_line.fail(PROG, f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     results = {
         "machine": machine_description(),
         "sizes": "small" if args.small else "full",
@@ -305,4 +318,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line.run(main)

@@ -4,7 +4,6 @@ same functions as training: the method's hooks, make_train_step, extract."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxreid import models
+from jaxreid import config_base, models
 from jaxreid.evaluate.protocol import extract, output_shapes
 from jaxreid.methods import TrainSet, get_method
 from jaxreid.parallel import make_mesh
@@ -36,12 +35,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """'cuhk03_cc.py' or 'cuhk03_uda.py:scl' -> the config (from configs/)."""
     name, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(
-        "bench_config", os.path.join(CONFIGS, name)
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return config_base.load_config(os.path.join(CONFIGS, name), *([arg] if arg else []))
 
 
 def random_training_set(config, num_images: int, seed: int = 0):

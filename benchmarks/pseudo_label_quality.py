@@ -27,7 +27,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -136,6 +136,9 @@ def _train_pids_cameras(config) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv) -> None:
     del argv
+    from jaxreid.host import configure_host
+
+    configure_host()  # before jax starts a backend
     if _WORKDIR.value:
         with open(os.path.join(_WORKDIR.value, "config.json")) as f:
             import ml_collections
@@ -186,4 +189,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxreid.command_line import run_with_config
+
+    # The config file imports its siblings (configs/recipes.py).
+    run_with_config(main)

@@ -22,7 +22,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -53,6 +53,9 @@ def positive_quality(
 
 def main(argv) -> None:
     del argv
+    from jaxreid.host import configure_host
+
+    configure_host()  # before jax starts a backend
     import jax.numpy as jnp
 
     from jaxreid.checkpoints import load_model_for_eval
@@ -103,4 +106,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxreid.command_line import run_with_config
+
+    # The config file imports its siblings (configs/recipes.py).
+    run_with_config(main)

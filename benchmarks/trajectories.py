@@ -14,12 +14,13 @@ the losses, the evaluations and every logged row are identical.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from absl import app, flags
 
 TINY = [
     "--config.data.dataset=market_layout",
@@ -29,17 +30,15 @@ TINY = [
     "--config.model.embed_dim=32",
     "--config.model.num_stripes=2",
     "--config.model.bn_group_size=8",
-    "--config.method.k=2",
-    "--config.method.n=8",
     "--config.train.batch_size=8",
     "--config.optimizer.name=adam",
     "--config.train.epochs=2",
     "--config.train.steps_per_epoch=3",
     "--config.train.eval_every=1",
     "--config.train.log_every=1",
-    "--config.method.selection_block=16",
     "--config.eval.batch_size=32",
 ]
+SCL_TINY = ["--config.method.k=2", "--config.method.n=8", "--config.method.selection_block=16"]
 # The clustering family: EfficientNet-Lite0 from ImageNet so that the tiny set
 # clusters into enough pseudo-identities.
 CLUSTER = [
@@ -49,7 +48,6 @@ CLUSTER = [
     "--config.train.batch_size=16",
     "--config.optimizer.lr=1e-3",
     "--config.model.head=bnneck",
-    "--config.method.temperature=0.05",
     "--config.train.num_instances=2",
     "--config.cluster.k1=10",
     "--config.cluster.k2=4",
@@ -61,22 +59,37 @@ RELEASE = [
     "--config.method.gradient=release",
     "--config.method.warmup_sampling=release",
 ]
+# Each method's settings written out (the values these runs have always had),
+# so that a change of a method's declared defaults does not change the runs.
+METHOD_FLAGS = {
+    name: [f"--config.method.name={name}"]
+    + [f"--config.method.{key}={value}" for key, value in settings.items()]
+    for name, settings in {
+        "cluster_contrast": dict(temperature=0.05),
+        "cap": dict(temperature=0.05, momentum=0.1),
+        "hhcl": dict(temperature=0.05, instance_momentum=0.2),
+        "joint": dict(temperature=0.05, instance_weight=1.0),
+        "self_paced": dict(temperature=0.05, momentum=0.1),
+        "supervised": dict(),
+    }.items()
+}
 RUNS = {
-    "scl": TINY,
-    "scl_release": TINY + RELEASE,
+    "scl": TINY + SCL_TINY,
+    "scl_release": TINY + SCL_TINY + RELEASE,
     # One release switch at a time.
-    **{f"scl_release_{flag.split('.')[2].split('=')[0]}": TINY + [flag] for flag in RELEASE},
     **{
-        name: TINY + CLUSTER + [f"--config.method.name={name}"]
-        for name in ("cluster_contrast", "cap", "hhcl", "joint", "self_paced", "supervised")
+        f"scl_release_{flag.split('.')[2].split('=')[0]}": TINY + SCL_TINY + [flag]
+        for flag in RELEASE
     },
+    **{name: TINY + CLUSTER + flags for name, flags in METHOD_FLAGS.items()},
     "cc_hard": TINY
     + CLUSTER
-    + ["--config.method.name=cluster_contrast", "--config.method.memory_update=hard"],
+    + METHOD_FLAGS["cluster_contrast"]
+    + ["--config.method.memory_update=hard"],
     "cap_camneg": TINY
     + CLUSTER
+    + METHOD_FLAGS["cap"]
     + [
-        "--config.method.name=cap",
         "--config.method.camera_negatives=True",
         "--config.cluster.camera_centering=True",
     ],
@@ -160,21 +173,35 @@ def compare(before_path: str, after_path: str) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", default=".")
-    parser.add_argument("--out")
-    parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "traj_tiny_set"))
-    parser.add_argument("--runs", default="", help=f"comma-separated subset of {', '.join(RUNS)}")
-    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
-    args = parser.parse_args()
-    if args.compare:
-        compare(*args.compare)
-    else:
-        run_all(
-            os.path.abspath(args.repo), args.out, [n for n in args.runs.split(",") if n], args.root
-        )
+# absl's global flags: this tool imports jaxreid only from --repo (another
+# checkout), so it does not use jaxreid.command_line.
+_REPO = flags.DEFINE_string("repo", ".", "the checkout whose python -m jaxreid.main runs")
+_OUT = flags.DEFINE_string("out", None, "JSON file written")
+_ROOT = flags.DEFINE_string(
+    "root", os.path.join(tempfile.gettempdir(), "traj_tiny_set"), "tiny set (made if absent)"
+)
+_RUNS = flags.DEFINE_string("runs", "", f"comma-separated subset of {', '.join(RUNS)}")
+_COMPARE = flags.DEFINE_multi_string(
+    "compare", None, "BEFORE AFTER: the two JSON files to compare (--compare BEFORE AFTER)"
+)
+
+
+def main(argv: list[str]) -> None:
+    if _COMPARE.value:
+        files = [*_COMPARE.value, *argv[1:]]  # --compare BEFORE AFTER leaves AFTER positional
+        if len(files) != 2:
+            raise app.UsageError(f"--compare takes two files, BEFORE and AFTER, not {files}")
+        compare(*files)
+        return
+    if len(argv) > 1:
+        raise app.UsageError(f"unrecognized arguments: {' '.join(argv[1:])}")
+    run_all(
+        os.path.abspath(_REPO.value),
+        _OUT.value,
+        [n for n in _RUNS.value.split(",") if n],
+        _ROOT.value,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

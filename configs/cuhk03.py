@@ -1,12 +1,12 @@
 """SCL on the real CUHK03 crops in ../shared/data/cuhk03 (Market layout),
-EfficientNet-Lite0 with ImageNet weights (packaged, read without torch). 4
-epochs take 16.6 min on a 2-core CPU (35 img/s); at this budget SCL barely
-moves CUHK03 (plain mAP 0.7 -> 0.9): raise train.epochs for longer runs.
+EfficientNet-Lite0 with ImageNet weights (packaged, read without torch). At
+this budget SCL barely moves CUHK03 (docs/results/cuhk03_adaptation.md):
+raise train.epochs for longer runs.
 
     python -m jaxreid.main --config=configs/cuhk03.py --workdir=/tmp/cuhk03
 """
 
-import os
+from recipes import CUHK03
 
 from jaxreid.config_base import base_config
 
@@ -14,7 +14,7 @@ from jaxreid.config_base import base_config
 def get_config():
     c = base_config()
     c.data.dataset = "cuhk03"
-    c.data.root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
+    c.data.root = CUHK03
     c.data.height, c.data.width = 128, 64  # the crops are 64x128
 
     c.model.backbone = "efficientnet_lite0"
@@ -24,7 +24,6 @@ def get_config():
     c.model.num_stripes = 4
     c.model.bn_group_size = 32
 
-    c.method.k, c.method.n = 7, 500
     c.method.warmup_epochs = 1
 
     c.optimizer.name = "sgd"

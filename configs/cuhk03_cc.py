@@ -1,5 +1,5 @@
 """Cluster contrast on the real CUHK03 crops (../shared/data/cuhk03), scaled
-to a 2-core CPU (jaxreid.config_base.cpu_cluster_config): EfficientNet-Lite0
+to a 2-core CPU (configs/recipes.py): EfficientNet-Lite0
 with ImageNet weights at 128x64, 5 epochs x 100 steps of 16 x 4 images.
 
     python -m jaxreid.main --config=configs/cuhk03_cc.py --workdir=/tmp/cuhk03_cc
@@ -9,11 +9,7 @@ cuhk03_self_paced.py, cuhk03_cap.py, cuhk03_hhcl.py, cuhk03_joint.py), or
 pass the name: --config=configs/cuhk03_cc.py:hhcl
 """
 
-import os
-
-from jaxreid.config_base import cpu_cluster_config
-
-CUHK03 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
+from recipes import CUHK03, cpu_cluster_config
 
 
 def get_config(method: str = "cluster_contrast"):

@@ -4,11 +4,7 @@ least similar batch sample), on CUHK03 with the CPU recipe of configs/cuhk03_cc.
     python -m jaxreid.main --config=configs/cuhk03_cc_hard.py --workdir=/tmp/cuhk03_cc_hard
 """
 
-import os
-
-from jaxreid.config_base import cpu_cluster_config
-
-CUHK03 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
+from recipes import CUHK03, cpu_cluster_config
 
 
 def get_config():

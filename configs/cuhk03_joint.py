@@ -4,11 +4,7 @@ on CUHK03 with the CPU recipe of configs/cuhk03_cc.py.
     python -m jaxreid.main --config=configs/cuhk03_joint.py --workdir=/tmp/cuhk03_joint
 """
 
-import os
-
-from jaxreid.config_base import cpu_cluster_config
-
-CUHK03 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
+from recipes import CUHK03, cpu_cluster_config
 
 
 def get_config():

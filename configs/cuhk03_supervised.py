@@ -6,11 +6,7 @@ x 100 steps of 16 x 4 images) with identity cross-entropy (label smoothing
     python -m jaxreid.main --config=configs/cuhk03_supervised.py --workdir=/tmp/cuhk03_sup
 """
 
-import os
-
-from jaxreid.config_base import cpu_cluster_config
-
-CUHK03 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cuhk03")
+from recipes import CUHK03, cpu_cluster_config
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Unsupervised domain adaptation: torchreid's OSNet-x0.25 trained on MSMT17
 (../shared/data/weights/osnet_x0_25_msmt17.pth) adapted to the unlabelled CUHK03
 training crops (../shared/data/cuhk03), evaluated on the CUHK03 query/gallery
-split every epoch (jaxreid.config_base.uda_config).
+split every epoch (configs/recipes.py).
 
     python -m jaxreid.main --config=configs/cuhk03_uda.py --workdir=/tmp/uda_cc
     python -m jaxreid.main --config=configs/cuhk03_uda.py:hhcl --workdir=/tmp/uda_hhcl
@@ -12,17 +12,8 @@ Another source or target: --config.model.pretrained=... --config.data.root=...
 (and --config.data.dataset for a non-Market layout).
 """
 
-import os
-
-from jaxreid.config_base import uda_config
-
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from recipes import CUHK03, OSNET_MSMT17, uda_config
 
 
 def get_config(method: str = "cluster_contrast"):
-    return uda_config(
-        "cuhk03",
-        os.path.join(SHARED, "cuhk03"),
-        method or "cluster_contrast",
-        source=os.path.join(SHARED, "weights", "osnet_x0_25_msmt17.pth"),
-    )
+    return uda_config("cuhk03", CUHK03, method or "cluster_contrast", source=OSNET_MSMT17)

@@ -1,6 +1,6 @@
 """SCL on DukeMTMC-reID with the paper's configuration (see configs/market.py)."""
 
-from jaxreid.config_base import scl_paper_config
+from recipes import scl_paper_config
 
 
 def get_config():

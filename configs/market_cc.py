@@ -1,5 +1,5 @@
 """Cluster contrast on Market-1501, the public recipe (cluster-family.md;
-jaxreid.config_base.cluster_config): ResNet-50 + GeM + BN neck, 50 epochs x
+configs/recipes.py): ResNet-50 + GeM + BN neck, 50 epochs x
 200 steps of 16 x 16 images, DBSCAN pseudo-labels re-computed every epoch.
 
     python -m jaxreid.main --config=configs/market_cc.py --workdir=W \
@@ -10,7 +10,7 @@ Other methods of the family on the same recipe: --config=configs/market_cc.py:hh
 (cluster_contrast | cluster_contrast_hard | self_paced | cap | hhcl | joint).
 """
 
-from jaxreid.config_base import cluster_config
+from recipes import cluster_config
 
 
 def get_config(method: str = "cluster_contrast"):

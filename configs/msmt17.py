@@ -1,7 +1,7 @@
 """SCL on MSMT17 with the paper's configuration (see configs/market.py).
 v1 list-file layout; for the v2 folders: --config.data.dataset=msmt17_v2."""
 
-from jaxreid.config_base import scl_paper_config
+from recipes import scl_paper_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ as for Market-1501.
 Other methods: --config=configs/msmt17_cc.py:cap (see configs/market_cc.py).
 """
 
-from jaxreid.config_base import cluster_config
+from recipes import cluster_config
 
 
 def get_config(method: str = "cluster_contrast"):

@@ -122,7 +122,7 @@ def computed_after(x: Any, deps: Any) -> Any:
     The memory writes must wait for every read of the memory in the step (the
     backward pass reads it): with that dependency XLA updates the donated
     memory in place instead of copying it first (~100 ms per step on a 2-core
-    CPU for SCL's banks at N = 12,936). `lax.optimization_barrier` does not
+    CPU for the default method's banks at N = 12,936). `lax.optimization_barrier` does not
     survive XLA's CPU pipeline. One element of every leaf of deps, times 0.0,
     added to the first element of every leaf of x: XLA keeps `0.0 * s` (it is
     NaN for s = inf), and s is made finite first.
@@ -133,7 +133,7 @@ def computed_after(x: Any, deps: Any) -> Any:
     s = sum(jnp.sum(t.astype(jnp.float32)) for t in tails)
     zero = 0.0 * jnp.where(jnp.isfinite(s), s, 0.0)
     # Not to all of x: XLA fused the whole sum into the loop over x and
-    # recomputed it per element (40 ms per ResNet-50 SCL step).
+    # recomputed it per element (40 ms per ResNet-50 step of the default method).
     return jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(zero.astype(a.dtype)), x)
 
 
@@ -148,7 +148,7 @@ def make_train_step(
     (state, metrics), training on batch `i` of the epoch's (steps, B) index
     array (on the devices once per epoch) in `phase`, an index into
     `method.phases` (`phase_index`). One program serves every phase: a
-    method with several (SCL's warm-up) branches at run time instead of
+    method with several (a warm-up, then selection) branches at run time instead of
     compiling a step per phase.
 
     The batch is cut into G groups of `model.bn_group_size` samples; each
@@ -252,7 +252,7 @@ def make_train_step(
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-        # The writes wait for the gradients (and aux, e.g. SCL's candidates,
+        # The writes wait for the gradients (and aux, e.g. selected candidates,
         # which read the whole memory); a non-finite step writes nothing.
         outputs = computed_after(outputs, (aux, grads))
         batch = Batch(indices=jnp.where(finite, indices, -1), cameras=arrays.cameras[indices])

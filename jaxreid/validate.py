@@ -10,14 +10,8 @@ import ml_collections
 
 from jaxreid.utils import UserError
 
-HEADS = ("scl", "bnneck", "fc")
-POOLINGS = ("avg", "gem")
-DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
-MIXTURE_UPDATES = ("release", "sequential", "vectorized")
-MIXTURE_INITS = ("zeros", "features")
-RELEASE_OR_CLEAN = ("release", "clean")
 
 
 def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str) -> None:
@@ -29,44 +23,29 @@ def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str
 
 
 def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> list[str]:
-    """Every problem of `config` as 'setting = value: fix' lines (empty: fine)."""
+    """Every problem of `config` as 'setting = value: fix' lines (empty: fine).
+    The method's block is checked against the method's own declaration, and
+    in training by the method's own `problems` hook."""
     from jaxreid.data.datasets import READERS
-    from jaxreid.methods import method_names
-    from jaxreid.models.model import FEATURE_DIMS
+    from jaxreid.methods import get_method, settings_problems, with_method_defaults
+    from jaxreid.models.model import model_problems
 
-    problems: list[str] = []
-    module = config.method.get("module", "")
-    if module:
-        import importlib
-
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            problems.append(f"method.module = {module!r}: cannot be imported ({e})")
+    problems: list[str] = settings_problems(config)
+    if mode == "train" and not problems:
+        # The method's own checks, on its declared settings (all present).
+        filled = with_method_defaults(config)
+        problems += get_method(filled).problems(filled)
     choices = (
         ("data.dataset", config.data.dataset, [*READERS, "auto"]),
         ("data.eval_dataset", config.data.eval_dataset, [*READERS, "auto"]),
-        ("method.name", config.method.name, method_names()),
-        ("model.backbone", config.model.backbone, sorted(FEATURE_DIMS)),
-        ("model.head", config.model.head, HEADS),
-        ("model.pooling", config.model.pooling, POOLINGS),
-        ("model.dtype", config.model.dtype, DTYPES),
         ("optimizer.name", config.optimizer.name, OPTIMIZERS),
         ("optimizer.schedule", config.optimizer.schedule, SCHEDULES),
-        ("method.mixture_update", config.method.mixture_update, MIXTURE_UPDATES),
-        ("method.gradient", config.method.gradient, RELEASE_OR_CLEAN),
-        ("method.warmup_sampling", config.method.warmup_sampling, RELEASE_OR_CLEAN),
-        ("method.mixture_init", config.method.mixture_init, MIXTURE_INITS),
     )
     for key, value, allowed in choices:
         if value not in allowed:
             problems.append(f"{key} = {value!r}: unknown; one of {', '.join(allowed)}")
+    problems += model_problems(config.model)
     _positive(problems, config, "data.height", "data.width", "eval.batch_size")
-    if config.data.dataset == "folder" and config.method.name == "supervised":
-        problems.append(
-            "method.name = 'supervised': needs identity labels, and dataset 'folder' has none; "
-            "train an unsupervised method, or use a labelled layout"
-        )
     if mode == "train":
         _positive(
             problems,
@@ -89,38 +68,12 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 f"train.ema_decay = {decay}: must be in [0, 1) (0 = no mean model; "
                 "0.99 averages about the last 100 steps)"
             )
-    batch, instances = config.train.batch_size, config.train.num_instances
-    group = config.model.bn_group_size
+    batch, group = config.train.batch_size, config.model.bn_group_size
     if mode == "train" and isinstance(batch, int) and batch >= 1:
         if group < 0 or (group and batch % group):
             problems.append(
                 f"model.bn_group_size = {group}: must divide train.batch_size = {batch} "
                 "(0 = the whole batch)"
-            )
-        clustered = config.method.name not in ("scl",)
-        if clustered and instances >= 1 and batch % instances:
-            problems.append(
-                f"train.batch_size = {batch}: must be a multiple of train.num_instances = "
-                f"{instances} (the P x K sampler draws K images of each of P identities)"
-            )
-        if config.train.camera_groups:
-            if not clustered:
-                problems.append(
-                    "train.camera_groups = True: SCL samples a plain shuffle, not P x K "
-                    "by (pseudo-)label; set it False"
-                )
-            elif instances >= 1 and (group or batch) % instances:
-                problems.append(
-                    f"train.camera_groups = True: model.bn_group_size = {group or batch} must "
-                    f"be a multiple of train.num_instances = {instances} (each group holds "
-                    "K images of each of its identities, from one camera)"
-                )
-    if config.model.head == "scl":
-        stripes, dim = config.model.num_stripes, config.model.embed_dim
-        if stripes < 1 or dim < 1 or dim % stripes:
-            problems.append(
-                f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "
-                f"= {stripes} (each stripe gets embed_dim / num_stripes dimensions)"
             )
     eps, min_samples = config.cluster.eps, config.cluster.min_samples
     if not 0 < eps <= 1:
@@ -180,28 +133,3 @@ def prepare_workdir(workdir: str) -> str:
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise UserError(f"--workdir {workdir}: not writable; pass a folder you can write")
     return workdir
-
-
-def parse_flags(flags, argv: list[str]) -> list[str]:
-    """absl's parser (`flags.FLAGS`), with config override mistakes (unknown
-    key, wrong type, bad config file) as one line and exit status 2 instead
-    of a traceback."""
-    import sys
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError) as e:
-        key = str(e).strip("\"'")
-        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-        print(
-            f"error: unknown config key {key!r} in {' '.join(bad) or 'the overrides'}; "
-            "check the spelling against the config file (e.g. --config.train.epochs=2)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    except (TypeError, ValueError) as e:
-        print(f"error: bad config file or override: {e}", file=sys.stderr)
-        sys.exit(2)

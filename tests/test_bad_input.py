@@ -58,6 +58,12 @@ MAIN_CASES = [
         ["model.bn_group_size = 8", "train.num_instances = 16"],
     ),
     ("camera-groups-scl", ["--config.train.camera_groups=True"], ["SCL samples a plain shuffle"]),
+    (
+        "setting-of-another-method",
+        ["--config.method.lam_t=0.3", "--config.method.name=hhcl"],
+        ["method.lam_t: not a setting of method 'hhcl'", "instance_weight"],
+    ),
+    ("method-setting-value", ["--config.method.k=three"], ["--config.method.k=three"]),
     ("batch-0", ["--config.train.batch_size=0"], ["train.batch_size = 0"]),
     (
         "unknown-mixture-init",

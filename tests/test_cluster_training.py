@@ -9,36 +9,17 @@ import os
 
 import numpy as np
 import pytest
-from test_train import _losses, tiny_config, tiny_data
+from helpers import cluster_config, step_losses, tiny_data
+from recipes import RECIPE_METHODS
 
-from jaxreid.config_base import RECIPE_METHODS
 from jaxreid.methods.cluster import ClusteringError
 from jaxreid.train import TrainingInterrupted, train_and_evaluate
-
-# Small sets: k-reciprocal sizes and min_samples scaled down with them.
-CLUSTER = {"cluster.k1": 10, "cluster.k2": 4, "cluster.min_samples": 2}
-
-
-def _cluster_config(root, method="cluster_contrast", **overrides):
-    return tiny_config(
-        root,
-        **{
-            "model.head": "bnneck",
-            "model.pooling": "gem",
-            "model.embed_dim": 32,
-            "method.name": method,
-            "method.temperature": 0.05,
-            "train.num_instances": 2,
-            **CLUSTER,
-            **overrides,
-        },
-    )
 
 
 def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
     # The untrained ResNet-18 makes one big cluster at 0.6; eps tightens 0.45 -> 0.44.
     tight = {"cluster.eps": 0.45, "cluster.final_eps": 0.44}
-    config = _cluster_config(tiny_root, **tight)
+    config = cluster_config(tiny_root, **tight)
     data = tiny_data(config)
     straight = train_and_evaluate(config, str(tmp_path / "a"), data, log=lambda s: None)
     # Stopped mid-epoch (the memory and pseudo-labels of that epoch come from
@@ -47,13 +28,15 @@ def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
     for budget in (2, 1):
         with pytest.raises(TrainingInterrupted):
             train_and_evaluate(
-                _cluster_config(tiny_root, **tight, **{"train.stop_after_steps": budget}),
+                cluster_config(tiny_root, **tight, **{"train.stop_after_steps": budget}),
                 interrupted,
                 data,
                 log=lambda s: None,
             )
     resumed = train_and_evaluate(config, interrupted, data, log=lambda s: None)
-    np.testing.assert_allclose(_losses(interrupted), _losses(str(tmp_path / "a")), rtol=1e-6)
+    np.testing.assert_allclose(
+        step_losses(interrupted), step_losses(str(tmp_path / "a")), rtol=1e-6
+    )
     assert resumed["final"] == straight["final"]
     with open(os.path.join(tmp_path / "a", "metrics.jsonl")) as f:
         eps = [row["cluster/eps"] for row in map(json.loads, f) if "cluster/eps" in row]
@@ -61,13 +44,13 @@ def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
 
 
 def test_everything_an_outlier_is_a_clear_error(tiny_root, tmp_path):
-    config = _cluster_config(tiny_root, **{"cluster.eps": 0.0, "cluster.min_samples": 5})
+    config = cluster_config(tiny_root, **{"cluster.eps": 0.0, "cluster.min_samples": 5})
     with pytest.raises(ClusteringError, match=r"0 clusters .* Raise cluster.eps"):
         train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=lambda s: None)
 
 
 def test_one_giant_cluster_asks_for_a_lower_eps(tiny_root, tmp_path):
-    config = _cluster_config(tiny_root, **{"cluster.eps": 1.0})
+    config = cluster_config(tiny_root, **{"cluster.eps": 1.0})
     with pytest.raises(ClusteringError, match=r"Lower cluster.eps .* raise cluster.min_samples"):
         train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=lambda s: None)
 
@@ -124,11 +107,11 @@ def short_training_config(root: str, name: str, camera_aware: bool = True):
     """The quality tests' config of method `name` (or "supervised": 3 epochs,
     no clustering) on the learning set at `root`."""
     if name == "supervised":
-        return _cluster_config(root, name, **{**LEARN, "train.epochs": 3, "train.eval_every": 3})
+        return cluster_config(root, name, **{**LEARN, "train.epochs": 3, "train.eval_every": 3})
     # The per-method settings of the recipe (configs/cuhk03_<method>.py).
     recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
     camera = CAMERA_AWARE if camera_aware else {}
-    return _cluster_config(root, name, **{**LEARN, **camera, **recipe})
+    return cluster_config(root, name, **{**LEARN, **camera, **recipe})
 
 
 def _short_training(root, tmp_path, name):
@@ -136,7 +119,7 @@ def _short_training(root, tmp_path, name):
     result = train_and_evaluate(config, str(tmp_path / name), tiny_data(config), log=print)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
     print(name, before, after)
-    return before, after, _losses(str(tmp_path / name))
+    return before, after, step_losses(str(tmp_path / name))
 
 
 @pytest.mark.parametrize("name", METHODS)

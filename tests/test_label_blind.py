@@ -14,10 +14,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_cluster_training import _cluster_config
-from test_train import _losses, tiny_config, tiny_data
+from helpers import cluster_config, step_losses, tiny_config, tiny_data
+from recipes import RECIPE_METHODS
 
-from jaxreid.config_base import RECIPE_METHODS
+from jaxreid.methods import set_method
 from jaxreid.train import Data, train_and_evaluate
 
 UNSUPERVISED = sorted(set(RECIPE_METHODS) - {"supervised"}) + ["scl"]
@@ -44,7 +44,7 @@ def _config(root, name):
         return tiny_config(root, **SHORT)
     recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
     method = RECIPE_METHODS[name].get("name", name)
-    return _cluster_config(root, method, **{**recipe, "cluster.eps": 0.45, **SHORT})
+    return cluster_config(root, method, **{**recipe, "cluster.eps": 0.45, **SHORT})
 
 
 def _check_label_blind(root, tmp_path, name):
@@ -54,7 +54,7 @@ def _check_label_blind(root, tmp_path, name):
     b = train_and_evaluate(
         _config(root, name), str(tmp_path / "b"), _shuffled_identities(data, 7), log=lambda s: None
     )
-    assert _losses(str(tmp_path / "a")) == _losses(str(tmp_path / "b"))
+    assert step_losses(str(tmp_path / "a")) == step_losses(str(tmp_path / "b"))
     assert a["history"] == b["history"]
     if name != "scl":  # the epochs' pseudo-labels are the same too
         for epoch in (1, 2):
@@ -78,14 +78,12 @@ def test_training_ignores_identity_labels_every_method(tiny_root, tmp_path, name
 def test_supervised_reads_the_labels(tiny_root, tmp_path):
     """The control: the one method that reads labels sees the shuffle (the
     classifier's targets change), so the test above can fail."""
-    config = _config(tiny_root, "cluster_contrast")
-    config.method.name = "supervised"
+    config = set_method(_config(tiny_root, "cluster_contrast"), "supervised")
     config.train.epochs, config.train.steps_per_epoch = 1, 2
     data = tiny_data(config)
     train_and_evaluate(config, str(tmp_path / "a"), data, log=lambda s: None)
     shuffled = _shuffled_identities(data, 7)
-    config = _config(tiny_root, "cluster_contrast")
-    config.method.name = "supervised"
+    config = set_method(_config(tiny_root, "cluster_contrast"), "supervised")
     config.train.epochs, config.train.steps_per_epoch = 1, 2
     train_and_evaluate(config, str(tmp_path / "b"), shuffled, log=lambda s: None)
-    assert _losses(str(tmp_path / "a")) != _losses(str(tmp_path / "b"))
+    assert step_losses(str(tmp_path / "a")) != step_losses(str(tmp_path / "b"))

@@ -10,12 +10,12 @@ import socket
 import subprocess
 
 import pytest
-from test_train import _losses, tiny_main_command
+from helpers import step_losses, tiny_main_command
 
 
 def _command(root: str, workdir: str, method: str) -> list[str]:
     args = [
-        *tiny_main_command(root, workdir),
+        *tiny_main_command(root, workdir, method),
         "--config.model.bn_group_size=4",  # two groups: one per device
         "--config.optimizer.name=sgd",
         "--config.optimizer.lr=0.01",
@@ -26,7 +26,6 @@ def _command(root: str, workdir: str, method: str) -> list[str]:
     ]
     if method != "scl":
         args += [
-            f"--config.method.name={method}",
             "--config.model.head=bnneck",
             "--config.method.temperature=0.05",
             "--config.train.num_instances=2",
@@ -84,8 +83,8 @@ def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, met
     assert "2 x cpu" in open(os.path.join(shared, "log.txt")).read()
 
     # The same bits: every step's loss and the final metrics.
-    assert len(_losses(single)) == 6
-    assert _losses(shared) == _losses(single)
+    assert len(step_losses(single)) == 6
+    assert step_losses(shared) == step_losses(single)
     with open(os.path.join(single, "results.json")) as f:
         one = json.load(f)["final"]
     with open(os.path.join(shared, "results.json")) as f:

@@ -1,6 +1,7 @@
 """The worked example of docs/new_method.md: instance InfoNCE against a
 momentum memory, its loss, gradient and update against NumPy, and a method
-written outside jaxreid registered and trained through a config alone."""
+written outside jaxreid, with its own settings and checks, registered and
+trained through a config alone."""
 
 from __future__ import annotations
 
@@ -12,29 +13,22 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_train import _losses, tiny_main_command
+from helpers import step_losses, tiny_main_command, unit
 
 from jaxreid.config_base import base_config
-from jaxreid.methods import Batch, get_method
+from jaxreid.methods import Batch, get_method, set_method
 from jaxreid.methods.instance_nce import InstanceMemory
 
 TAU, MOMENTUM = 0.2, 0.5
 
 
-def _unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _method():
-    config = base_config()
-    config.method.name = "instance_nce"
-    config.method.temperature = TAU
-    config.method.instance_momentum = MOMENTUM
+    config = set_method(base_config(), "instance_nce", temperature=TAU, instance_momentum=MOMENTUM)
     return get_method(config)
 
 
 def _numpy_loss(f, bank, indices):
-    z = _unit(f) @ bank.T / TAU
+    z = unit(f) @ bank.T / TAU
     top = z.max(axis=1, keepdims=True)
     log_p = z - (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))
     return -np.mean(log_p[np.arange(len(indices)), indices])
@@ -42,7 +36,7 @@ def _numpy_loss(f, bank, indices):
 
 def test_loss_and_gradient_match_numpy():
     rng = np.random.default_rng(0)
-    bank = _unit(rng.normal(size=(10, 6)))
+    bank = unit(rng.normal(size=(10, 6)))
     f = rng.normal(size=(3, 6))
     indices = np.array([2, 5, 7])
     method = _method()
@@ -66,7 +60,7 @@ def test_loss_and_gradient_match_numpy():
 
 def test_update_matches_numpy_and_writes_nothing_for_negative_indices():
     rng = np.random.default_rng(1)
-    bank = _unit(rng.normal(size=(10, 6))).astype(np.float32)
+    bank = unit(rng.normal(size=(10, 6))).astype(np.float32)
     f = rng.normal(size=(3, 6)).astype(np.float32)
     method = _method()
     memory = InstanceMemory(features=jnp.asarray(bank))
@@ -79,8 +73,8 @@ def test_update_matches_numpy_and_writes_nothing_for_negative_indices():
 
     new = update([2, 5, 2])  # image 2 twice: one step with the mean of its features
     expected = bank.astype(np.float64)
-    expected[2] = _unit(MOMENTUM * bank[2] + (1 - MOMENTUM) * _unit(f[[0, 2]]).mean(axis=0))
-    expected[5] = _unit(MOMENTUM * bank[5] + (1 - MOMENTUM) * _unit(f[1]))
+    expected[2] = unit(MOMENTUM * bank[2] + (1 - MOMENTUM) * unit(f[[0, 2]]).mean(axis=0))
+    expected[5] = unit(MOMENTUM * bank[5] + (1 - MOMENTUM) * unit(f[1]))
     np.testing.assert_allclose(new, expected, atol=1e-6)
     np.testing.assert_array_equal(update([-1, -1, -1]), bank)
 
@@ -89,17 +83,38 @@ def test_a_method_written_outside_jaxreid_trains_through_a_config(tiny_root, tmp
     (tmp_path / "my_method.py").write_text(
         textwrap.dedent(
             """
+            import dataclasses
+
             from jaxreid.methods import register
             from jaxreid.methods.instance_nce import instance_nce_method
 
-            register("my_instance_nce")(instance_nce_method)
+
+            def settings():
+                return dict(temperature=0.2, instance_momentum=0.5, loss_scale=1.0)
+
+
+            def problems(config):
+                scale = config.method.loss_scale
+                return [] if scale > 0 else [f"method.loss_scale = {scale}: must be > 0"]
+
+
+            @register("my_instance_nce", settings=settings)
+            def my_method(config):
+                inner = instance_nce_method(config)
+
+                def loss(outputs, memory, batch, rng, phase):
+                    value, aux, metrics = inner.loss(outputs, memory, batch, rng, phase)
+                    return config.method.loss_scale * value, aux, metrics
+
+                return dataclasses.replace(
+                    inner, name="my_instance_nce", loss=loss, problems=problems
+                )
             """
         )
     )
     workdir = str(tmp_path / "w")
     command = [
-        *tiny_main_command(tiny_root, workdir),
-        "--config.method.name=my_instance_nce",
+        *tiny_main_command(tiny_root, workdir, "my_instance_nce"),
         "--config.method.module=my_method",
         "--config.method.temperature=0.1",
         "--config.train.epochs=1",
@@ -109,13 +124,20 @@ def test_a_method_written_outside_jaxreid_trains_through_a_config(tiny_root, tmp
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    losses = _losses(workdir)
+    losses = step_losses(workdir)
     # Three steps, each the InfoNCE of 8 samples over the N training images:
     # finite, positive, at most log N + 2/tau (|cosine| <= 1).
     assert len(losses) == 3 and all(0 < v < np.log(200) + 20 for v in losses)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert results["config"]["method"]["name"] == "my_instance_nce"
+    # The block holds the method's own settings, the override over its defaults.
+    method = results["config"]["method"]
+    assert {k: method[k] for k in ("temperature", "instance_momentum", "loss_scale")} == {
+        "temperature": 0.1,
+        "instance_momentum": 0.5,
+        "loss_scale": 1.0,
+    }
     assert 0 <= results["final"]["plain"]["mAP"] <= 1
     unknown = subprocess.run(
         [*command, "--config.method.module=not_a_module"],
@@ -125,3 +147,16 @@ def test_a_method_written_outside_jaxreid_trains_through_a_config(tiny_root, tmp
         env=env,
     )
     assert unknown.returncode == 2 and "method.module" in unknown.stderr
+    # Its own check, and a key it does not declare: refused before training.
+    for flag, words in [
+        ("--config.method.loss_scale=-1", ["method.loss_scale = -1.0: must be > 0"]),
+        (
+            "--config.method.lam_t=0.5",
+            ["method.lam_t: not a setting of method 'my_instance_nce'", "loss_scale"],
+        ),
+    ]:
+        refused = subprocess.run(
+            [*command, flag], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert all(word in refused.stderr for word in words), refused.stderr[-2000:]

@@ -169,6 +169,8 @@ def evaluate_features(
             _camera_centred_distance(q["global"], g["global"], data), *labels
         )
     if "stripes" in q:
+        from jaxreid.methods.scl import scl_settings
+
         distance = evaluate.scl_distance(
             q["global"],
             g["global"],
@@ -176,8 +178,9 @@ def evaluate_features(
             g["stripes"],
             data.query.cameras,
             data.gallery.cameras,
-            lam_g=config.method.lam_g,
-            lam_c=config.method.lam_c,
+            # The SCL distance's weights: the method's, else SCL's defaults.
+            lam_g=config.method.get("lam_g", scl_settings()["lam_g"]),
+            lam_c=config.method.get("lam_c", scl_settings()["lam_c"]),
         )
         results["scl"] = evaluate.evaluate_ranking(distance, *labels)
     for metrics in results.values():

@@ -23,6 +23,17 @@ A `Method` is five hooks (docs/new_method.md writes one from scratch):
   configure(config, identities) -> config
                                      host, before the model is built (the
                                      supervised classifier's size).
+  problems(config) -> list[str]      host, before anything is read or
+                                     compiled: 'setting = value: fix' lines
+                                     for the method's own settings.
+
+A method also declares its settings and their defaults where it registers
+(`register(name, settings=...)`): they fill `config.method` when the method
+is chosen (`set_method`, or `--config.method.name=` on the command line), and
+a key the method does not declare is refused with the method's list. Every
+module of this package is imported by `method_names` / `get_method`, so a new
+built-in method is one file here; one written elsewhere is named by
+`config.method.module`.
 
 `train` is a `TrainSet`: the training images' cameras (and identities, read
 only by the supervised reference), the eval-mode extraction of the training
@@ -40,7 +51,9 @@ them when the loss is not finite: `update` then receives `batch.indices` of
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable
+import importlib
+import pkgutil
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -100,6 +113,9 @@ class Method:
     configure: Callable[[ml_collections.ConfigDict, np.ndarray], ml_collections.ConfigDict] = (
         lambda config, identities: config
     )
+    # Checks of a training config, run before any data is read: every problem
+    # as a 'setting = value: fix' line (validate.py collects them).
+    problems: Callable[[ml_collections.ConfigDict], list[str]] = lambda config: []
 
 
 def keep_memory(epoch: int, train: TrainSet, memory: Any, resumed: bool) -> EpochPlan:
@@ -112,41 +128,153 @@ def no_update(memory: Any, outputs: Any, batch: Batch, aux: Any, phase: Hashable
 
 
 MethodFactory = Callable[[ml_collections.ConfigDict], Method]
+# () -> the method's settings and their defaults (a dict or a ConfigDict).
+SettingsFactory = Callable[[], Mapping[str, Any]]
 METHODS: dict[str, MethodFactory] = {}
+SETTINGS: dict[str, SettingsFactory] = {}
+# The method of `base_config()` (the library's own method, SCL).
+DEFAULT_METHOD = "scl"
+# Keys of every `method` block besides the method's own settings.
+BLOCK_KEYS = ("name", "module")
 
 
-def register(*names: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator: `config.method.name` in `names` builds its Method with the factory."""
+def register(
+    *names: str, settings: SettingsFactory = dict
+) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: `config.method.name` in `names` builds its Method with the
+    factory; `settings()` gives the settings the method reads from
+    `config.method` and their defaults."""
 
     def add(factory: MethodFactory) -> MethodFactory:
         for name in names:
+            if name in BLOCK_KEYS:
+                raise ValueError(f"{name!r} cannot name a method: it is a key of every block")
             METHODS[name] = factory
+            SETTINGS[name] = settings
         return factory
 
     return add
 
 
-def get_method(config: ml_collections.ConfigDict) -> Method:
-    """The Method of `config.method.name`. `config.method.module` (an import
-    path, e.g. "mylab.my_loss") is imported first: a method written outside
-    jaxreid registers itself there and trains through a config alone."""
-    _import_builtin_methods()
-    module = config.method.get("module", "")
-    if module:
-        import importlib
-
-        importlib.import_module(module)
-    name = config.method.name
-    if name not in METHODS:
+def method_settings(name: str, module: str = "") -> ml_collections.ConfigDict:
+    """The settings `name` declares, at their defaults (`module` imported first)."""
+    _import_methods(module)
+    if name not in SETTINGS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](config)
+    settings = dict(SETTINGS[name]())
+    clash = sorted(set(settings) & set(BLOCK_KEYS))
+    if clash:
+        raise ValueError(f"method {name!r} declares {clash}: names reserved for every block")
+    return ml_collections.ConfigDict(settings)
+
+
+def method_config(name: str, module: str = "", **settings: Any) -> ml_collections.ConfigDict:
+    """The `method` block of a config choosing `name`: its name, the module
+    that registers it ("" = built in) and its declared settings, `settings`
+    over the defaults. A key the method does not declare raises."""
+    block = ml_collections.ConfigDict({"name": name, "module": module})
+    block.update(method_settings(name, module))
+    unknown = sorted(set(settings) - set(block) - set(BLOCK_KEYS))
+    if unknown:
+        raise ValueError(unknown_settings_line(name, unknown, block))
+    block.update(settings)
+    return block
+
+
+def set_method(
+    config: ml_collections.ConfigDict, name: str, module: str = "", **settings: Any
+) -> ml_collections.ConfigDict:
+    """Chooses method `name` in `config` (in place; returned): `config.method`
+    becomes that method's block (`method_config`), whatever method it held."""
+    with config.unlocked():
+        config.method = method_config(name, module, **settings)
+    return config
+
+
+def unknown_settings_line(name: str, unknown: list[str], block: Mapping[str, Any]) -> str:
+    known = [k for k in block if k not in BLOCK_KEYS]
+    keys = ", ".join(f"method.{k}" for k in unknown)
+    return (
+        f"{keys}: not a setting of method {name!r} (its settings: "
+        f"{', '.join(known) or 'none'}); choose another method with "
+        "--config.method.name= or jaxreid.methods.set_method, which fill the block"
+    )
+
+
+def settings_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Problems of the `method` block as 'setting = value: fix' lines: the
+    module cannot be imported, the name is unknown, or a key is not one of the
+    method's settings. Missing settings are not problems (their defaults)."""
+    block = config.method
+    module, name = block.get("module", ""), block.name
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return [f"method.module = {module!r}: cannot be imported ({e})"]
+    if name not in method_names():
+        return [f"method.name = {name!r}: unknown; one of {', '.join(method_names())}"]
+    declared = method_settings(name)
+    unknown = sorted(set(block) - set(declared) - set(BLOCK_KEYS))
+    return [unknown_settings_line(name, unknown, declared)] if unknown else []
+
+
+def with_method_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `method` block holds every setting its method
+    declares (the defaults where the block leaves one out); raises ValueError
+    on an unknown method or a key the method does not declare."""
+    problems = settings_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+    config = ml_collections.ConfigDict(config.to_dict())
+    block = method_config(config.method.name, config.method.get("module", ""))
+    block.update(config.method)
+    config.method = block
+    return config
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+    """The Method of `config.method.name`, its settings filled from its
+    declaration. `config.method.module` (an import path, e.g.
+    "mylab.my_loss") is imported first: a method written outside jaxreid
+    registers itself there and trains through a config alone."""
+    config = with_method_defaults(config)
+    return METHODS[config.method.name](config)
 
 
 def method_names() -> list[str]:
-    _import_builtin_methods()
+    _import_methods()
     return sorted(METHODS)
 
 
-def _import_builtin_methods() -> None:
-    # Each module registers its methods when imported.
-    from jaxreid.methods import cluster, instance_nce, scl, supervised  # noqa: F401
+def pk_sampler_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Checks shared by the methods that draw P x K batches over (pseudo-)
+    identities: the batch splits into K images of each of P identities, and
+    with camera groups each batch-norm group into K images of each of its
+    identities."""
+    problems = []
+    batch, instances = config.train.batch_size, config.train.num_instances
+    group = config.model.bn_group_size
+    if not (isinstance(batch, int) and batch >= 1 and isinstance(instances, int)):
+        return problems  # validate.py reports these
+    if instances >= 1 and batch % instances:
+        problems.append(
+            f"train.batch_size = {batch}: must be a multiple of train.num_instances = "
+            f"{instances} (the P x K sampler draws K images of each of P identities)"
+        )
+    if config.train.camera_groups and instances >= 1 and (group or batch) % instances:
+        problems.append(
+            f"train.camera_groups = True: model.bn_group_size = {group or batch} must "
+            f"be a multiple of train.num_instances = {instances} (each group holds "
+            "K images of each of its identities, from one camera)"
+        )
+    return problems
+
+
+def _import_methods(module: str = "") -> None:
+    # Each module of this package registers its methods when imported; a
+    # method written elsewhere registers itself in `module`.
+    for info in pkgutil.iter_modules(__path__, __name__ + "."):
+        importlib.import_module(info.name)
+    if module:
+        importlib.import_module(module)

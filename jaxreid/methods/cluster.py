@@ -37,6 +37,7 @@ gives one deterministic update.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -46,8 +47,8 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
-from jaxreid.methods.centroids import update_centroids
+from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, pk_sampler_problems, register
+from jaxreid.methods.centroids import UPDATE_MODES, update_centroids
 from jaxreid.utils import UserError, l2_normalize
 
 _NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
@@ -516,21 +517,60 @@ def recluster(
     return memory, labels, stats
 
 
-@register(*KINDS)
+def cluster_settings(kind: str) -> dict:
+    """The settings of family member `kind`, at the published implementations'
+    values (cluster-family.md): ClusterNCE at temperature 0.05, prototypes
+    updated with momentum 0.1 (the weight of the old prototype) by the batch
+    mean."""
+    settings = dict(
+        temperature=0.05,
+        momentum=0.1,
+        memory_update="mean",  # mean | hard | sequential (methods/centroids.py)
+        # Contrast each sample only with memory rows of its own camera (besides
+        # its positives); cap's inter-camera term takes its hard negatives there.
+        camera_negatives=False,
+    )
+    settings.update(
+        {
+            "cluster_contrast": dict(),
+            "self_paced": dict(momentum=0.2),
+            "cap": dict(
+                temperature=0.07, momentum=0.2, inter_camera_weight=0.5, num_hard_negatives=50
+            ),
+            # The release's instance-level form (CMhybrid_v2; its run.sh trains
+            # the centroid-only CMhybrid): the hard cluster-level instance term
+            # at equal weight, instance rows replaced by their latest feature.
+            "hhcl": dict(
+                instance_weight=1.0,
+                instance_momentum=0.0,
+                # Weight of a ClusterNCE whose positive is the mean of the sample's
+                # cluster's instances from the other cameras (cross_camera_loss).
+                cross_camera_weight=0.0,
+            ),
+            "joint": dict(instance_weight=0.5, instance_momentum=0.2),
+        }[kind]
+    )
+    return settings
+
+
+def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
+    problems = pk_sampler_problems(config)
+    if config.method.memory_update not in UPDATE_MODES:
+        problems.append(
+            f"method.memory_update = {config.method.memory_update!r}: unknown; one of "
+            f"{', '.join(UPDATE_MODES)}"
+        )
+    return problems
+
+
 def cluster_method(config: ml_collections.ConfigDict) -> Method:
     """The clustering family (cluster-family.md): re-cluster at every epoch
     start, P x K batches over the pseudo-labels, `config.method.name` one of
     KINDS."""
     m = config.method
     kind = m.name
-    settings = LossSettings(
-        temperature=m.temperature,
-        instance_weight=m.instance_weight,
-        inter_camera_weight=m.inter_camera_weight,
-        num_hard_negatives=m.num_hard_negatives,
-        camera_negatives=bool(m.camera_negatives),
-        cross_camera_weight=m.cross_camera_weight,
-    )
+    fields = {f.name for f in dataclasses.fields(LossSettings)}
+    settings = LossSettings(**{k: v for k, v in m.items() if k in fields})
 
     def init_memory(train: TrainSet) -> ClusterMemory:
         # A placeholder of the right shapes; the first epoch's clustering fills it.
@@ -575,7 +615,19 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             batch.indices,
             momentum=m.momentum,
             mode=m.memory_update,
-            instance_momentum=m.instance_momentum,
+            instance_momentum=m.get("instance_momentum", 0.0),  # hhcl / joint only
         )
 
-    return Method(kind, init_memory, start_epoch, loss, update, feature_keys=("global",))
+    return Method(
+        kind,
+        init_memory,
+        start_epoch,
+        loss,
+        update,
+        feature_keys=("global",),
+        problems=cluster_problems,
+    )
+
+
+for _kind_name in KINDS:
+    register(_kind_name, settings=functools.partial(cluster_settings, _kind_name))(cluster_method)

@@ -22,7 +22,11 @@ class InstanceMemory(struct.PyTreeNode):
     features: jax.Array  # (N, D) unit rows, one per training image
 
 
-@register("instance_nce")
+def instance_nce_settings() -> dict:
+    return dict(temperature=0.1, instance_momentum=0.2)
+
+
+@register("instance_nce", settings=instance_nce_settings)
 def instance_nce_method(config: ml_collections.ConfigDict) -> Method:
     m = config.method
 

@@ -16,7 +16,15 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, no_update, register
+from jaxreid.methods import (
+    Batch,
+    EpochPlan,
+    Method,
+    TrainSet,
+    no_update,
+    pk_sampler_problems,
+    register,
+)
 
 
 class SupervisedMemory(struct.PyTreeNode):
@@ -60,7 +68,21 @@ def batch_hard_triplet(features: jax.Array, labels: jax.Array, margin: float) ->
     return jnp.sum(jnp.maximum(gap, 0.0)) / jnp.maximum(jnp.sum(use), 1)
 
 
-@register("supervised")
+def supervised_settings() -> dict:
+    return dict(label_smoothing=0.1, triplet_margin=0.3, triplet_weight=1.0)
+
+
+def supervised_problems(config: ml_collections.ConfigDict) -> list[str]:
+    problems = pk_sampler_problems(config)
+    if config.data.dataset == "folder":
+        problems.append(
+            "method.name = 'supervised': needs identity labels, and dataset 'folder' has none; "
+            "train an unsupervised method, or use a labelled layout"
+        )
+    return problems
+
+
+@register("supervised", settings=supervised_settings)
 def supervised_method(config: ml_collections.ConfigDict) -> Method:
     """Supervised upper bound: smoothed identity CE on the classifier + batch-hard
     triplet on the pre-BN feature, P x K over the true identities."""
@@ -91,4 +113,12 @@ def supervised_method(config: ml_collections.ConfigDict) -> Method:
         config.model.num_classes = len(np.unique(identities))
         return config
 
-    return Method("supervised", init_memory, start_epoch, loss, no_update, configure=configure)
+    return Method(
+        "supervised",
+        init_memory,
+        start_epoch,
+        loss,
+        no_update,
+        configure=configure,
+        problems=supervised_problems,
+    )

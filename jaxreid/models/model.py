@@ -34,6 +34,30 @@ FEATURE_DIMS = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HEADS = ("scl", "bnneck", "fc")
+POOLINGS = ("avg", "gem")
+
+
+def model_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Problems of the `model` section as 'model.setting = value: fix' lines."""
+    problems = [
+        f"model.{key} = {config[key]!r}: unknown; one of {', '.join(allowed)}"
+        for key, allowed in (
+            ("backbone", sorted(FEATURE_DIMS)),
+            ("head", HEADS),
+            ("pooling", POOLINGS),
+            ("dtype", tuple(_DTYPES)),
+        )
+        if config[key] not in allowed
+    ]
+    if config.head == "scl":
+        stripes, dim = config.num_stripes, config.embed_dim
+        if stripes < 1 or dim < 1 or dim % stripes:
+            problems.append(
+                f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "
+                f"= {stripes} (each stripe gets embed_dim / num_stripes dimensions)"
+            )
+    return problems
 
 
 def feature_dim(backbone: str) -> int:

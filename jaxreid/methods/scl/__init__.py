@@ -26,9 +26,62 @@ from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
 from jaxreid.methods.scl import banks, loss, release, selection
 
 WARMUP, SELECT = "warmup", "select"
+MIXTURE_UPDATES = ("release", "sequential", "vectorized")
+MIXTURE_INITS = ("zeros", "features")
+RELEASE_OR_CLEAN = ("release", "clean")
 
 
-@register("scl")
+def scl_settings() -> dict:
+    """SCL's settings: the released configuration (scl-method.md), with the
+    clean definition where the release departs from it."""
+    return dict(
+        k=7,  # positives selected per sample
+        n=500,  # negatives selected per sample
+        lam_t=0.5,
+        lam_p=0.5,
+        lam_g=0.5,
+        lam_c=0.05,
+        alpha=1.75,
+        temperature=0.1,  # logits are <x, M_j> / temperature (the spec's t = 10)
+        warmup_epochs=3,
+        # The release's behaviour where it departs from the clean definition
+        # (release.py, docs/results/fidelity.md): "release" | the clean forms.
+        mixture_update="sequential",  # release | sequential | vectorized
+        gradient="clean",  # release | clean
+        warmup_sampling="clean",  # release | clean
+        # Mixture bank M at the start: "zeros" (the release) or "features": each
+        # row as one update of an empty row with the sample's own initial
+        # features leaves it, normalize(g + concat(l) / sqrt(P)) (adaptation from
+        # a source model, which needs no warm-up to fill M).
+        mixture_init="zeros",
+        selection_block=65536,  # bank rows per block of the selection scan
+        approx_topk=False,
+        # Negatives: the n nearest rows of the sample's own camera.
+        camera_negatives=False,
+    )
+
+
+def scl_problems(config: ml_collections.ConfigDict) -> list[str]:
+    m = config.method
+    problems = [
+        f"method.{key} = {m[key]!r}: unknown; one of {', '.join(allowed)}"
+        for key, allowed in (
+            ("mixture_update", MIXTURE_UPDATES),
+            ("gradient", RELEASE_OR_CLEAN),
+            ("warmup_sampling", RELEASE_OR_CLEAN),
+            ("mixture_init", MIXTURE_INITS),
+        )
+        if m[key] not in allowed
+    ]
+    if config.train.camera_groups:
+        problems.append(
+            "train.camera_groups = True: SCL samples a plain shuffle, not P x K "
+            "by (pseudo-)label; set it False"
+        )
+    return problems
+
+
+@register("scl", settings=scl_settings)
 def scl_method(config: ml_collections.ConfigDict) -> Method:
     m = config.method
 
@@ -122,4 +175,5 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
         update,
         feature_keys=("global", "stripes"),
         phases=(WARMUP, SELECT),
+        problems=scl_problems,
     )
