@@ -4,7 +4,9 @@ evaluation and inference, with one error listing every mismatch."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import warnings
 
 import jax
@@ -62,9 +64,136 @@ class Checkpoints:
         )
         return restored["state"], restored["meta"]
 
+    def resume(self, abstract_state, resume_from: int = 0, log=print):
+        """(state, meta) to resume from: the latest checkpoint, or (None, None)
+        when there is none. A latest checkpoint that cannot be restored is a
+        UserError naming its step, unless `resume_from` (train.resume_from)
+        names an earlier step (in latest/ or best/) to restore instead: the
+        steps after it are then moved to checkpoints/unreadable/, never
+        deleted. Never falls back on its own."""
+        latest = self.latest.latest_step()
+        if latest is None:
+            return None, None
+        try:
+            return self.restore(self.latest, abstract_state, latest)
+        except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; all mean "cannot"
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+        where = os.path.join(self.latest.directory, str(latest))
+        steps = sorted({*self.latest.all_steps(), *self.best.all_steps()} - {latest})
+        if not resume_from:
+            earlier = ", ".join(map(str, steps)) or "none"
+            raise UserError(
+                f"checkpoint {where} (step {latest}) cannot be restored ({error[:200]}): it is "
+                "damaged or does not fit this config; resume from an earlier checkpoint with "
+                f"--config.train.resume_from=STEP (steps on disk: {earlier}), or start a new "
+                "run in another --workdir"
+            )
+        manager = next((m for m in (self.latest, self.best) if resume_from in m.all_steps()), None)
+        if manager is None or resume_from >= latest:
+            earlier = ", ".join(str(s) for s in steps if s < latest) or "none"
+            raise UserError(
+                f"train.resume_from = {resume_from}: no such earlier checkpoint (step {latest} "
+                f"cannot be restored; earlier steps on disk: {earlier})"
+            )
+        try:
+            restored = self.restore(manager, abstract_state, resume_from)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(
+                f"train.resume_from = {resume_from}: that checkpoint cannot be restored either "
+                f"({type(e).__name__}); choose another step, or start a new run"
+            ) from None
+        # The later steps would block new saves (orbax saves only after its
+        # latest step): moved aside, not deleted.
+        aside = os.path.join(os.path.dirname(self.latest.directory), "unreadable")
+        for name, m in (("latest", self.latest), ("best", self.best)):
+            for step in [s for s in m.all_steps() if s > resume_from]:
+                os.makedirs(aside, exist_ok=True)
+                target = os.path.join(aside, f"{name}_{step}")
+                shutil.move(os.path.join(m.directory, str(step)), target)
+                log(f"moved checkpoint {name} step {step} to {target}")
+            m.reload()
+        log(f"train.resume_from = {resume_from}: resuming from step {resume_from}")
+        return restored
+
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of WORKDIR/checkpoints/latest (orbax's step folders), without orbax."""
+    folder = os.path.join(workdir, "checkpoints", "latest")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+# Settings a checkpoint does not depend on, in the sections that otherwise
+# shape it (model); every other model setting breaks a resume.
+SAFE_MODEL_KEYS = ("pretrained", "winograd", "bn_group_size")
+# Settings outside the model section whose change breaks a resume: the method
+# (its memory), the input size and dataset (the memory's rows), the
+# optimizer's state.
+BREAKING_KEYS = (
+    "method.name",
+    "method.module",
+    "data.height",
+    "data.width",
+    "data.dataset",
+    "optimizer.name",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _breaks_resume(key: str, old, new) -> bool:
+    if old is None or new is None:  # a setting one version lacks: its default
+        return False
+    section, _, name = key.partition(".")
+    if key == "train.ema_decay":  # on / off changes the state's tree
+        return (old == 0) != (new == 0)
+    return key in BREAKING_KEYS or (section == "model" and name not in SAFE_MODEL_KEYS)
+
+
+def resume_changes(workdir: str, config: dict) -> list[str]:
+    """Compares a resumed run's settings (`config`, as JSON) with the run's
+    WORKDIR/config.json: the changed settings as 'key old -> new' (allowed:
+    epochs, evaluation, logging, learning rate ...); a UserError listing every
+    change the checkpoint cannot take (the model, method, input size ...)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            stored = _flat(json.load(f))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path}: cannot be read ({e}); it records the run to resume: restore it, or "
+            "start a new run in another --workdir"
+        ) from None
+    new = _flat(config)
+    changed = [
+        (key, stored.get(key), new.get(key))
+        for key in sorted({*stored, *new})
+        if stored.get(key) != new.get(key)
+    ]
+    breaking = [f"{k} {a!r} -> {b!r}" for k, a, b in changed if _breaks_resume(k, a, b)]
+    if breaking:
+        raise UserError(
+            f"--workdir {workdir} holds a run whose checkpoint does not fit "
+            f"{len(breaking)} changed setting{'s' * (len(breaking) > 1)}: "
+            + ", ".join(breaking)
+            + f"; resume without changing them (the run's settings: {path}), or start a "
+            "new run in another --workdir"
+        )
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in changed]
 
 
 def restore_model(path: str, params, batch_stats):

@@ -192,7 +192,15 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         if arg == "--config" and position + 1 < len(argv):
             path = argv[position + 1]
         if path:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(path.split(":")[0])))
+            file = path.split(":")[0]
+            if not os.path.isfile(file):
+                print(
+                    f"error: --config={path}: no such file {file!r}; pass a config file, "
+                    "e.g. --config=configs/synthetic.py",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(file)))
     try:
         argv, method_overrides = _split_method_overrides(argv)
         # ml_collections reads its override names from sys.argv itself.
@@ -208,7 +216,14 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except flags.Error as e:
-        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+        message = str(e)
+        if "Traceback" in message:  # the config file's get_config raised: its last line
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            first = lines[0].removesuffix(":").replace("Error whilst parsing config file", "")
+            message = f"{first.rstrip(': ')}: the config file raised {lines[-1]}"
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as e:
         key = str(e).strip("\"'")

@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Checkpoint and exit after this many steps of this invocation (0 = never):
     # for time-limited or preemptible jobs; the same command resumes.
     c.train.stop_after_steps = 0
+    # 0 = resume from the latest checkpoint. A step N: only when the latest
+    # checkpoint cannot be restored (damaged), resume from the earlier step N
+    # (of checkpoints/latest or best) instead; the unreadable later steps move
+    # to checkpoints/unreadable/. Never a silent fallback.
+    c.train.resume_from = 0
     # Devices the train step runs on: 0 = all, n = the first n (single process;
     # for scaling studies). The batch's batch-norm groups (train.batch_size /
     # model.bn_group_size) must split evenly over them; the result is the same

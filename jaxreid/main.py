@@ -8,7 +8,9 @@ Every config value can be overridden on the command line
 (`--config.train.epochs=2`). The workdir receives `log.txt`, `results.json`
 (`results_eval.json` with `--mode=eval`), `metrics.jsonl`, TensorBoard
 summaries and checkpoints; running the same command again resumes from the
-latest checkpoint.
+latest checkpoint. `config.json` records a run's settings: written when it
+starts, never by a resume or an evaluation; a resume whose changed settings
+the checkpoint cannot take (the model, method, input size) is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     import jax
 
+    from jaxreid.checkpoints import resume_changes, saved_steps
     from jaxreid.data.loading import load_data
     from jaxreid.evaluate.protocol import run_eval
     from jaxreid.run_io import TrainingInterrupted, setup_logging
@@ -72,13 +75,20 @@ def main(argv) -> None:
     try:
         validate(config, mode)
         workdir = prepare_workdir(_WORKDIR.value)
+        # A resume keeps the run's config.json; settings the checkpoint cannot
+        # take are refused before anything is read.
+        resuming = mode == "train" and bool(saved_steps(workdir))
+        settings = json.loads(config.to_json_best_effort())
+        changes = resume_changes(workdir, settings) if resuming else []
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     log = setup_logging(workdir, jax.process_index()).info
     started = time.time()
     log(f"jaxreid {mode}: {machine_description()}")
-    if jax.process_index() == 0:
+    if changes:
+        log(f"resuming with {len(changes)} changed settings: {', '.join(changes)}")
+    if mode == "train" and not resuming and jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     try:
@@ -87,6 +97,10 @@ def main(argv) -> None:
         results = run(config, workdir, data, log)
     except TrainingInterrupted as e:
         log(str(e))
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
+        again = " (it resumes from the last checkpoint)" if mode == "train" else ""
+        log(f"interrupted; run the same command again{again}")
         sys.exit(130)
     except (UserError, FloatingPointError) as e:
         log(f"error: {e}")

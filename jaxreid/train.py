@@ -163,24 +163,33 @@ def train_and_evaluate(
 
     checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
     meta: dict[str, Any] = {"history": [], "best_map": -1.0, "initial": None}
-    restored, restored_meta = checkpoints.restore(checkpoints.latest, state)
+    try:
+        restored, restored_meta = checkpoints.resume(state, config.train.get("resume_from", 0), log)
+    except BaseException:
+        checkpoints.close()
+        raise
     if restored is not None:
         state = jax.device_put(restored, replicated)
         meta = restored_meta
         log(f"resumed from step {int(state.step)} of {total_steps}")
     # Unlabelled folders without data.eval_root have no query / gallery.
     evaluating = len(data.query.records) > 0
-    if evaluating and meta["initial"] is None:
-        meta["initial"] = evaluate_model(config, graphdef, *model_variables(state), data)
-    if evaluating:
-        log(format_metrics("before training", meta["initial"]))
-
-    train_step = make_train_step(config, graphdef, tx, method, mesh)  # every phase
     writer = MetricWriter(workdir)
+    # From here on SIGINT / SIGTERM stop at the next safe point (a checkpoint).
     stop = StopRequest()
     from tqdm.auto import tqdm
 
     try:
+        if evaluating and meta["initial"] is None:
+            meta["initial"] = evaluate_model(config, graphdef, *model_variables(state), data)
+        if evaluating:
+            log(format_metrics("before training", meta["initial"]))
+        if stop.requested:  # during the initial evaluation: keep it
+            checkpoints.save(checkpoints.latest, state, meta)
+            raise TrainingInterrupted(
+                f"stopped at step {int(state.step)}; run the same command to resume"
+            )
+        train_step = make_train_step(config, graphdef, tx, method, mesh)  # every phase
         step = int(state.step)
         first_step = step
         while step < total_steps:

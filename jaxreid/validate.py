@@ -27,7 +27,12 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
     The method's block is checked against the method's own declaration, and
     in training by the method's own `problems` hook."""
     from jaxreid.data.datasets import READERS
-    from jaxreid.methods import get_method, settings_problems, with_method_defaults
+    from jaxreid.methods import (
+        get_method,
+        number_problems,
+        settings_problems,
+        with_method_defaults,
+    )
     from jaxreid.models.model import model_problems
 
     problems: list[str] = settings_problems(config)
@@ -62,6 +67,12 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 f"train.steps_per_epoch = {config.train.steps_per_epoch}: must be >= 0 "
                 "(0 = one pass over the training set)"
             )
+        problems += number_problems(
+            config,
+            ("optimizer.lr", 0, None, "()", "e.g. 3.5e-4; <= 0 would not descend"),
+            ("optimizer.momentum", 0, 1, "[)", "0 = none; 0.9 is usual"),
+            ("optimizer.weight_decay", 0, None, "[)", "0 = none; 5e-4 is usual"),
+        )
         decay = config.train.get("ema_decay", 0.0)
         if not 0 <= decay < 1:
             problems.append(
@@ -87,12 +98,13 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         problems.append(
             f"cluster.final_eps = {final_eps}: must be 0 (eps at every epoch) or in (0, 1]"
         )
-    for group in ("cluster", "eval"):
-        if config[group].camera_affinity < 0:
-            problems.append(
-                f"{group}.camera_affinity = {config[group].camera_affinity}: must be >= 0 "
-                "(0 = off; the adaptation recipe clusters with 0.2)"
-            )
+    problems += number_problems(
+        config,
+        *[
+            (f"{group}.camera_affinity", 0, None, "[)", "0 = off; the adaptation recipe uses 0.2")
+            for group in ("cluster", "eval")
+        ],
+    )
     for key in ("k1", "k2", "k1_intra", "k1_inter", "k2_intra", "k2_inter"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")

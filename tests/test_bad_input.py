@@ -75,18 +75,74 @@ MAIN_CASES = [
     (
         "negative-camera-affinity",
         ["--config.cluster.camera_affinity=-0.2"],
-        ["cluster.camera_affinity = -0.2", "must be >= 0"],
+        ["cluster.camera_affinity = -0.2", "[0, inf)"],
     ),
     (
         "negative-eval-camera-affinity",
         ["--config.eval.camera_affinity=-0.2"],
-        ["eval.camera_affinity = -0.2", "must be >= 0"],
+        ["eval.camera_affinity = -0.2", "[0, inf)"],
     ),
     ("negative-final-eps", ["--config.cluster.final_eps=-0.3"], ["cluster.final_eps = -0.3"]),
     ("k1-inter-0", ["--config.cluster.k1_inter=0"], ["cluster.k1_inter = 0", "must be >= 1"]),
     ("ema-decay-1", ["--config.train.ema_decay=1.0"], ["train.ema_decay = 1.0", "[0, 1)"]),
     ("missing-pretrained", ["--config.model.pretrained=/no/such.pth"], ["/no/such.pth"]),
     ("missing-data-root", ["--config.data.root=/no/such/root"], ["/no/such/root"]),
+    # NaN and inf are never a setting (NaN compared as 0 before).
+    (
+        "camera-affinity-nan",
+        ["--config.cluster.camera_affinity=nan"],
+        ["cluster.camera_affinity = nan", "finite"],
+    ),
+    (
+        "eval-camera-affinity-inf",
+        ["--config.eval.camera_affinity=inf"],
+        ["eval.camera_affinity = inf"],
+    ),
+    ("eps-nan", ["--config.cluster.eps=nan"], ["cluster.eps = nan"]),
+    ("ema-decay-nan", ["--config.train.ema_decay=nan"], ["train.ema_decay = nan"]),
+    ("lr-nan", ["--config.optimizer.lr=nan"], ["optimizer.lr = nan", "finite"]),
+    ("lr-0", ["--config.optimizer.lr=0"], ["optimizer.lr = 0", "(0, inf)"]),
+    ("lr-negative", ["--config.optimizer.lr=-0.01"], ["optimizer.lr = -0.01", "(0, inf)"]),
+    ("momentum-1", ["--config.optimizer.momentum=1.0"], ["optimizer.momentum = 1.0", "[0, 1)"]),
+    ("momentum-negative", ["--config.optimizer.momentum=-0.1"], ["optimizer.momentum = -0.1"]),
+    (
+        "weight-decay-negative",
+        ["--config.optimizer.weight_decay=-1e-4"],
+        ["optimizer.weight_decay = -0.0001", "[0, inf)"],
+    ),
+    ("scl-temperature-nan", ["--config.method.temperature=nan"], ["method.temperature = nan"]),
+    ("scl-lam-inf", ["--config.method.lam_c=inf"], ["method.lam_c = inf"]),
+    (
+        "cluster-temperature-0",
+        ["--config.method.name=cluster_contrast", "--config.method.temperature=0"],
+        ["method.temperature = 0", "(0, inf)"],
+    ),
+    (
+        "cluster-momentum-nan",
+        ["--config.method.name=hhcl", "--config.method.instance_momentum=nan"],
+        ["method.instance_momentum = nan"],
+    ),
+    (
+        "instance-nce-temperature-inf",
+        ["--config.method.name=instance_nce", "--config.method.temperature=inf"],
+        ["method.temperature = inf"],
+    ),
+    (
+        "supervised-smoothing-nan",
+        ["--config.method.name=supervised", "--config.method.label_smoothing=nan"],
+        ["method.label_smoothing = nan"],
+    ),
+    # The config file itself (it replaces configs/synthetic.py).
+    (
+        "missing-config-file",
+        ["--config=/no/such/config.py"],
+        ["/no/such/config.py", "no such file"],
+    ),
+    (
+        "config-argument-unknown",
+        [f"--config={ROOT}/configs/cuhk03_uda.py:nosuch"],
+        ["cuhk03_uda.py:nosuch", "unknown method 'nosuch'"],
+    ),
 ]
 
 
@@ -94,7 +150,10 @@ MAIN_CASES = [
 def test_main_rejects_bad_config_in_one_line(tmp_path, name, overrides, words):
     if name == "missing-data-root":  # synthetic data is generated; use a Market reader
         overrides = [*overrides, "--config.data.dataset=market1501"]
-    result = _main(str(tmp_path / "w"), *overrides)
+    if overrides[0].startswith("--config="):  # a config file of the case's own
+        result = _run("-m", "jaxreid.main", *overrides, f"--workdir={tmp_path / 'w'}")
+    else:
+        result = _main(str(tmp_path / "w"), *overrides)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output, output

@@ -47,7 +47,15 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, pk_sampler_problems, register
+from jaxreid.methods import (
+    Batch,
+    EpochPlan,
+    Method,
+    TrainSet,
+    number_problems,
+    pk_sampler_problems,
+    register,
+)
 from jaxreid.methods.centroids import UPDATE_MODES, update_centroids
 from jaxreid.utils import UserError, l2_normalize
 
@@ -476,7 +484,8 @@ def recluster(
     kind: str, config: ml_collections.ConfigDict, train: TrainSet, epoch: int
 ) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
     """Extracts the training set (eval mode, no augmentation), clusters it and
-    builds the memory; a clear error when the batch cannot be filled."""
+    builds the memory; a ClusteringError when the clustering is degenerate
+    (`degenerate_clustering`) or cannot fill a batch."""
     from jaxreid.pseudo_labels import clustering
 
     start = time.time()
@@ -488,24 +497,24 @@ def recluster(
     )
     labels = clustering.cluster_features(features["global"], cluster, cameras=train.cameras)
     stats = clustering.pseudo_label_stats(labels)
-    memory = build_memory(kind, features["global"], train.cameras, labels)
     needed = config.train.batch_size // config.train.num_instances
-    if stats["num_clusters"] < needed:
+    problem = degenerate_clustering(stats, needed, cluster.giant_cluster_fraction)
+    if problem:
         raise ClusteringError(
-            f"epoch {epoch + 1}: clustering gave {stats['num_clusters']} clusters and "
-            f"{stats['num_outliers']} outliers of {stats['num_samples']} images, but a batch "
-            f"needs {needed} pseudo-identities (train.batch_size / train.num_instances). "
+            f"epoch {epoch + 1}: clustering gave {stats['num_clusters']} clusters (largest "
+            f"{stats['largest_cluster']}) and {stats['num_outliers']} outliers of "
+            f"{stats['num_samples']} images: {problem}; training on it would learn nothing. "
             + (
                 # Mostly outliers: the neighbourhoods are too tight.
-                f"Raise cluster.eps (now {cluster.eps}) or lower cluster.min_samples "
-                f"(now {cluster.min_samples}), or lower train.batch_size"
+                f"Raise cluster.eps (now {cluster.eps:g}) or lower cluster.min_samples "
+                f"(now {cluster.min_samples})"
                 if stats["num_outliers"] > stats["num_samples"] / 2
                 # Few, large clusters: neighbourhoods merge different people.
-                else f"Lower cluster.eps (now {cluster.eps}) or raise "
-                f"cluster.min_samples (now {cluster.min_samples}), or lower "
-                f"train.batch_size"
+                else f"Lower cluster.eps (now {cluster.eps:g}; 0.5-0.6 is usual) or raise "
+                f"cluster.min_samples (now {cluster.min_samples})"
             )
         )
+    memory = build_memory(kind, features["global"], train.cameras, labels)
     stats = {
         "eps": cluster.eps,
         "num_clusters": stats["num_clusters"],
@@ -515,6 +524,36 @@ def recluster(
         "cluster_s": time.time() - extracted,
     }
     return memory, labels, stats
+
+
+def check_neighbour_sizes(config: ml_collections.ConfigDict, num_images: int) -> None:
+    """A ClusteringError when a k-reciprocal list size is not below the number
+    of training images (known once the data is read)."""
+    keys = ("k1_intra", "k1_inter") if config.cluster.camera_aware_jaccard else ("k1",)
+    for key in keys:
+        if config.cluster[key] >= num_images:
+            raise ClusteringError(
+                f"cluster.{key} = {config.cluster[key]}: the training set has {num_images} "
+                f"images; a neighbour list must be shorter: lower cluster.{key} (below "
+                f"{num_images}; 30 suits thousands of images)"
+            )
+
+
+def degenerate_clustering(stats: dict, needed: int, giant_fraction: float) -> str:
+    """Why a clustering (pseudo_label_stats) must not be trained on, or "": no
+    cluster, one cluster holding more than `giant_fraction` of the images
+    (cluster.giant_cluster_fraction), or fewer clusters than the `needed`
+    pseudo-identities of a batch."""
+    if stats["num_clusters"] == 0:
+        return "every image is an outlier"
+    if stats["largest_cluster"] > giant_fraction * stats["num_samples"]:
+        return (
+            f"one cluster holds {stats['largest_cluster']} images, more than "
+            f"cluster.giant_cluster_fraction = {giant_fraction:g} of them"
+        )
+    if stats["num_clusters"] < needed:
+        return f"a batch needs {needed} pseudo-identities (train.batch_size / train.num_instances)"
+    return ""
 
 
 def cluster_settings(kind: str) -> dict:
@@ -554,7 +593,19 @@ def cluster_settings(kind: str) -> dict:
 
 
 def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
+    m = config.method
     problems = pk_sampler_problems(config)
+    problems += number_problems(
+        config,
+        ("method.temperature", 0, None, "()", "0.05 is usual"),
+        ("method.momentum", 0, 1, "[]", "the old prototype's weight; 0.1 is usual"),
+        *[("method.instance_momentum", 0, 1, "[]")] * ("instance_momentum" in m),
+        *[
+            (f"method.{key}", 0, None, "[)")
+            for key in ("instance_weight", "inter_camera_weight", "cross_camera_weight")
+            if key in m
+        ],
+    )
     if config.method.memory_update not in UPDATE_MODES:
         problems.append(
             f"method.memory_update = {config.method.memory_update!r}: unknown; one of "
@@ -573,6 +624,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
     settings = LossSettings(**{k: v for k, v in m.items() if k in fields})
 
     def init_memory(train: TrainSet) -> ClusterMemory:
+        check_neighbour_sizes(config, train.num_images)  # before any work
         # A placeholder of the right shapes; the first epoch's clustering fills it.
         dim = train.output_shapes["global"]
         placeholder = np.zeros((train.num_images, *dim), np.float32)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
-from jaxreid.methods import Batch, Method, TrainSet, keep_memory, register
+from jaxreid.methods import Batch, Method, TrainSet, keep_memory, number_problems, register
 from jaxreid.methods.centroids import update_centroids
 from jaxreid.utils import l2_normalize
 
@@ -48,4 +48,20 @@ def instance_nce_method(config: ml_collections.ConfigDict) -> Method:
         )
         return memory.replace(features=features)
 
-    return Method("instance_nce", init_memory, keep_memory, loss, update, feature_keys=("global",))
+    return Method(
+        "instance_nce",
+        init_memory,
+        keep_memory,
+        loss,
+        update,
+        feature_keys=("global",),
+        problems=instance_nce_problems,
+    )
+
+
+def instance_nce_problems(config: ml_collections.ConfigDict) -> list[str]:
+    return number_problems(
+        config,
+        ("method.temperature", 0, None, "()", "0.1 is usual"),
+        ("method.instance_momentum", 0, 1, "[]", "the old row's weight"),
+    )

@@ -22,6 +22,7 @@ from jaxreid.methods import (
     Method,
     TrainSet,
     no_update,
+    number_problems,
     pk_sampler_problems,
     register,
 )
@@ -74,6 +75,12 @@ def supervised_settings() -> dict:
 
 def supervised_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems = pk_sampler_problems(config)
+    problems += number_problems(
+        config,
+        ("method.label_smoothing", 0, 1, "[)", "0.1 is usual"),
+        ("method.triplet_margin", 0, None, "[)", "0.3 is usual"),
+        ("method.triplet_weight", 0, None, "[)"),
+    )
     if config.data.dataset == "folder":
         problems.append(
             "method.name = 'supervised': needs identity labels, and dataset 'folder' has none; "

@@ -32,7 +32,8 @@ def default_cluster_config():
 
     Fields: k1, k2 (k-reciprocal sizes), eps, min_samples (DBSCAN), knn_backend ("faiss" |
     "jax"), knn_block_size (0 = from the memory budget), giant_cluster_fraction (warn when one
-    cluster holds more than this fraction of the points), camera_centering (cluster features
+    cluster holds more than this fraction of the points; the training loop stops there,
+    jaxreid.methods.cluster.degenerate_clustering), camera_centering (cluster features
     minus their camera's mean; see `camera_centered`), camera_bn (the training loop extracts
     each camera's images with that camera's batch-norm statistics; jaxreid.evaluate.camera_bn),
     camera_affinity (strength of the penalty on pairs of cameras that share few people,

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
+from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, number_problems, register
 from jaxreid.methods.scl import banks, loss, release, selection
+from jaxreid.utils import UserError
 
 WARMUP, SELECT = "warmup", "select"
 MIXTURE_UPDATES = ("release", "sequential", "vectorized")
@@ -73,6 +74,12 @@ def scl_problems(config: ml_collections.ConfigDict) -> list[str]:
         )
         if m[key] not in allowed
     ]
+    problems += number_problems(
+        config,
+        ("method.temperature", 0, None, "()", "0.1 is the paper's"),
+        ("method.alpha", 0, None, "[)"),
+        *[(f"method.{key}", 0, None, "[)") for key in ("lam_t", "lam_p", "lam_g", "lam_c")],
+    )
     if config.train.camera_groups:
         problems.append(
             "train.camera_groups = True: SCL samples a plain shuffle, not P x K "
@@ -89,6 +96,12 @@ def scl_method(config: ml_collections.ConfigDict) -> Method:
         return min(m.n, num_rows - m.k - 1)
 
     def init_memory(train: TrainSet) -> banks.SCLBanks:
+        if m.k >= train.num_images - 1:
+            raise UserError(
+                f"method.k = {m.k}: the training set has {train.num_images} images, and k "
+                f"positives plus one negative per sample need k <= {train.num_images - 2}; "
+                "lower method.k (7 is the paper's) or train on more images"
+            )
         release.capped_negatives(m.n, m.k, train.num_images)  # warns when it caps
         features = train.extract()
         return banks.init_banks(
