@@ -23,16 +23,25 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
+from jaxreid.command_line import parse, run
 from jaxreid.host import configure_host
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
-_OUT = flags.DEFINE_string("out", None, "Output .onnx file.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint.")
-
+PROG = "python -m jaxreid.export"
 OUTPUTS = ("global", "stripes")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """A trained run's model as an ONNX file."""
+    flags.DEFINE_string(
+        "workdir", None, "Folder of a `python -m jaxreid.main` run.", flag_values=fv, required=True
+    )
+    flags.DEFINE_string("out", None, "Output .onnx file.", flag_values=fv, required=True)
+    flags.DEFINE_enum(
+        "checkpoint", "latest", ["latest", "best"], "Which checkpoint.", flag_values=fv
+    )
 
 
 def exported_function(embedder) -> tuple[Callable, list[str]]:
@@ -80,29 +89,30 @@ def export_onnx(embedder, path: str) -> list[str]:
     return names
 
 
-def main(argv) -> None:
-    del argv
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse(define_flags, argv, PROG)
     configure_host()  # before jax starts a backend
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
     # onnx_ir warns for every intermediate value whose shape has no element type
     # ("Skipping serialization"): type annotations only, the graph is complete.
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-    from jaxreid.inference import Embedder
+    from jaxreid.inference import Embedder, check_output
     from jaxreid.utils import UserError
 
     try:
-        embedder = Embedder.from_workdir(_WORKDIR.value, _CHECKPOINT.value)
-        names = export_onnx(embedder, _OUT.value)
+        check_output(args.out, "--out")  # before the work
+        embedder = Embedder.from_workdir(args.workdir, args.checkpoint)
+        names = export_onnx(embedder, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     print(
-        f"wrote {_OUT.value}: input images (batch, {embedder.height}, {embedder.width}, 3) "
+        f"wrote {args.out}: input images (batch, {embedder.height}, {embedder.width}, 3) "
         f"float32 RGB 0-255; outputs {', '.join(names)}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    run(main)

@@ -3,10 +3,14 @@
     python -m jaxreid.extract --workdir=/tmp/run --images=/data/crops --out=/tmp/crops.npz
 
 Every .jpg / .jpeg / .png under --images (any depth, sorted) is embedded by the
-run's model (its latest checkpoint, or --checkpoint=best). The .npz holds
-`paths` (relative to --images), `global` (N, D) unit rows and, for SCL models,
-`stripes`; `root` is the folder. Unreadable images are skipped, counted and
-named. Search the result with `python -m jaxreid.search`.
+run's model (its latest checkpoint, or --checkpoint=best); linked sub-folders
+are followed (a link back to a folder already listed is skipped and named).
+The .npz holds `paths` (relative to --images), `global` (N, D) unit rows and,
+for SCL models, `stripes`; `root` is the folder; `model` records which model
+made them (config digest, checkpoint step, weights digest: see
+jaxreid.inference). Unreadable images are skipped, counted and named. --out
+is checked before any work (".npz" is appended where missing, as numpy does).
+Search the result with `python -m jaxreid.search`.
 """
 
 from __future__ import annotations
@@ -15,37 +19,57 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
+from jaxreid.command_line import parse, run
 from jaxreid.host import configure_host
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a `python -m jaxreid.main` run.")
-_IMAGES = flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
-_OUT = flags.DEFINE_string("out", None, "Output .npz file.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint.")
-_CHUNK = flags.DEFINE_integer("chunk", 1024, "Images decoded and embedded at a time.")
-flags.mark_flags_as_required(["workdir", "images", "out"])
+PROG = "python -m jaxreid.extract"
 
 
-def list_images(folder: str) -> list[str]:
-    """Paths of every image under `folder`, relative to it, sorted."""
+def define_flags(fv: flags.FlagValues) -> None:
+    """Features of every image under a folder, from a trained run."""
+    flags.DEFINE_string(
+        "workdir", None, "Folder of a `python -m jaxreid.main` run.", flag_values=fv, required=True
+    )
+    flags.DEFINE_string(
+        "images", None, "Folder of images (searched recursively).", flag_values=fv, required=True
+    )
+    flags.DEFINE_string("out", None, "Output .npz file.", flag_values=fv, required=True)
+    flags.DEFINE_enum(
+        "checkpoint", "latest", ["latest", "best"], "Which checkpoint.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "chunk", 1024, "Images decoded and embedded at a time.", lower_bound=1, flag_values=fv
+    )
+
+
+def list_images(folder: str, log=print) -> list[str]:
+    """Paths of every image under `folder`, relative to it, sorted (linked
+    sub-folders followed; what is skipped goes to `log`)."""
     from jaxreid.data.datasets import list_images_recursive
     from jaxreid.utils import UserError
 
     if not os.path.isdir(folder):
         raise UserError(f"--images {folder!r} is not a folder")
-    return list_images_recursive(folder)
+    return list_images_recursive(folder, log)
 
 
 def extract_folder(embedder, folder: str, chunk: int = 1024, log=print) -> dict[str, np.ndarray]:
-    """{"paths", "global"[, "stripes"]} of the readable images under `folder`."""
+    """{"paths", "global"[, "stripes"], "model"} of the readable images under
+    `folder`; "model" is the embedder's record (jaxreid.inference.record_array)."""
     from tqdm.auto import tqdm
 
     from jaxreid.data.datasets import DataError
     from jaxreid.data.images import decode_image
+    from jaxreid.inference import RECORD_KEY, record_array
 
-    paths = list_images(folder)
+    if chunk < 1:
+        from jaxreid.utils import UserError
+
+        raise UserError(f"chunk {chunk}: must be >= 1 (images embedded at a time)")
+    paths = list_images(folder, log)
     kept, skipped, parts = [], [], []
     bar = tqdm(total=len(paths), unit="img", desc="extract", file=sys.stderr)
     for start in range(0, len(paths), chunk):
@@ -76,27 +100,30 @@ def extract_folder(embedder, folder: str, chunk: int = 1024, log=print) -> dict[
         raise UserError(f"none of the {len(paths)} images under {folder!r} could be read")
     out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     out["paths"] = np.asarray(kept)
+    out[RECORD_KEY] = record_array(embedder.record)
     return out
 
 
-def main(argv) -> None:
-    del argv
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse(define_flags, argv, PROG)
     configure_host()  # before jax starts a backend
     # orbax and jax log through absl at INFO; keep the console for results.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from jaxreid.inference import Embedder
+    from jaxreid.inference import Embedder, check_output
     from jaxreid.utils import UserError
 
     try:
-        embedder = Embedder.from_workdir(_WORKDIR.value, _CHECKPOINT.value)
-        features = extract_folder(embedder, _IMAGES.value, _CHUNK.value)
+        out = check_output(args.out, "--out", ".npz")  # before the work
+        list_images(args.images, log=lambda line: None)  # its notes come with the extraction
+        embedder = Embedder.from_workdir(args.workdir, args.checkpoint)
+        features = extract_folder(embedder, args.images, args.chunk)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    np.savez(_OUT.value, root=os.path.abspath(_IMAGES.value), **features)
-    print(f"wrote {_OUT.value}: {len(features['paths'])} images, {features['global'].shape[1]}-d")
+        return 2
+    np.savez(out, root=os.path.abspath(args.images), **features)
+    print(f"wrote {out}: {len(features['paths'])} images, {features['global'].shape[1]}-d")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

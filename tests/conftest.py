@@ -51,6 +51,24 @@ def tiny_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def run_dir(tiny_root, tmp_path_factory):
+    """A tiny SCL run (1 epoch x 2 steps) through the entry point: the trained
+    workdir of the inference tools' tests (test_inference, test_entry_points_bad_input)."""
+    import subprocess
+
+    from helpers import tiny_main_command
+
+    workdir = str(tmp_path_factory.mktemp("run") / "w")
+    command = [
+        *tiny_main_command(tiny_root, workdir),
+        "--config.train.epochs=1",
+        "--config.train.steps_per_epoch=2",
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    return workdir
+
+
 # Modules with the longest tests (minutes each, mostly compiling), started
 # first so that pytest-xdist's workers do not end on them one at a time.
 LONG_MODULES = (
@@ -60,6 +78,7 @@ LONG_MODULES = (
     "test_release.py",
     "test_label_blind.py",
     "test_inference.py",
+    "test_entry_points_bad_input.py",
     "test_new_method.py",
 )
 

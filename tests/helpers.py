@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,33 @@ def unit(x, axis=-1, dtype=None):
     """x / ||x|| along `axis`, in x's dtype (or `dtype`)."""
     x = np.asarray(x, dtype)
     return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def eval_arrays(seed=0, with_stripes=True) -> dict[str, np.ndarray]:
+    """The arrays of a small valid `python -m jaxreid.evaluate` file: 6 queries
+    (camera 0) and 18 gallery rows (3 cameras per identity), 8-d features
+    near their identity's centre, stripes (N, 2, 4) of unit rows."""
+    rng = np.random.default_rng(seed)
+    num_ids, per_id = 6, 3
+    gallery_pids = np.repeat(np.arange(1, num_ids + 1), per_id)
+    gallery_cams = np.tile(np.arange(per_id), num_ids)
+    query_pids = np.arange(1, num_ids + 1)
+    query_cams = np.zeros(num_ids, np.int64)
+    centres = rng.normal(size=(num_ids + 1, 8))
+    qf = centres[query_pids] + 0.3 * rng.normal(size=(len(query_pids), 8))
+    gf = centres[gallery_pids] + 0.3 * rng.normal(size=(len(gallery_pids), 8))
+    arrays = dict(
+        query_features=qf.astype(np.float32),
+        gallery_features=gf.astype(np.float32),
+        query_pids=query_pids,
+        gallery_pids=gallery_pids,
+        query_cams=query_cams,
+        gallery_cams=gallery_cams,
+    )
+    if with_stripes:
+        arrays["query_stripes"] = unit(qf.reshape(-1, 2, 4), dtype=np.float32)
+        arrays["gallery_stripes"] = unit(gf.reshape(-1, 2, 4), dtype=np.float32)
+    return arrays
 
 
 def main_command(workdir: str, *flags: str) -> list[str]:
@@ -95,6 +123,47 @@ def tiny_config(root: str, **overrides):
             node = node[part]
         node[leaf] = value
     return c
+
+
+def random_embedder(backbone: str = "resnet18", head: str = "scl", pooling: str = "avg"):
+    """An Embedder of a randomly initialised model at 64x32 (no training): the
+    export and Embedder input tests."""
+    from flax import nnx
+
+    from jaxreid import models
+    from jaxreid.inference import Embedder
+
+    config = base_config()
+    config.data.height, config.data.width = 64, 32
+    config.model.backbone, config.model.head, config.model.pretrained = backbone, head, ""
+    config.model.embed_dim = {"scl": 32, "fc": 512}.get(head, 0)
+    config.model.num_stripes = 2
+    config.model.pooling = pooling
+    model = models.build_model(config.model, rngs=nnx.Rngs(0))
+    return Embedder(config, *models.split_model(model))
+
+
+def link_tree(tiny_root, tmp_path) -> tuple[str, list[str]]:
+    """A dataset built from links, as a user links the cameras of several
+    disks into one tree: crops/camA -> disk1/cam1, crops/camB -> disk2/cam2
+    (one level down, through a linked day folder), a loop disk1/cam1/back ->
+    disk1 (a cycle), a second link crops/again -> disk1/cam1 and a broken link.
+    Returns the root and the image names, each once."""
+    source = os.path.join(tiny_root, "bounding_box_train")
+    names = sorted(os.listdir(source))[:6]
+    disk1, disk2 = tmp_path / "disk1" / "cam1", tmp_path / "disk2" / "cam2" / "day"
+    for folder, part in ((disk1, names[:3]), (disk2, names[3:])):
+        folder.mkdir(parents=True)
+        for name in part:
+            shutil.copy(os.path.join(source, name), folder / name)
+    root = tmp_path / "crops"
+    (root / "camB").mkdir(parents=True)
+    (root / "camA").symlink_to(disk1, target_is_directory=True)
+    (root / "camB" / "day").symlink_to(disk2, target_is_directory=True)
+    (disk1 / "back").symlink_to(tmp_path / "disk1", target_is_directory=True)
+    (root / "again").symlink_to(disk1, target_is_directory=True)
+    (root / "camB" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    return str(root), names
 
 
 def tiny_data(config) -> Data:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import eval_arrays
 
 from jaxreid import evaluate
 from jaxreid.evaluate import cli, distances, plots
@@ -319,7 +320,9 @@ def test_extract_features_empty_and_bad_input():
 
 def _subprocess_env(**extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # tests/ too: the scripts import tests.test_evaluate, which imports helpers.
+    paths = [REPO_ROOT, os.path.join(REPO_ROOT, "tests"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra)
     return env
 
@@ -363,30 +366,6 @@ def test_extract_features_four_devices_equals_one(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _good_arrays(seed=0, with_stripes=True):
-    rng = np.random.default_rng(seed)
-    num_ids, per_id = 6, 3
-    gallery_pids = np.repeat(np.arange(1, num_ids + 1), per_id)
-    gallery_cams = np.tile(np.arange(per_id), num_ids)
-    query_pids = np.arange(1, num_ids + 1)
-    query_cams = np.zeros(num_ids, np.int64)
-    centres = rng.normal(size=(num_ids + 1, 8))
-    qf = centres[query_pids] + 0.3 * rng.normal(size=(len(query_pids), 8))
-    gf = centres[gallery_pids] + 0.3 * rng.normal(size=(len(gallery_pids), 8))
-    arrays = dict(
-        query_features=qf.astype(np.float32),
-        gallery_features=gf.astype(np.float32),
-        query_pids=query_pids,
-        gallery_pids=gallery_pids,
-        query_cams=query_cams,
-        gallery_cams=gallery_cams,
-    )
-    if with_stripes:
-        arrays["query_stripes"] = _normalise(qf.reshape(-1, 2, 4)).astype(np.float32)
-        arrays["gallery_stripes"] = _normalise(gf.reshape(-1, 2, 4)).astype(np.float32)
-    return arrays
-
-
 def _run_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "jaxreid.evaluate", *args],
@@ -399,7 +378,7 @@ def _run_cli(*args):
 
 
 def test_cli_json_success(tmp_path):
-    arrays = _good_arrays()
+    arrays = eval_arrays()
     path = str(tmp_path / "f.npz")
     np.savez(path, **arrays)
     proc = _run_cli("--features", path, "--json")
@@ -419,7 +398,7 @@ def test_cli_json_success(tmp_path):
 
 
 def test_cli_table_and_scl_in_process(tmp_path, capsys):
-    arrays = _good_arrays()
+    arrays = eval_arrays()
     path = str(tmp_path / "f.npz")
     np.savez(path, **arrays)
     assert cli.main(["--features", path, "--distance", "scl", "--lam-c", "0.1"]) == 0
@@ -434,7 +413,7 @@ def _bad_inputs(tmp_path):
     cases = []
 
     def npz(name, **changes):
-        arrays = _good_arrays(with_stripes=False)
+        arrays = eval_arrays(with_stripes=False)
         arrays.update(changes)
         for key in [k for k, v in changes.items() if v is None]:
             del arrays[key]
@@ -447,7 +426,7 @@ def _bad_inputs(tmp_path):
     npy = tmp_path / "single.npz"
     with open(npy, "wb") as f:
         np.save(f, np.zeros(3))
-    nan = _good_arrays(with_stripes=False)["gallery_features"].copy()
+    nan = eval_arrays(with_stripes=False)["gallery_features"].copy()
     nan[[1, 4], 0] = np.nan
     nan[4, 1] = np.inf
     cases += [
@@ -499,7 +478,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path):
 
 def test_cli_rerank_success(tmp_path):
     path = str(tmp_path / "f.npz")
-    np.savez(path, **_good_arrays())
+    np.savez(path, **eval_arrays())
     proc = _run_cli("--features", path, "--json", "--rerank", "--k1", "4", "--k2", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flax import nnx
-
-from jaxreid import models
-from jaxreid.config_base import base_config
+from helpers import random_embedder
 
 pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx")
 ort = pytest.importorskip("onnxruntime", reason="the export check needs onnxruntime")
@@ -24,19 +21,6 @@ CASES = {
 SLOW = {"efficientnet_lite0-bnneck", "osnet_x0_25-fc"}  # minutes on 2 cores
 
 
-def _embedder(backbone: str, head: str, pooling: str):
-    from jaxreid.inference import Embedder
-
-    config = base_config()
-    config.data.height, config.data.width = 64, 32
-    config.model.backbone, config.model.head, config.model.pretrained = backbone, head, ""
-    config.model.embed_dim = {"scl": 32, "fc": 512}.get(head, 0)
-    config.model.num_stripes = 2
-    config.model.pooling = pooling
-    model = models.build_model(config.model, rngs=nnx.Rngs(0))
-    return Embedder(config, *models.split_model(model))
-
-
 @pytest.mark.parametrize(
     "case",
     [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES],
@@ -44,7 +28,7 @@ def _embedder(backbone: str, head: str, pooling: str):
 def test_onnx_features_equal_jaxreid(case, tmp_path):
     from jaxreid.export import export_onnx
 
-    embedder = _embedder(*CASES[case])
+    embedder = random_embedder(*CASES[case])
     path = str(tmp_path / "model.onnx")
     names = export_onnx(embedder, path)
     images = np.random.default_rng(0).integers(0, 256, (16, 64, 32, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import step_losses, tiny_config
+from helpers import link_tree, step_losses, tiny_config
 
 from jaxreid.data.datasets import DataError, load_dataset
 
@@ -68,3 +68,27 @@ def test_training_on_a_folder(tiny_root, tmp_path, evaluate):
     else:
         assert result["final"] is None and result["initial"] is None
         assert any("training without evaluation" in ln for ln in lines)
+
+
+def test_linked_folders_are_followed_once(tiny_root, tmp_path):
+    root, names = link_tree(tiny_root, tmp_path)
+    notes = []
+    dataset = load_dataset("folder", root, log=notes.append)
+    found = sorted(os.path.relpath(r.path, root) for r in dataset.train)
+    # Every image once, under the link that reached it first (sorted walk:
+    # "again" before "camA", so camA is the repeat); the cycle is cut where it
+    # comes back (again/back -> disk1, whose cam1 is listed already); both are
+    # named, as is the broken link.
+    assert sorted(os.path.basename(p) for p in found) == sorted(names)
+    assert {p.split(os.sep)[0] for p in found} == {"again", "camB"}
+    assert {r.camera for r in dataset.train} == {0, 1}
+    assert len(notes) == 2, notes
+    assert "skipped 2 link(s) to a folder already listed" in notes[0]
+    assert "'camA', 'again/back/cam1'" in notes[0]
+    assert "skipped 1 broken link(s): 'camB/gone.jpg'" in notes[1]
+
+
+def test_optional_camera_group_is_refused(tiny_root, tmp_path):
+    root = _crops(tiny_root, tmp_path)
+    with pytest.raises(DataError, match="first group must match"):
+        load_dataset("folder", root, folder_cameras=r"(_x\d+)?_c")

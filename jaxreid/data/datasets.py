@@ -278,16 +278,49 @@ def detect_format(root: str) -> str:
     return "market_layout"
 
 
-def list_images_recursive(root: str) -> list[str]:
+def _skipped_line(root: str, what: str, links: list[str]) -> str:
+    shown = ", ".join(repr(link) for link in links[:5]) + (" ..." if len(links) > 5 else "")
+    return f"{root}: skipped {len(links)} {what}: {shown}"
+
+
+def list_images_recursive(root: str, log: Callable[[str], None] | None = None) -> list[str]:
     """Paths of every image under `root` at any depth, relative to it, sorted;
-    DataError when there is none."""
-    paths = []
-    for parent, _, names in os.walk(root):
-        paths += [
-            os.path.relpath(os.path.join(parent, n), root)
-            for n in names
-            if n.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+    DataError when there is none.
+
+    Linked sub-folders are followed (a tree of links to the cameras of several
+    disks is one dataset). A link to a folder already listed -- a cycle, or a
+    second link to the same folder -- is skipped, as is a broken link; each
+    kind is counted and named in one line to `log` (default: absl's warning).
+    """
+    paths, repeated, broken = [], [], []
+    seen = {os.path.realpath(root)}
+    for parent, folders, names in os.walk(root, followlinks=True):
+        kept = []
+        for folder in sorted(folders):
+            path = os.path.join(parent, folder)
+            real = os.path.realpath(path)
+            if real in seen:
+                repeated.append(os.path.relpath(path, root))
+                continue
+            seen.add(real)
+            kept.append(folder)
+        folders[:] = kept  # os.walk descends into these only
+        for name in names:
+            path = os.path.join(parent, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                broken.append(os.path.relpath(path, root))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.relpath(path, root))
+    if repeated or broken:
+        if log is None:
+            from absl import logging as absl_logging
+
+            log = absl_logging.warning
+        if repeated:
+            what = "link(s) to a folder already listed (a cycle or a second link to it)"
+            log(_skipped_line(root, what, repeated))
+        if broken:
+            log(_skipped_line(root, "broken link(s)", broken))
     if not paths:
         raise DataError(
             f"no images under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)"
@@ -295,7 +328,9 @@ def list_images_recursive(root: str) -> list[str]:
     return sorted(paths)
 
 
-def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
+def read_folder(
+    root: str, cameras: str = "subfolder", log: Callable[[str], None] | None = None
+) -> ReidDataset:
     r"""Unlabelled crops: every image under `root` at any depth (sorted) is a
     training image of unknown identity (pid -1); no query or gallery.
 
@@ -304,13 +339,15 @@ def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
     regular expression whose first group, searched in the path relative to
     root, names the camera (e.g. r"_c(\d+)" for Market-style names). Camera
     names become ids 0..C-1 in sorted order (numerically when all are numbers).
+    Linked sub-folders are followed (list_images_recursive; what it skips goes
+    to `log`).
     """
     if not root or not os.path.isdir(root):
         raise DataError(
             f"folder dataset root {root!r} is not a folder: point --config.data.root at "
             "the folder of crops"
         )
-    paths = list_images_recursive(root)
+    paths = list_images_recursive(root, log)
     if cameras == "none":
         names = [""] * len(paths)
     elif cameras == "subfolder":
@@ -323,10 +360,11 @@ def read_folder(root: str, cameras: str = "subfolder") -> ReidDataset:
         names = []
         for p in paths:
             match = pattern.search(p)
-            if match is None or not match.groups():
+            if match is None or not match.groups() or match.group(1) is None:
                 raise DataError(
                     f"data.folder_cameras {cameras!r} finds no camera (first group) in "
-                    f"{os.path.join(root, p)!r}; fix the pattern or move the file"
+                    f"{os.path.join(root, p)!r}; fix the pattern (its first group must "
+                    "match: not optional) or move the file"
                 )
             names.append(match.group(1))
     unique = sorted(set(names), key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
@@ -361,16 +399,22 @@ READERS: dict[str, Callable[[str], ReidDataset]] = {
 }
 
 
-def load_dataset(name: str, root: str, folder_cameras: str = "subfolder") -> ReidDataset:
+def load_dataset(
+    name: str,
+    root: str,
+    folder_cameras: str = "subfolder",
+    log: Callable[[str], None] | None = None,
+) -> ReidDataset:
     """Reads dataset `name` (a key of READERS, or 'auto') from `root`;
-    `folder_cameras` is the camera rule of the "folder" dataset (read_folder)."""
+    `folder_cameras` is the camera rule of the "folder" dataset (read_folder),
+    `log` takes its notes (links skipped)."""
     if name == "auto":
         name = detect_format(root)
     if name not in READERS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(READERS))}")
     root = os.path.abspath(os.path.expanduser(root))
     if name == "folder":
-        return read_folder(root, folder_cameras)
+        return read_folder(root, folder_cameras, log)
     return READERS[name](root)
 
 

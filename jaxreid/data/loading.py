@@ -20,7 +20,7 @@ def load_data(config: ml_collections.ConfigDict, log: Callable[[str], None]):
     from jaxreid.train import Data
 
     d = config.data
-    dataset = load_dataset(d.dataset, d.root, d.folder_cameras)
+    dataset = load_dataset(d.dataset, d.root, d.folder_cameras, log)
     sources = {"train": dataset, "query": dataset, "gallery": dataset}
     if d.eval_root:
         labelled = load_dataset(d.eval_dataset, d.eval_root)

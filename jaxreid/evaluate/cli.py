@@ -10,7 +10,14 @@ L2-normalises the global features and applies k-reciprocal re-ranking
 (jaxreid.pseudo_labels.kreciprocal), which builds its own distance, so it goes with the
 default `--distance cosine` only.
 
-Bad input ends with one line on stderr naming the file and the fix, exit 2.
+Where query_model / gallery_model record which model made each side
+(jaxreid.inference.record_array), features of two models are refused; a file
+without them is evaluated with a one-line note.
+
+Bad input ends with one line on stderr naming the file or setting and the fix,
+exit 2: NaN / inf or zero-norm feature rows (counted), counts < 1 (--max-rank,
+--k1, --k2, --max-block-bytes), weights that are not finite, --lambda-value
+outside [0, 1], distances that overflow, no query with a match.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from jaxreid.evaluate.distances import (
     scl_distance,
 )
 from jaxreid.evaluate.metrics import evaluate_ranking
-from jaxreid.utils import l2_normalize
+from jaxreid.utils import NORM_EPS, UserError, l2_normalize
 
 REQUIRED_KEYS = (
     "query_features",
@@ -43,10 +50,12 @@ REQUIRED_KEYS = (
     "gallery_cams",
 )
 STRIPE_KEYS = ("query_stripes", "gallery_stripes")
+# Which model made each side (jaxreid.inference.record_array), where recorded.
+RECORD_KEYS = ("query_model", "gallery_model")
 JSON_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_queries", "num_valid_queries")
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with the user's input, reported as one line (no traceback)."""
 
 
@@ -76,23 +85,29 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
 
 
-def load_features(path: str, need_stripes: bool) -> dict[str, np.ndarray]:
-    """Reads and validates the npz; raises InputError with a one-line reason."""
+def open_archive(path: str, written_by: str = "feature extraction") -> np.lib.npyio.NpzFile:
+    """np.load of an .npz (no pickles); InputError with a one-line reason for a
+    missing file, a folder, another format or a single .npy array."""
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file; pass the .npz written at feature extraction")
+        raise InputError(f"{path}: no such file; pass the .npz written by {written_by}")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory; pass the .npz file inside it")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(
-            f"{path}: not a readable .npz archive ({type(e).__name__}); write it with numpy.savez"
+            f"{path}: not a readable .npz archive ({type(e).__name__}); write it with {written_by}"
         ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(
-            f"{path}: holds a single .npy array, not an .npz; write it with numpy.savez"
+            f"{path}: holds a single .npy array, not an .npz; write it with {written_by}"
         )
-    with archive:
+    return archive
+
+
+def load_features(path: str, need_stripes: bool) -> dict[str, np.ndarray]:
+    """Reads and validates the npz; raises InputError with a one-line reason."""
+    with open_archive(path, "numpy.savez") as archive:
         wanted = REQUIRED_KEYS + (STRIPE_KEYS if need_stripes else ())
         missing = [k for k in wanted if k not in archive.files]
         if missing:
@@ -106,7 +121,7 @@ def load_features(path: str, need_stripes: bool) -> dict[str, np.ndarray]:
                 f"{', '.join(REQUIRED_KEYS)}"
             )
         try:
-            data = {k: archive[k] for k in wanted}
+            data = {k: archive[k] for k in wanted + RECORD_KEYS if k in archive.files}
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise InputError(
                 f"{path}: an array cannot be read ({e}); re-save with numpy.savez"
@@ -157,12 +172,57 @@ def _validate(path: str, data: dict[str, np.ndarray], need_stripes: bool) -> Non
             raise InputError(
                 f"{path}: {key} has shape {a.shape}: features of width 0; re-extract them"
             )
-        bad_rows = int((~np.isfinite(a.reshape(len(a), -1))).any(axis=1).sum())
+        rows = a.reshape(len(a), -1)
+        bad_rows = int((~np.isfinite(rows)).any(axis=1).sum())
         if bad_rows:
             raise InputError(
                 f"{path}: {key} has {bad_rows} of {len(a)} rows with NaN/inf; "
                 "re-extract (check the model for divergence)"
             )
+        zero_rows = int((np.linalg.norm(rows.astype(np.float64), axis=1) <= NORM_EPS).sum())
+        if zero_rows:
+            raise InputError(
+                f"{path}: {key} has {zero_rows} of {len(a)} rows of zero norm (a model "
+                "outputs unit rows); re-extract them (check the images and the model)"
+            )
+
+
+# Settings that must be counts >= 1 and finite weights, with what they are.
+COUNT_FLAGS = {
+    "max_rank": "the length of the CMC curve",
+    "k1": "the re-ranking neighbourhood",
+    "k2": "the re-ranking query expansion",
+    "max_block_bytes": "the memory of a distance block",
+}
+WEIGHT_FLAGS = ("lam_g", "lam_c", "lambda_value")
+
+
+def check_settings(args: flags.FlagValues) -> None:
+    """InputError naming the first setting that cannot give a meaningful result."""
+    if args.rerank and args.distance != "cosine":
+        raise InputError(
+            f"{args.features}: --rerank builds its own distance from the global "
+            f"features; drop --distance {args.distance} or --rerank"
+        )
+    for name, what in COUNT_FLAGS.items():
+        value = getattr(args, name)
+        if value < 1:
+            default = args[name].default
+            raise InputError(
+                f"--{name.replace('_', '-')} {value}: {what} must be >= 1 (default {default})"
+            )
+    for name in WEIGHT_FLAGS:
+        value = getattr(args, name)
+        if not np.isfinite(value):
+            raise InputError(
+                f"--{name.replace('_', '-')} {value}: must be a finite number "
+                f"(default {args[name].default})"
+            )
+    if not 0 <= args.lambda_value <= 1:
+        raise InputError(
+            f"--lambda-value {args.lambda_value}: the weight of the original distance in "
+            "re-ranking must be in [0, 1] (default 0.3)"
+        )
 
 
 def compute_distance(args: flags.FlagValues, data: dict[str, np.ndarray]) -> np.ndarray:
@@ -222,33 +282,54 @@ def _table(path: str, args: flags.FlagValues, result: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_file(args: flags.FlagValues) -> tuple[dict, list[str]]:
+    """(evaluate_ranking's result, notes) of the features in args.features under
+    the settings of `args` (the parsed flags). InputError (one line) for a bad
+    setting, a bad file, features of two models, distances that are not finite
+    or no query with a match; the metrics are never NaN."""
+    from jaxreid.inference import check_same_model, read_record
+
+    check_settings(args)
+    path = args.features
+    data = load_features(path, need_stripes=args.distance == "scl")
+    try:
+        note = check_same_model(
+            *(
+                (f"{side} features", read_record(data, key))
+                for side, key in zip(("query", "gallery"), RECORD_KEYS, strict=True)
+            )
+        )
+    except UserError as e:
+        raise InputError(f"{path}: {e}") from None
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+        distmat = compute_distance(args, data)
+    bad = int((~np.isfinite(distmat)).sum())
+    if bad:
+        raise InputError(
+            f"{path}: {bad} query-gallery distances are not finite (the features overflow "
+            "float32 arithmetic); rescale them, e.g. to unit rows"
+        )
+    labels = [data[key] for key in REQUIRED_KEYS[2:]]  # query / gallery pids, then cams
+    result = evaluate_ranking(
+        distmat, *labels, max_rank=args.max_rank, max_block_bytes=args.max_block_bytes
+    )
+    if result["num_valid_queries"] == 0:
+        raise InputError(
+            f"{path}: no query has a match in the gallery under the protocol "
+            "(same identity, other camera); check the pids / cams arrays"
+        )
+    return result, [f"{path}: {note}"] if note else []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, _ = parse(define_flags, argv, PROG)
     try:
-        if args.rerank and args.distance != "cosine":
-            raise InputError(
-                f"{args.features}: --rerank builds its own distance from the global "
-                f"features; drop --distance {args.distance} or --rerank"
-            )
-        data = load_features(args.features, need_stripes=args.distance == "scl")
-        distmat = compute_distance(args, data)
-        result = evaluate_ranking(
-            distmat,
-            data["query_pids"],
-            data["gallery_pids"],
-            data["query_cams"],
-            data["gallery_cams"],
-            max_rank=args.max_rank,
-            max_block_bytes=args.max_block_bytes,
-        )
-        if result["num_valid_queries"] == 0:
-            raise InputError(
-                f"{args.features}: no query has a match in the gallery under the protocol "
-                "(same identity, other camera); check the pids / cams arrays"
-            )
-    except InputError as e:
+        result, notes = evaluate_file(args)
+    except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.json:
         print(json.dumps({k: result[k] for k in JSON_KEYS}))
     else:
