@@ -93,13 +93,51 @@ LEARN = {
 # its earlier hard centroid update and top-50 instance negatives), joint
 # (every member a positive) +1.5 / +1.6 / +3.5. With the adaptation recipe's
 # camera handling (clusters of camera-centred features: precision 20%, the
-# hardest positive right for 21%; own-camera negatives) every method gains,
-# over seeds 0, 1, 2 (AMD EPYC): cluster_contrast +16.2 / +13.2 / +22.2, cap
-# +19.8 / +17.5 / +20.1, hhcl +18.4 / +24.8 / +22.8, joint +19.2 / +22.3 /
-# +20.4, self_paced +19.1 / +17.9 / +17.9.
+# hardest positive right for 21%; own-camera negatives) every method gains.
 CAMERA_AWARE = {"cluster.camera_centering": True, "method.camera_negatives": True}
-# Minimum gain: about half the smallest over all methods and seeds.
-MIN_GAIN = 0.06
+
+# The margins (issue #45). A short training's trajectory follows the CPU's
+# floating-point bits (vector width; which library computes the products,
+# jaxreid/host.py), so a margin tuned on one CPU fails on another: with camera
+# groups, 0.295 -> 0.363 on the AMD EPYC but 0.295 -> 0.320 on the Intel Xeon,
+# against a margin of 0.03. The margins below come from the gains measured on
+# both CPU kinds and on the Xeon with an AMD-like code path. The fast tests
+# train seed 0 once; each fast margin is at most about two thirds of the
+# smallest gain of any seed on any of them (camera groups, whose spread is the
+# widest: half). The slow variant (test_short_training_gains_over_seeds,
+# JAXREID_SLOW=1) trains seeds 0, 1, 2 and wants the median gain above about
+# half the smallest median.
+# Gains in mAP points (final - initial plain mAP), seeds 0 / 1 / 2:
+#                     2-core AMD EPYC        2-core Intel Xeon      Xeon, AVX2 +
+#                     (Zen 1, AVX2)          (AVX-512)              Eigen products
+#   cap               +19.8 / +17.5 / +20.1  +16.2 / +13.8 / +15.1  +18.2
+#   cluster_contrast  +16.2 / +13.2 / +22.2  +17.1 / +19.8 / +15.4  +14.9
+#   hhcl              +18.4 / +24.8 / +22.8  +20.5 / +20.5 / +23.0  +20.7
+#   joint             +19.2 / +22.3 / +20.4  +16.1 / +15.4 / +16.6  +17.9
+#   self_paced        +19.1 / +17.9 / +17.9  +15.4 / +17.4 / +13.9  +16.4
+#   supervised        +15.7 / +18.5 / +15.8  +18.7 / +19.1 / +16.4  +17.6
+#   camera_bn         +7.0                   +8.4 / +9.0 / +9.2     +8.6
+#   camera_bn groups  +6.8                   +2.5 / +4.0 / +3.9     +1.7 / +5.1 / +9.0
+# (the camera_bn rows: HHCL with cluster.camera_bn and eval.camera_bn, without
+# and with train.camera_groups; the camera statistics already lift the
+# untrained model from 0.077 to 0.28-0.29, so less is left to gain. Xeon seed
+# 3: +11.3 and +3.2.) The AMD figures are the earlier comments' (commits before
+# 94c5d70; camera_bn: seed 0 only); the Xeon ones on the working tree of 94c5d70
+# (issue #45's round); the last column on the same Xeon under .ci/run's
+# JAXREID_CI_XLA_FLAGS="--xla_cpu_max_isa=AVX2
+# --xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution"
+# (seed 0 but for camera groups; docs/results/test_suite.md). The untrained
+# model's mAP at seed 0 (0.077; 0.2945 with camera statistics) is the same on all
+# three.
+# (fast margin, median margin) per test, in mAP:
+MARGINS = {
+    "methods": (0.06, 0.08),  # smallest gain 13.2 (AMD), smallest median 15.1 (Xeon)
+    "supervised": (0.1, 0.1),  # smallest gain 15.7, smallest median 15.8 (AMD)
+    "camera_bn": (0.03, 0.035),  # smallest gain 7.0 (AMD seed 0), smallest median 7.0
+    "camera_bn_groups": (0.008, 0.02),  # smallest gain 1.7 (AVX2), smallest median 3.9
+}
+MIN_GAIN = MARGINS["methods"][0]
+SEEDS = (0, 1, 2)
 METHODS = ("cap", "cluster_contrast", "hhcl", "joint", "self_paced")
 
 
@@ -108,34 +146,45 @@ def short_training_config(root: str, name: str, camera_aware: bool = True):
     no clustering) on the learning set at `root`."""
     if name == "supervised":
         return cluster_config(root, name, **{**LEARN, "train.epochs": 3, "train.eval_every": 3})
-    # The per-method settings of the recipe (configs/cuhk03_<method>.py).
+    # The per-method settings of the recipe (configs/recipes.py).
     recipe = {f"method.{k}": v for k, v in RECIPE_METHODS[name].items() if k != "name"}
     camera = CAMERA_AWARE if camera_aware else {}
     return cluster_config(root, name, **{**LEARN, **camera, **recipe})
 
 
-def _short_training(root, tmp_path, name):
-    config = short_training_config(root, name)
-    result = train_and_evaluate(config, str(tmp_path / name), tiny_data(config), log=print)
+def _config(root: str, test: str, seed: int = 0):
+    """The config of a quality test: a method, "supervised", or "camera_bn" /
+    "camera_bn_groups" (HHCL with cluster.camera_bn and eval.camera_bn, without
+    and with train.camera_groups)."""
+    if test.startswith("camera_bn"):
+        config = short_training_config(root, "hhcl")
+        config.cluster.camera_bn = config.eval.camera_bn = True
+        config.train.camera_groups = test == "camera_bn_groups"
+    else:
+        config = short_training_config(root, test)
+    config.seed = seed
+    return config
+
+
+def _short_training(root, workdir, test, seed=0):
+    """mAP before and after the short training of `test` (see _config), and its losses."""
+    config = _config(root, test, seed)
+    result = train_and_evaluate(config, workdir, tiny_data(config), log=print)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    print(name, before, after)
-    return before, after, step_losses(str(tmp_path / name))
+    print(f"{test} seed {seed}: mAP {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    return before, after, step_losses(workdir)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_short_cluster_training_raises_map(learn_root, tmp_path, name):
-    before, after, losses = _short_training(learn_root, tmp_path, name)
+    before, after, losses = _short_training(learn_root, str(tmp_path / name), name)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert after > before + MIN_GAIN, (name, before, after)
 
 
 def test_short_supervised_training_raises_map(learn_root, tmp_path):
-    config = short_training_config(learn_root, "supervised")
-    result = train_and_evaluate(config, str(tmp_path / "sup"), tiny_data(config), log=print)
-    before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    print("supervised", before, after)
-    # Gains over seeds 0, 1, 2 (AMD EPYC): +15.7 / +18.5 / +15.8.
-    assert after > before + 0.1, (before, after)
+    before, after, _ = _short_training(learn_root, str(tmp_path / "sup"), "supervised")
+    assert after > before + MARGINS["supervised"][0], (before, after)
 
 
 @pytest.mark.parametrize("camera_groups", [False, True], ids=["shared", "camera_groups"])
@@ -143,13 +192,20 @@ def test_camera_bn_clustering_and_evaluation_train(learn_root, tmp_path, camera_
     """cluster.camera_bn (clustering features with each camera's batch-norm
     statistics) and eval.camera_bn through the training loop, with and without
     train.camera_groups (one camera per batch-norm group in training)."""
-    config = short_training_config(learn_root, "hhcl")
-    config.cluster.camera_bn = config.eval.camera_bn = True
-    config.train.camera_groups = camera_groups
-    result = train_and_evaluate(config, str(tmp_path / "cbn"), tiny_data(config), log=print)
-    before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    print(camera_groups, before, after)
-    # Measured 0.295 -> 0.365, 0.363 with camera groups (AMD EPYC; the camera
-    # statistics already lift the untrained model from about 0.12, so less is
-    # left to gain).
-    assert after > before + 0.03, (before, after)
+    test = "camera_bn_groups" if camera_groups else "camera_bn"
+    before, after, _ = _short_training(learn_root, str(tmp_path / "cbn"), test)
+    assert after > before + MARGINS[test][0], (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("test", [*METHODS, "supervised", "camera_bn", "camera_bn_groups"])
+def test_short_training_gains_over_seeds(learn_root, tmp_path, test):
+    """The quality tests over seeds 0, 1, 2: the median gain above the median
+    margin, every seed's losses finite. Reproduces the gains table above."""
+    gains = []
+    for seed in SEEDS:
+        before, after, losses = _short_training(learn_root, str(tmp_path / str(seed)), test, seed)
+        assert np.all(np.isfinite(losses)), (test, seed)
+        gains.append(after - before)
+    margin = MARGINS["methods" if test in METHODS else test][1]
+    assert np.median(gains) > margin, (test, gains)

@@ -224,9 +224,15 @@ def test_short_training_raises_map(tmp_path):
         },
     )
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    # Gains over seeds 0, 1, 2 (AMD EPYC, after the hand-written VJPs): 7.1 ->
-    # 9.9, 8.7 -> 11.7, 7.8 -> 10.6; the margin is about half the smallest.
-    assert after > before + 0.015, (before, after)
+    # The trajectory follows the CPU's floating-point bits (issue #45). mAP over
+    # seeds 0, 1, 2: 2-core AMD EPYC (after the hand-written VJPs) 7.1 -> 9.9,
+    # 8.7 -> 11.7, 7.8 -> 10.6 (+2.8 / +3.0 / +2.8); 2-core Intel Xeon (AVX-512,
+    # 94c5d70's round) 7.15 -> 16.51, 8.70 -> 18.33, 7.83 -> 11.63 (+9.4 / +9.6 /
+    # +3.8); the same Xeon under .ci/run's AMD-like JAXREID_CI_XLA_FLAGS (AVX2,
+    # Eigen products; docs/results/test_suite.md) 7.15 -> 8.71, 8.70 -> 10.74,
+    # 7.83 -> 14.23 (+1.6 / +2.0 / +6.4). The margin is about half the smallest
+    # gain (it was 0.015, which seed 0 cleared by 0.0006 on the AVX2 path).
+    assert after > before + 0.007, (before, after)
 
 
 @pytest.mark.slow
