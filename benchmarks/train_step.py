@@ -8,8 +8,10 @@ loop of the same network, loss and optimizer, on the same CPU, in one run.
 
 jaxreid: the full step of the config (augmentation, model, method loss,
 gradients, optimizer, memory update), built with the functions training uses
-(benchmarks/jax_step.py). PyTorch: benchmarks/torch_reference.py (torch is an
-optional benchmark dependency; without it the torch column is empty). Both on
+(benchmarks/jax_step.py). PyTorch: benchmarks/torch_reference.py, the loop
+as a PyTorch user writes it on a CPU (channels-last, the augmentation
+vectorised over the batch, threads = cores), eager and torch.compile'd (torch
+is an optional benchmark dependency; without it the torch columns are empty). Both on
 random uint8 images, timed after warm-up; medians and [min-max] of
 `--repeats` steps. Extraction: eval-mode forward of one batch of 256 images.
 """
@@ -72,7 +74,13 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("rows", ",".join(DEFAULT_ROWS), f"of {', '.join(ROWS)}", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, ">= 1 (the first compiles)", flag_values=fv)
     flags.DEFINE_integer("repeats", 5, "timed steps", flag_values=fv)
-    flags.DEFINE_bool("no_torch", False, "skip the PyTorch column", flag_values=fv)
+    flags.DEFINE_bool("no_torch", False, "skip the PyTorch columns", flag_values=fv)
+    flags.DEFINE_bool(
+        "torch_compile",
+        True,
+        "also a torch.compile (inductor) column of the same loop (--notorch_compile: skip)",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("no_extract", False, "skip the extraction figures", flag_values=fv)
     flags.DEFINE_string("json", "", "also write the figures here", flag_values=fv)
 
@@ -94,9 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     if torch_reference is not None:
         import torch
 
+        # As many threads as cores, as XLA:CPU uses.
+        torch.set_num_threads(os.cpu_count() or 1)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    compiled = torch_reference is not None and args.torch_compile
     results = {}
     header = f"{'row':48s} {'jaxreid img/s':>22s} {'PyTorch img/s':>22s} {'ratio':>6s}"
+    if compiled:
+        header += f" {'torch.compile img/s':>22s} {'ratio':>6s}"
     print(header)
     for name in args.rows.split(","):
         spec, overrides, num_images, label = ROWS[name]
@@ -111,24 +124,33 @@ def main(argv: list[str] | None = None) -> None:
                 None,
             )
         del jax_step
+        columns = {kind: [ours] for kind, (ours, _) in entries.items()}
         if torch_reference is not None:
             images, _, identities = random_training_set(config, num_images)
-            step = torch_reference.TorchStep(config, images, identities, memory_rows=num_images)
-            entries["train"] = (
-                entries["train"][0],
-                summary(batch, step.time_steps(args.warmup, args.repeats)),
-            )
-            if "extract" in entries:
-                entries["extract"] = (
-                    entries["extract"][0],
-                    summary(EXTRACT_BATCH, step.time_extraction(EXTRACT_BATCH, args.repeats)),
+            for compile_it in (False, True)[: 1 + compiled]:
+                step = torch_reference.TorchStep(
+                    config, images, identities, memory_rows=num_images, compiled=compile_it
                 )
-            del step
-        for kind, (ours, theirs) in entries.items():
-            ratio = f"{ours['median'] / theirs['median']:.2f}x" if theirs else "-"
-            row = f"{label} {kind}"
-            print(f"{row:48s} {fmt(ours):>22s} {fmt(theirs):>22s} {ratio:>6s}", flush=True)
-            results[f"{name}/{kind}"] = {"jaxreid": ours, "pytorch": theirs}
+                # The first steps of the compiled loop compile (forward and backward).
+                warmup = args.warmup + 2 * compile_it
+                columns["train"].append(summary(batch, step.time_steps(warmup, args.repeats)))
+                if "extract" in columns:
+                    step.time_extraction(EXTRACT_BATCH, 1 + compile_it)  # compiles eval mode
+                    columns["extract"].append(
+                        summary(EXTRACT_BATCH, step.time_extraction(EXTRACT_BATCH, args.repeats))
+                    )
+                del step
+        for kind, (ours, *theirs) in columns.items():
+            line = f"{label + ' ' + kind:48s} {fmt(ours):>22s}"
+            for other in theirs or [None]:
+                ratio = f"{ours['median'] / other['median']:.2f}x" if other else "-"
+                line += f" {fmt(other):>22s} {ratio:>6s}"
+            print(line, flush=True)
+            results[f"{name}/{kind}"] = {
+                "jaxreid": ours,
+                "pytorch": theirs[0] if theirs else None,
+                "torch_compile": theirs[1] if len(theirs) > 1 else None,
+            }
         print(f"# {label}: jaxreid's first step (compilation) {compile_s:.0f} s", flush=True)
         results[f"{name}/first_step_seconds"] = compile_s
     if args.json:
