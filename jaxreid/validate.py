@@ -22,17 +22,54 @@ def _positive(problems: list[str], config: ml_collections.ConfigDict, *keys: str
             problems.append(f"{key} = {value!r}: must be a whole number >= 1")
 
 
+def _setting(config: ml_collections.ConfigDict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def choice_problems(config: ml_collections.ConfigDict, *checks: tuple) -> list[str]:
+    """'setting = value: fix' lines for the settings whose value is not one of
+    their choices: each check is (dotted key, allowed values)."""
+    return [
+        f"{key} = {_setting(config, key)!r}: unknown; one of {', '.join(allowed)}"
+        for key, allowed in checks
+        if _setting(config, key) not in allowed
+    ]
+
+
+def number_problems(config: ml_collections.ConfigDict, *checks: tuple) -> list[str]:
+    """'setting = value: fix' lines for the settings that are not finite numbers
+    in their range (NaN and inf never are): each check is (dotted key, low,
+    high, bounds[, hint]) with `bounds` "[]", "(]", "[)" or "()" saying which
+    ends are allowed (None: unbounded) and `hint` a usual value or meaning."""
+    import math
+
+    problems = []
+    for key, low, high, bounds, *hint in checks:
+        value = _setting(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key} = {value!r}: must be a number")
+            continue
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value >= low if bounds[0] == "[" else value > low
+        if ok and high is not None:
+            ok = value <= high if bounds[1] == "]" else value < high
+        if not ok:
+            where = f"{bounds[0]}{'-inf' if low is None else low}, "
+            where += f"{'inf' if high is None else high}{bounds[1]}"
+            about = f" ({hint[0]})" if hint else ""
+            problems.append(f"{key} = {value!r}: must be a finite number in {where}{about}")
+    return problems
+
+
 def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> list[str]:
     """Every problem of `config` as 'setting = value: fix' lines (empty: fine).
     The method's block is checked against the method's own declaration, and
     in training by the method's own `problems` hook."""
     from jaxreid.data.datasets import READERS
-    from jaxreid.methods import (
-        get_method,
-        number_problems,
-        settings_problems,
-        with_method_defaults,
-    )
+    from jaxreid.methods import get_method, settings_problems, with_method_defaults
     from jaxreid.models.model import model_problems
 
     problems: list[str] = settings_problems(config)
@@ -40,16 +77,14 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         # The method's own checks, on its declared settings (all present).
         filled = with_method_defaults(config)
         problems += get_method(filled).problems(filled)
-    choices = (
-        ("data.dataset", config.data.dataset, [*READERS, "auto"]),
-        ("data.eval_dataset", config.data.eval_dataset, [*READERS, "auto"]),
-        ("optimizer.name", config.optimizer.name, OPTIMIZERS),
-        ("optimizer.schedule", config.optimizer.schedule, SCHEDULES),
+    problems += choice_problems(
+        config,
+        ("data.dataset", [*READERS, "auto"]),
+        ("data.eval_dataset", [*READERS, "auto"]),
+        ("optimizer.name", OPTIMIZERS),
+        ("optimizer.schedule", SCHEDULES),
     )
-    for key, value, allowed in choices:
-        if value not in allowed:
-            problems.append(f"{key} = {value!r}: unknown; one of {', '.join(allowed)}")
-    problems += model_problems(config.model)
+    problems += model_problems(config)
     _positive(problems, config, "data.height", "data.width", "eval.batch_size")
     if mode == "train":
         _positive(

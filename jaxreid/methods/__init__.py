@@ -247,35 +247,6 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def number_problems(config: ml_collections.ConfigDict, *checks: tuple) -> list[str]:
-    """'setting = value: fix' lines for the settings that are not finite numbers
-    in their range (NaN and inf never are): each check is (dotted key, low,
-    high, bounds[, hint]) with `bounds` "[]", "(]", "[)" or "()" saying which
-    ends are allowed (None: unbounded) and `hint` a usual value or meaning."""
-    import math
-
-    problems = []
-    for key, low, high, bounds, *hint in checks:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        value = node
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key} = {value!r}: must be a number")
-            continue
-        ok = math.isfinite(value)
-        if ok and low is not None:
-            ok = value >= low if bounds[0] == "[" else value > low
-        if ok and high is not None:
-            ok = value <= high if bounds[1] == "]" else value < high
-        if not ok:
-            where = f"{bounds[0]}{'-inf' if low is None else low}, "
-            where += f"{'inf' if high is None else high}{bounds[1]}"
-            about = f" ({hint[0]})" if hint else ""
-            problems.append(f"{key} = {value!r}: must be a finite number in {where}{about}")
-    return problems
-
-
 def pk_sampler_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Checks shared by the methods that draw P x K batches over (pseudo-)
     identities: the batch splits into K images of each of P identities, and

@@ -52,12 +52,12 @@ from jaxreid.methods import (
     EpochPlan,
     Method,
     TrainSet,
-    number_problems,
     pk_sampler_problems,
     register,
 )
 from jaxreid.methods.centroids import UPDATE_MODES, update_centroids
 from jaxreid.utils import UserError, l2_normalize
+from jaxreid.validate import choice_problems, number_problems
 
 _NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
 
@@ -606,11 +606,7 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
             if key in m
         ],
     )
-    if config.method.memory_update not in UPDATE_MODES:
-        problems.append(
-            f"method.memory_update = {config.method.memory_update!r}: unknown; one of "
-            f"{', '.join(UPDATE_MODES)}"
-        )
+    problems += choice_problems(config, ("method.memory_update", UPDATE_MODES))
     return problems
 
 

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
-from jaxreid.methods import Batch, Method, TrainSet, keep_memory, number_problems, register
+from jaxreid.methods import Batch, Method, TrainSet, keep_memory, register
 from jaxreid.methods.centroids import update_centroids
 from jaxreid.utils import l2_normalize
+from jaxreid.validate import number_problems
 
 
 class InstanceMemory(struct.PyTreeNode):

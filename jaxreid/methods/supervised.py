@@ -22,10 +22,10 @@ from jaxreid.methods import (
     Method,
     TrainSet,
     no_update,
-    number_problems,
     pk_sampler_problems,
     register,
 )
+from jaxreid.validate import number_problems
 
 
 class SupervisedMemory(struct.PyTreeNode):

@@ -39,19 +39,18 @@ POOLINGS = ("avg", "gem")
 
 
 def model_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """Problems of the `model` section as 'model.setting = value: fix' lines."""
-    problems = [
-        f"model.{key} = {config[key]!r}: unknown; one of {', '.join(allowed)}"
-        for key, allowed in (
-            ("backbone", sorted(FEATURE_DIMS)),
-            ("head", HEADS),
-            ("pooling", POOLINGS),
-            ("dtype", tuple(_DTYPES)),
-        )
-        if config[key] not in allowed
-    ]
-    if config.head == "scl":
-        stripes, dim = config.num_stripes, config.embed_dim
+    """Problems of `config`'s `model` section as 'model.setting = value: fix' lines."""
+    from jaxreid.validate import choice_problems
+
+    problems = choice_problems(
+        config,
+        ("model.backbone", sorted(FEATURE_DIMS)),
+        ("model.head", HEADS),
+        ("model.pooling", POOLINGS),
+        ("model.dtype", tuple(_DTYPES)),
+    )
+    if config.model.head == "scl":
+        stripes, dim = config.model.num_stripes, config.model.embed_dim
         if stripes < 1 or dim < 1 or dim % stripes:
             problems.append(
                 f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, number_problems, register
+from jaxreid.methods import Batch, EpochPlan, Method, TrainSet, register
 from jaxreid.methods.scl import banks, loss, release, selection
 from jaxreid.utils import UserError
+from jaxreid.validate import choice_problems, number_problems
 
 WARMUP, SELECT = "warmup", "select"
 MIXTURE_UPDATES = ("release", "sequential", "vectorized")
@@ -63,17 +64,13 @@ def scl_settings() -> dict:
 
 
 def scl_problems(config: ml_collections.ConfigDict) -> list[str]:
-    m = config.method
-    problems = [
-        f"method.{key} = {m[key]!r}: unknown; one of {', '.join(allowed)}"
-        for key, allowed in (
-            ("mixture_update", MIXTURE_UPDATES),
-            ("gradient", RELEASE_OR_CLEAN),
-            ("warmup_sampling", RELEASE_OR_CLEAN),
-            ("mixture_init", MIXTURE_INITS),
-        )
-        if m[key] not in allowed
-    ]
+    problems = choice_problems(
+        config,
+        ("method.mixture_update", MIXTURE_UPDATES),
+        ("method.gradient", RELEASE_OR_CLEAN),
+        ("method.warmup_sampling", RELEASE_OR_CLEAN),
+        ("method.mixture_init", MIXTURE_INITS),
+    )
     problems += number_problems(
         config,
         ("method.temperature", 0, None, "()", "0.1 is the paper's"),
