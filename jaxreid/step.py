@@ -28,6 +28,9 @@ from jaxreid import augment, models, parallel
 from jaxreid.methods import Batch, Method
 from jaxreid.utils import UserError
 
+# Folded into a step's key to give the model's key (see group_step).
+MODEL_KEY_SALT = 0x6D6F64
+
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array
@@ -174,6 +177,9 @@ def make_train_step(
         # of every batch of the epoch.
         key = jax.random.wrap_key_data(key_data)
         k_aug, k_method = jax.random.split(key)
+        # The model's own randomness (drop-path, WaveBlock): a key apart from
+        # the two above, so adding it changed no existing run's draws.
+        k_model = jax.random.fold_in(key, MODEL_KEY_SALT)
         first = jax.lax.axis_index(parallel.AXIS) * local_groups
         indices = batches[i]
 
@@ -185,7 +191,13 @@ def make_train_step(
 
             def loss_fn(p):
                 outputs, new_stats = models.apply_model(
-                    graphdef, p, batch_stats, images, train=True
+                    graphdef,
+                    p,
+                    batch_stats,
+                    images,
+                    train=True,
+                    rng=jax.random.fold_in(k_model, number),
+                    cameras=batch.cameras,
                 )
                 value, aux, metrics = method_loss(
                     phase, outputs, memory, batch, jax.random.fold_in(k_method, number)

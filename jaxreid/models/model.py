@@ -185,7 +185,17 @@ class ReIDModel(nnx.Module):
         else:
             raise ValueError(f"unknown head {config.head!r}; expected 'scl', 'bnneck' or 'fc'")
 
-    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        images: jax.Array,
+        train: bool = False,
+        *,
+        rng: jax.Array | None = None,
+        cameras: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        # rng and cameras are for the modules that use them (stochastic
+        # training-only layers, camera embeddings); the CNNs ignore both.
+        del rng, cameras
         outputs = self.head(self.backbone(images, train), train)
         return {k: v.astype(jnp.float32) for k, v in outputs.items()}
 
@@ -211,11 +221,18 @@ def apply_model(
     batch_stats: nnx.State,
     images: jax.Array,
     train: bool,
+    *,
+    rng: jax.Array | None = None,
+    cameras: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], nnx.State]:
     """Pure forward: (outputs, new_batch_stats). In eval the given batch_stats are
-    returned as they are; in train the running statistics are updated."""
+    returned as they are; in train the running statistics are updated.
+
+    `rng` (a typed key) drives the model's training-time randomness (drop-path,
+    WaveBlock); a model that has some refuses train=True without it. `cameras`
+    (B,) int32 camera indices, for models with a camera embedding."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    outputs = model(images, train=train)
+    outputs = model(images, train=train, rng=rng, cameras=cameras)
     if not train:
         return outputs, batch_stats
     return outputs, nnx.state(model, nnx.BatchStat)
