@@ -480,11 +480,29 @@ class ClusteringError(UserError):
     pass
 
 
-def recluster(
-    kind: str, config: ml_collections.ConfigDict, train: TrainSet, epoch: int
-) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
-    """Extracts the training set (eval mode, no augmentation), clusters it and
-    builds the memory; a ClusteringError when the clustering is degenerate
+@dataclasses.dataclass(frozen=True)
+class EpochClustering:
+    """One epoch's clustering of the training set (`cluster_training_set`)."""
+
+    features: np.ndarray  # (N, D) eval-mode global features it clustered
+    labels: np.ndarray  # (N,) the labels that train (camera filter applied), -1 outlier
+    # (G, N) DBSCAN labels at each of `eps_values` (row 0: the training eps),
+    # before the camera filter.
+    granularities: np.ndarray
+    eps_values: tuple[float, ...]
+    stats: dict[str, float]
+
+
+def cluster_training_set(
+    config: ml_collections.ConfigDict,
+    train: TrainSet,
+    epoch: int,
+    eps_offsets: tuple[float, ...] = (),
+) -> EpochClustering:
+    """Extracts the training set (eval mode, no augmentation) and clusters it
+    at the epoch's eps (and at eps + each of `eps_offsets`, on the same
+    Jaccard distance); the camera filter (`cluster.min_cameras`) applies to
+    the training labels. A ClusteringError when they are degenerate
     (`degenerate_clustering`) or cannot fill a batch."""
     from jaxreid.pseudo_labels import clustering
 
@@ -495,26 +513,39 @@ def recluster(
     cluster.eps = clustering.epoch_eps(
         cluster.eps, cluster.get("final_eps", 0.0), epoch, config.train.epochs
     )
-    labels = clustering.cluster_features(features["global"], cluster, cameras=train.cameras)
+    eps_values = (float(cluster.eps), *(float(cluster.eps + o) for o in eps_offsets))
+    granularities = clustering.multi_eps_labels(
+        features["global"], list(eps_values), cluster, cameras=train.cameras
+    )
+    min_cameras = int(cluster.get("min_cameras", 1))
+    labels, removed = clustering.camera_filter(granularities[0], train.cameras, min_cameras)
     stats = clustering.pseudo_label_stats(labels)
     needed = config.train.batch_size // config.train.num_instances
     problem = degenerate_clustering(stats, needed, cluster.giant_cluster_fraction)
     if problem:
+        if stats["num_outliers"] > stats["num_samples"] / 2:
+            # Mostly outliers: the neighbourhoods are too tight.
+            advice = (
+                f"Raise cluster.eps (now {cluster.eps:g}) or lower cluster.min_samples "
+                f"(now {cluster.min_samples})"
+            )
+        else:
+            # Few, large clusters: neighbourhoods merge different people.
+            advice = (
+                f"Lower cluster.eps (now {cluster.eps:g}; 0.5-0.6 is usual) or raise "
+                f"cluster.min_samples (now {cluster.min_samples})"
+            )
+        if removed["removed_clusters"]:
+            advice += (
+                f"; the camera filter made {removed['removed_clusters']} single-camera "
+                f"clusters outliers: lower cluster.min_cameras (now {min_cameras}; 1 = off)"
+            )
         raise ClusteringError(
             f"epoch {epoch + 1}: clustering gave {stats['num_clusters']} clusters (largest "
             f"{stats['largest_cluster']}) and {stats['num_outliers']} outliers of "
             f"{stats['num_samples']} images: {problem}; training on it would learn nothing. "
-            + (
-                # Mostly outliers: the neighbourhoods are too tight.
-                f"Raise cluster.eps (now {cluster.eps:g}) or lower cluster.min_samples "
-                f"(now {cluster.min_samples})"
-                if stats["num_outliers"] > stats["num_samples"] / 2
-                # Few, large clusters: neighbourhoods merge different people.
-                else f"Lower cluster.eps (now {cluster.eps:g}; 0.5-0.6 is usual) or raise "
-                f"cluster.min_samples (now {cluster.min_samples})"
-            )
+            + advice
         )
-    memory = build_memory(kind, features["global"], train.cameras, labels)
     stats = {
         "eps": cluster.eps,
         "num_clusters": stats["num_clusters"],
@@ -523,7 +554,36 @@ def recluster(
         "extract_s": extracted - start,
         "cluster_s": time.time() - extracted,
     }
-    return memory, labels, stats
+    if min_cameras > 1:
+        stats["camera_filter_clusters"] = removed["removed_clusters"]
+        stats["camera_filter_images"] = removed["removed_images"]
+    return EpochClustering(features["global"], labels, granularities, eps_values, stats)
+
+
+def clustering_summary(epoch: int, stats: dict[str, float]) -> str:
+    """The epoch's log line of `cluster_training_set`'s stats."""
+    line = (
+        f"epoch {epoch + 1}: eps {stats['eps']:.3f}, {stats['num_clusters']} clusters, "
+        f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "
+        f"{stats['largest_cluster']} (extract {stats['extract_s']:.1f}s, "
+        f"cluster {stats['cluster_s']:.1f}s)"
+    )
+    if "camera_filter_clusters" in stats:
+        line += (
+            f"; camera filter: {stats['camera_filter_clusters']} single-camera clusters "
+            f"({stats['camera_filter_images']} images) made outliers"
+        )
+    return line
+
+
+def recluster(
+    kind: str, config: ml_collections.ConfigDict, train: TrainSet, epoch: int
+) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
+    """`cluster_training_set` and the memory of `kind` built from its labels:
+    (memory, labels, stats)."""
+    result = cluster_training_set(config, train, epoch)
+    memory = build_memory(kind, result.features, train.cameras, result.labels)
+    return memory, result.labels, result.stats
 
 
 def check_neighbour_sizes(config: ml_collections.ConfigDict, num_images: int) -> None:
@@ -607,6 +667,12 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
         ],
     )
     problems += choice_problems(config, ("method.memory_update", UPDATE_MODES))
+    min_cameras = config.cluster.get("min_cameras", 1)
+    if isinstance(min_cameras, bool) or not isinstance(min_cameras, int) or min_cameras < 1:
+        problems.append(
+            f"cluster.min_cameras = {min_cameras!r}: must be a whole number >= 1 (1 = keep "
+            "every cluster; 2 = clusters seen by one camera become outliers)"
+        )
     return problems
 
 
@@ -638,12 +704,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             # (mAP 7.6 vs 9.5 after 40 steps on the synthetic test set).
             sampler_labels=np.asarray(memory.pseudo_labels),
             stats={f"cluster/{k}": v for k, v in stats.items()},
-            summary=(
-                f"epoch {epoch + 1}: eps {stats['eps']:.3f}, {stats['num_clusters']} clusters, "
-                f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "
-                f"{stats['largest_cluster']} (extract {stats['extract_s']:.1f}s, "
-                f"cluster {stats['cluster_s']:.1f}s)"
-            ),
+            summary=clustering_summary(epoch, stats),
             # For benchmarks/pseudo_label_quality.py.
             arrays={"pseudo_labels": labels},
         )

@@ -42,7 +42,8 @@ def default_cluster_config():
     `epoch_eps`), camera_aware_jaccard (the Jaccard distance of
     `kreciprocal.camera_aware_jaccard_distance` instead of the plain one, with its sizes
     k1_intra, k1_inter, k2_intra, k2_inter in place of k1, k2; the defaults are the
-    public code's).
+    public code's), min_cameras (clusters whose images come from fewer cameras become
+    outliers: `camera_filter`; 1 = off).
     """
     import ml_collections
 
@@ -64,6 +65,7 @@ def default_cluster_config():
             k1_inter=20,
             k2_intra=2,
             k2_inter=4,
+            min_cameras=1,
         )
     )
 
@@ -245,6 +247,37 @@ def _camera_aware_distance(features, cameras, params, eps) -> sp.csr_matrix:
     )
 
 
+def _params(config: Any) -> dict[str, Any]:
+    """The fields of `default_cluster_config()` from a ConfigDict, mapping or
+    object (missing fields take the defaults)."""
+    params = dict(default_cluster_config())
+    if config is not None:
+        if isinstance(config, Mapping) or hasattr(config, "get"):  # dict, ConfigDict
+            params.update({k: config.get(k, v) for k, v in params.items()})
+        else:  # any object with attributes
+            params.update({k: getattr(config, k, v) for k, v in params.items()})
+    return params
+
+
+def clustering_distance(
+    features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None, max_eps=None
+) -> sp.csr_matrix:
+    """The sparse Jaccard distance `cluster_features` clusters (camera centring,
+    affinity and the camera-aware variant as `config` says), storing the pairs
+    up to `max_eps` (default: config's eps), so that DBSCAN can run at any eps
+    up to it without computing it again."""
+    params = _params(config)
+    features = np.asarray(features, dtype=np.float32)
+    if params["camera_centering"]:
+        if cameras is None:
+            raise ValueError("cluster.camera_centering needs the images' cameras")
+        features = camera_centered(features, cameras)
+    eps = float(params["eps"] if max_eps is None else max_eps)
+    if params["camera_aware_jaccard"]:
+        return _camera_aware_distance(features, cameras, params, eps)
+    return _plain_distance(features, cameras, params, eps)
+
+
 def cluster_features(
     features: np.ndarray, config: Any = None, cameras: np.ndarray | None = None
 ) -> np.ndarray:
@@ -253,42 +286,53 @@ def cluster_features(
     `config`: a ConfigDict or mapping with the fields of `default_cluster_config()` (missing
     fields take the defaults). Returns int64 labels, clusters 0..C-1 in order of their lowest
     core index, -1 = outlier. Degenerate results (all outliers, one giant cluster, N < k1) are
-    logged as warnings and returned as they are.
+    logged as warnings and returned as they are. `min_cameras` is not applied here (see
+    `camera_filter`).
     """
-    params = dict(default_cluster_config())
-    if config is not None:
-        if isinstance(config, Mapping) or hasattr(config, "get"):  # dict, ConfigDict
-            params.update({k: config.get(k, v) for k, v in params.items()})
-        else:  # any object with attributes
-            params.update({k: getattr(config, k, v) for k, v in params.items()})
-    features = np.asarray(features, dtype=np.float32)
-    if params["camera_centering"]:
-        if cameras is None:
-            raise ValueError("cluster.camera_centering needs the images' cameras")
-        features = camera_centered(features, cameras)
+    eps = float(_params(config)["eps"])
+    return multi_eps_labels(features, [eps], config, cameras)[0]
+
+
+def multi_eps_labels(
+    features: np.ndarray,
+    eps_values: list[float],
+    config: Any = None,
+    cameras: np.ndarray | None = None,
+) -> np.ndarray:
+    """(G, N) int64 DBSCAN labels at each of `eps_values` (one granularity per
+    row) on ONE Jaccard distance, computed once up to the largest eps; the
+    other fields of `config` as in `cluster_features`."""
+    params = _params(config)
     n = len(features)
     if n == 0:
         logger.warning("cluster_features: no features; returning no labels")
-        return np.zeros(0, np.int64)
+        return np.zeros((len(eps_values), 0), np.int64)
     start = time.perf_counter()
-    eps = float(params["eps"])
-    if params["camera_aware_jaccard"]:
-        distance = _camera_aware_distance(features, cameras, params, eps)
-    else:
-        distance = _plain_distance(features, cameras, params, eps)
+    distance = clustering_distance(features, params, cameras, max_eps=max(eps_values))
     jaccard_seconds = time.perf_counter() - start
-    labels = dbscan(distance, eps, int(params["min_samples"]))
+    labelings = []
+    for eps in eps_values:
+        tick = time.perf_counter()
+        labels = dbscan(distance, float(eps), int(params["min_samples"]))
+        _log_labels(labels, float(eps), params, jaccard_seconds, time.perf_counter() - tick)
+        labelings.append(labels)
+    return np.stack(labelings)
+
+
+def _log_labels(labels, eps, params, jaccard_seconds, dbscan_seconds) -> None:
+    n = len(labels)
     stats = pseudo_label_stats(labels)
     logger.info(
-        "cluster_features: N=%d -> %d clusters, %d outliers (%.1f%%), largest %d; "
+        "cluster_features: N=%d, eps=%g -> %d clusters, %d outliers (%.1f%%), largest %d; "
         "jaccard %.2fs, dbscan %.2fs",
         n,
+        eps,
         stats["num_clusters"],
         stats["num_outliers"],
         100 * stats["outlier_fraction"],
         stats["largest_cluster"],
         jaccard_seconds,
-        time.perf_counter() - start - jaccard_seconds,
+        dbscan_seconds,
     )
     if stats["num_clusters"] == 0:
         logger.warning(
@@ -304,4 +348,32 @@ def cluster_features(
             n,
             eps,
         )
-    return labels
+
+
+def camera_filter(
+    labels: np.ndarray, cameras: np.ndarray, min_cameras: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Clusters whose images come from fewer than `min_cameras` distinct
+    cameras become outliers; the others are renumbered 0..C'-1 in their order.
+
+    Why: a cluster seen by one camera is mostly that camera's view of one
+    scene (background, light), not a person across cameras, and training on
+    it teaches camera features (JCL). Returns the new labels and
+    {"removed_clusters", "removed_images"}.
+    """
+    labels = np.asarray(labels, np.int64)
+    cameras = np.asarray(cameras, np.int64)
+    num_clusters = int(labels.max(initial=-1)) + 1
+    clustered = labels >= 0
+    if min_cameras <= 1 or num_clusters == 0:
+        return labels.copy(), {"removed_clusters": 0, "removed_images": 0}
+    pairs = np.unique(labels[clustered] * (int(cameras.max()) + 1) + cameras[clustered])
+    seen_by = np.bincount(pairs // (int(cameras.max()) + 1), minlength=num_clusters)
+    present = np.bincount(labels[clustered], minlength=num_clusters) > 0
+    keep = seen_by >= min_cameras
+    new_id = np.where(keep, np.cumsum(keep) - 1, -1)
+    out = np.where(clustered, new_id[np.maximum(labels, 0)], -1)
+    return out, {
+        "removed_clusters": int(np.sum(present & ~keep)),
+        "removed_images": int(np.sum(clustered & (out < 0))),
+    }
