@@ -14,9 +14,15 @@ in eval.
 FCHead is torchreid's embedding (OSNet's `fc`): pool -> Linear(C, D) ->
 BatchNorm1d -> ReLU; "global" is that feature (L2-normalised in eval), so a
 torchreid checkpoint's own feature is reproduced exactly.
+
+A transformer backbone gives a `TokenMap` instead of a map: its patch tokens as
+the (B, h, w, C) grid (stripes and avg / GeM pooling use it as a CNN's map) and
+its [CLS] token, which pooling "cls" takes as the pooled feature.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,39 @@ from jaxreid.models.layers import (
     stripe_pool,
 )
 from jaxreid.utils import l2_normalize
+
+
+class TokenMap(NamedTuple):
+    """A transformer backbone's output: the patch tokens as a (B, h, w, C)
+    grid and the [CLS] token (B, C)."""
+
+    grid: jax.Array
+    cls: jax.Array
+
+
+POOLINGS = ("avg", "gem", "cls")
+
+
+def _make_pool(pooling: str) -> nnx.Module | None:
+    """The global branch's pooling; None for "cls" (the [CLS] token)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    return None if pooling == "cls" else make_pool(pooling)
+
+
+def _pooled(pool: nnx.Module | None, features: jax.Array | TokenMap) -> jax.Array:
+    """(B, C) float32 global input: the pooled map, or a TokenMap's [CLS] token
+    (pool None) or its pooled grid."""
+    if isinstance(features, TokenMap):
+        return features.cls.astype(jnp.float32) if pool is None else pool(features.grid)
+    if pool is None:
+        raise ValueError('pooling "cls" needs a transformer backbone (a [CLS] token)')
+    return pool(features)
+
+
+def _grid(features: jax.Array | TokenMap) -> jax.Array:
+    return features.grid if isinstance(features, TokenMap) else features
+
 
 # He-normal fan-out for the stacked (P, C, D/P) stripe kernel: fan_out = D/P.
 _stripe_kernel_init = he_normal_fan_out(batch_axis=(0,))
@@ -68,9 +107,10 @@ class SCLHead(nnx.Module):
     """Outputs "global" (B, D) and "stripes" (B, P, D/P), both unit norm, and
     "pre_bn" (B, D), the global Linear output before its BatchNorm.
 
-    The global branch uses `pooling` (avg or GeM); stripes are always averaged, as
-    the method specifies. Stripe rows follow `layers.stripe_bins` (torch's
-    AdaptiveAvgPool2d((P, 1)) bins when P does not divide the map height).
+    The global branch uses `pooling` (avg, GeM or a transformer's [CLS]);
+    stripes are always averaged, as the method specifies. Stripe rows follow
+    `layers.stripe_bins` (torch's AdaptiveAvgPool2d((P, 1)) bins when P does
+    not divide the map height).
     """
 
     def __init__(
@@ -92,7 +132,7 @@ class SCLHead(nnx.Module):
         self.num_stripes = num_stripes
         self.dtype = dtype
         stripe_dim = embed_dim // num_stripes
-        self.pool = make_pool(pooling)
+        self.pool = _make_pool(pooling)
         self.global_fc = _linear(in_features, embed_dim, dtype, rngs)
         self.global_bn = GhostBatchNorm(embed_dim, group_size=bn_group_size)
         self.stripe_kernel = nnx.Param(
@@ -101,10 +141,10 @@ class SCLHead(nnx.Module):
         self.stripe_bias = nnx.Param(host_zeros(None, (num_stripes, stripe_dim)))
         self.stripe_bn = GhostBatchNorm((num_stripes, stripe_dim), group_size=bn_group_size)
 
-    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
-        pre_bn = self.global_fc(self.pool(feature_map).astype(self.dtype))
+    def __call__(self, features: jax.Array | TokenMap, train: bool) -> dict[str, jax.Array]:
+        pre_bn = self.global_fc(_pooled(self.pool, features).astype(self.dtype))
         global_embedding = l2_normalize(self.global_bn(pre_bn, train).astype(jnp.float32))
-        stripes = stripe_pool(feature_map, self.num_stripes).astype(self.dtype)
+        stripes = stripe_pool(_grid(features), self.num_stripes).astype(self.dtype)
         local = jnp.einsum("bpc,pcd->bpd", stripes, self.stripe_kernel[...].astype(self.dtype))
         local = local + self.stripe_bias[...].astype(self.dtype)
         local = l2_normalize(self.stripe_bn(local, train).astype(jnp.float32))
@@ -133,7 +173,7 @@ class BNNeckHead(nnx.Module):
         num_classes: int = 0,
     ):
         self.dtype = dtype
-        self.pool = make_pool(pooling)
+        self.pool = _make_pool(pooling)
         if embed_dim and embed_dim != in_features:
             self.projection = _linear(in_features, embed_dim, dtype, rngs)
             dim = embed_dim
@@ -145,8 +185,8 @@ class BNNeckHead(nnx.Module):
         # first assignment.
         self.classifier = _classifier(dim, num_classes, dtype, rngs)
 
-    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
-        pre_bn = self.pool(feature_map)
+    def __call__(self, features: jax.Array | TokenMap, train: bool) -> dict[str, jax.Array]:
+        pre_bn = _pooled(self.pool, features)
         if self.projection is not None:
             pre_bn = self.projection(pre_bn.astype(self.dtype))
         neck = self.bn(pre_bn, train).astype(jnp.float32)
@@ -178,7 +218,7 @@ class FCHead(nnx.Module):
         if embed_dim < 1:
             raise ValueError(f"head 'fc' needs embed_dim >= 1, got {embed_dim}")
         self.dtype = dtype
-        self.pool = make_pool(pooling)
+        self.pool = _make_pool(pooling)
         self.fc = nnx.List(
             [
                 _linear(in_features, embed_dim, dtype, rngs),
@@ -187,9 +227,9 @@ class FCHead(nnx.Module):
         )
         self.classifier = _classifier(embed_dim, num_classes, dtype, rngs)
 
-    def __call__(self, feature_map: jax.Array, train: bool) -> dict[str, jax.Array]:
+    def __call__(self, features: jax.Array | TokenMap, train: bool) -> dict[str, jax.Array]:
         linear, norm = self.fc
-        hidden = linear(self.pool(feature_map).astype(self.dtype))
+        hidden = linear(_pooled(self.pool, features).astype(self.dtype))
         feature = jax.nn.relu(norm(hidden, train)).astype(jnp.float32)
         if not train:
             return {"global": l2_normalize(feature), "pre_bn": feature}

@@ -19,10 +19,11 @@ import ml_collections
 from flax import nnx
 
 from jaxreid.models.efficientnet import EfficientNetLite0
-from jaxreid.models.heads import BNNeckHead, FCHead, SCLHead
+from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead
 from jaxreid.models.osnet import OSNET_WIDTHS, OSNet
 from jaxreid.models.pretrained import load_pretrained
 from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
+from jaxreid.models.vit import PATCH_SIZE, VIT_DEPTH, VIT_SIZES, VisionTransformer
 
 # Channels of each backbone's final feature map.
 FEATURE_DIMS = {
@@ -31,11 +32,19 @@ FEATURE_DIMS = {
     "resnet50": 2048,
     "efficientnet_lite0": 1280,
     **{name: widths[-1] for name, widths in OSNET_WIDTHS.items()},
+    **{name: width for name, (width, _heads) in VIT_SIZES.items()},
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS = ("scl", "bnneck", "fc")
-POOLINGS = ("avg", "gem")
+# The ViT settings and their neutral values (what the CNNs are built with).
+VIT_SETTINGS = {
+    "patch_stride": PATCH_SIZE,
+    "conv_stem": False,
+    "camera_embedding": 0,
+    "drop_path": 0.0,
+    "vit_depth": 0,
+}
 
 
 def model_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -49,6 +58,7 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
         ("model.pooling", POOLINGS),
         ("model.dtype", tuple(_DTYPES)),
     )
+    problems += _vit_problems(config)
     if config.model.head == "scl":
         stripes, dim = config.model.num_stripes, config.model.embed_dim
         if stripes < 1 or dim < 1 or dim % stripes:
@@ -56,6 +66,47 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
                 f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "
                 f"= {stripes} (each stripe gets embed_dim / num_stripes dimensions)"
             )
+    return problems
+
+
+def _vit_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The ViT settings: in range for a ViT, neutral for the other backbones."""
+    from jaxreid.validate import number_problems
+
+    model = config.model
+    if model.backbone not in VIT_SIZES:
+        problems = [
+            f"model.{key} = {model.get(key)!r}: only for the ViT backbones "
+            f"({', '.join(VIT_SIZES)}); leave it at {neutral!r}"
+            for key, neutral in VIT_SETTINGS.items()
+            if model.get(key, neutral) != neutral
+        ]
+        if model.pooling == "cls":
+            problems.append(
+                f"model.pooling = 'cls': {model.backbone} has no [CLS] token; use avg or gem"
+            )
+        return problems
+    problems = number_problems(
+        config,
+        ("model.patch_stride", 1, PATCH_SIZE, "[]", "16: disjoint patches, TransReID: 12"),
+        ("model.vit_depth", 0, VIT_DEPTH, "[]", f"0 = all {VIT_DEPTH} blocks"),
+        ("model.camera_embedding", 0, None, "[]", "the number of cameras, 0 = off"),
+        ("model.camera_weight", 0, None, "[]", "TransReID: 3"),
+        ("model.drop_path", 0, 1, "[)", "TransReID-SSL: 0.3"),
+    )
+    if not problems and model.conv_stem and model.patch_stride % 2:
+        problems.append(
+            f"model.patch_stride = {model.patch_stride}: the conv stem halves it on its "
+            "half-resolution map; use an even stride (16, 12, ...)"
+        )
+    size = tuple(model.get("image_size", ()))
+    if len(size) != 2 or min(size, default=0) < PATCH_SIZE:
+        problems.append(
+            f"model.image_size = {size}: (height, width) of at least {PATCH_SIZE} pixels, "
+            "normally data.height and data.width"
+        )
+    if model.ibn:
+        problems.append("model.ibn = True: IBN-a is for the ResNets (the ViT's is model.conv_stem)")
     return problems
 
 
@@ -78,14 +129,15 @@ def default_model_config() -> ml_collections.ConfigDict:
     """The paper's model: ResNet-50, last stride 1, SCL head with D = 2048, P = 8."""
     config = ml_collections.ConfigDict()
     # resnet18 | resnet34 | resnet50 | efficientnet_lite0 | osnet_x1_0 | osnet_x0_75 |
-    # osnet_x0_5 | osnet_x0_25
+    # osnet_x0_5 | osnet_x0_25 | vit_tiny | vit_small | vit_base (patch 16)
     config.backbone = "resnet50"
     # "" random init | "imagenet" (efficientnet_lite0) | path to a .pth (torchvision
-    # ImageNet ResNet, or a torchreid OSNet re-id checkpoint: backbone + `fc`)
+    # ImageNet ResNet, or a torchreid OSNet re-id checkpoint: backbone + `fc`) |
+    # a ViT's .npz / .safetensors / .pth in timm's keys (TransReID-SSL's too)
     config.pretrained = ""
     config.last_stride = 1  # stride of the last strided stage (1 or 2; not OSNet)
     config.ibn = False  # IBN-a in layer1-3 (ResNets only)
-    config.pooling = "avg"  # avg | gem (global branch)
+    config.pooling = "avg"  # avg | gem | cls (global branch; cls: a ViT's [CLS] token)
     config.head = "scl"  # scl | bnneck | fc (torchreid's Linear + BN1d + ReLU embedding)
     config.embed_dim = 2048  # D; bnneck: 0 (or C) = no projection
     config.num_stripes = 8  # P (scl head)
@@ -99,6 +151,17 @@ def default_model_config() -> ml_collections.ConfigDict:
     # OSNet: the first n stages (stem, conv2, ...) get no gradient and no weight
     # decay (their batch-norm statistics still adapt). 0 = train everything.
     config.freeze_stages = 0
+    # ViTs only (the others refuse values other than these):
+    # (height, width) the position embeddings are learned at: checkpoints are
+    # resized to its token grid on import; other input sizes resize them in
+    # the forward. Normally data.height, data.width.
+    config.image_size = (256, 128)
+    config.patch_stride = 16  # 16 = disjoint patches; TransReID's overlapping: 12
+    config.conv_stem = False  # TransReID-SSL's IBN conv stem ("ICS"); even strides
+    config.camera_embedding = 0  # learned per-camera token offset (TransReID's SIE): cameras
+    config.camera_weight = 3.0  # its factor (TransReID's SIE_COE)
+    config.drop_path = 0.0  # stochastic depth, linear over the blocks up to this rate
+    config.vit_depth = 0  # blocks kept (0 = all 12)
     return config
 
 
@@ -137,6 +200,22 @@ class ReIDModel(nnx.Module):
                 raise ValueError("ibn is only available for the ResNet backbones")
             self.backbone = EfficientNetLite0(
                 rngs=rngs, last_stride=int(config.last_stride), dtype=dtype, bn_group_size=group
+            )
+        elif config.backbone in VIT_SIZES:
+            if config.ibn:
+                raise ValueError("ibn is only available for the ResNet backbones")
+            self.backbone = VisionTransformer(
+                config.backbone,
+                rngs=rngs,
+                image_size=tuple(config.get("image_size", (256, 128))),
+                patch_stride=int(config.get("patch_stride", PATCH_SIZE)),
+                conv_stem=bool(config.get("conv_stem", False)),
+                depth=int(config.get("vit_depth", 0)) or VIT_DEPTH,
+                camera_embedding=int(config.get("camera_embedding", 0)),
+                camera_weight=float(config.get("camera_weight", 3.0)),
+                drop_path=float(config.get("drop_path", 0.0)),
+                dtype=dtype,
+                bn_group_size=group,
             )
         elif config.backbone in OSNET_WIDTHS:
             if config.ibn:
@@ -195,8 +274,11 @@ class ReIDModel(nnx.Module):
     ) -> dict[str, jax.Array]:
         # rng and cameras are for the modules that use them (stochastic
         # training-only layers, camera embeddings); the CNNs ignore both.
-        del rng, cameras
-        outputs = self.head(self.backbone(images, train), train)
+        if isinstance(self.backbone, VisionTransformer):
+            features = self.backbone(images, train, rng=rng, cameras=cameras)
+        else:
+            features = self.backbone(images, train)
+        outputs = self.head(features, train)
         return {k: v.astype(jnp.float32) for k, v in outputs.items()}
 
 

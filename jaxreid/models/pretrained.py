@@ -1,5 +1,7 @@
 """Reading PyTorch checkpoints without torch, and mapping them onto the backbones.
 
+ViT weights are also read from .npz and .safetensors files (load_vit).
+
 Both torch.save formats are read:
  - zip (default since torch 1.6): <archive>/data.pkl + <archive>/data/<key> raw
    storage bytes + <archive>/byteorder;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -32,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxreid.models.vit import PATCH_SIZE, VIT_SIZES, resize_pos_embed
 from jaxreid.utils import UserError
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -335,6 +339,10 @@ _LEAF_NAMES = {
     "bias": "bias",
     "mean": "running_mean",
     "var": "running_var",
+    # ViT parameters keep their timm / TransReID names.
+    "cls_token": "cls_token",
+    "pos_embed": "pos_embed",
+    "sie_embed": "sie_embed",
 }
 
 
@@ -502,7 +510,23 @@ def load_torchreid_osnet(model: nnx.Module, head: str, pretrained: str) -> dict[
 
 def load_pretrained(model: nnx.Module, backbone_name: str, head: str, pretrained: str) -> None:
     """Loads `config.model.pretrained` into a ReIDModel: ImageNet backbones
-    (load_backbone_weights) or torchreid OSNet re-id checkpoints."""
+    (load_backbone_weights), torchreid OSNet re-id checkpoints or ViT weights
+    (load_vit)."""
+    if backbone_name in VIT_SIZES:
+        if pretrained == "imagenet":
+            raise CheckpointError(
+                f"no ImageNet weights are bundled for {backbone_name}; pass the path of timm "
+                "weights, e.g. pretrained='../shared/data/weights/vit_tiny_patch16_224_in1k.npz'"
+            )
+        report = load_vit(model.backbone, pretrained)
+        logging.getLogger("jaxreid").info(
+            "%s: loaded %d entries; not loaded: %s; kept as initialised: %s",
+            pretrained,
+            len(report["loaded"]),
+            ", ".join(report["ignored"]) or "none",
+            ", ".join(report["kept"]) or "none",
+        )
+        return
     if backbone_name.startswith("osnet"):
         if pretrained == "imagenet":
             raise CheckpointError(
@@ -517,3 +541,165 @@ def load_pretrained(model: nnx.Module, backbone_name: str, head: str, pretrained
             )
         return
     load_backbone_weights(model.backbone, backbone_name, pretrained)
+
+
+# ------------------------------------------------------------------------ ViTs
+
+# Prefixes of wrapped or re-id state dicts: DataParallel, TransReID's `base.`,
+# DINO's `backbone.` (none begins a timm key).
+_VIT_WRAPPERS = ("module.", "base.", "backbone.")
+# Entries a ViT backbone does not hold: classifiers (timm's `head`, re-id
+# `classifier` / `fc`), TransReID's BN neck (`bottleneck`), timm's optional
+# pre-logits / pooled-token norm.
+VIT_IGNORED_PREFIXES = ("head.", "fc.", "classifier.", "bottleneck.", "pre_logits.", "fc_norm.")
+
+# safetensors dtype names -> numpy.
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A .safetensors file as numpy arrays: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}} (plus an
+    optional "__metadata__"), then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: too short for a safetensors file")
+    (size,) = struct.unpack("<Q", raw[:8])
+    try:
+        header = json.loads(raw[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a table)")
+    data = memoryview(raw)[8 + size :]
+    state = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: unsupported or malformed entry {name!r}") from None
+        if not 0 <= start <= end <= len(data) or end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: entry {name!r} lies outside the file or has the wrong size"
+            )
+        state[name] = np.frombuffer(data[start:end], dtype).reshape(shape).copy()
+    return state
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A state dict from .npz (numpy), .safetensors or a torch checkpoint
+    (read_checkpoint), as numpy arrays by key."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path}: no such weights file; point --config.model.pretrained at a ViT's "
+            ".npz / .safetensors / .pth (timm's keys), or set it to '' for random initialisation"
+        )
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    return read_checkpoint(path)
+
+
+def vit_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys with their wrapper prefixes (`module.`, `base.`, `backbone.`) removed."""
+    unwrapped = {}
+    for key, value in state.items():
+        while key.startswith(_VIT_WRAPPERS):
+            key = key.split(".", 1)[1]
+        unwrapped[key] = np.asarray(value)
+    return unwrapped
+
+
+def checkpoint_grid(tokens: int, model_grid: tuple[int, int]) -> tuple[int, int]:
+    """The token grid of a checkpoint's `tokens` patch position embeddings:
+    the model's grid when the count matches, else square (timm's ImageNet
+    weights), else twice as high as wide (TransReID-SSL's LUPerson weights,
+    16 x 8 at 256 x 128)."""
+    if tokens == model_grid[0] * model_grid[1]:
+        return model_grid
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        return side, side
+    width = math.isqrt(tokens // 2)
+    if 2 * width * width == tokens:
+        return 2 * width, width
+    raise CheckpointError(
+        f"pos_embed holds {tokens} patch positions: neither the model's {model_grid[0]}x"
+        f"{model_grid[1]} grid, nor a square, nor a 2:1 grid; cannot tell its layout"
+    )
+
+
+def load_vit(backbone: nnx.Module, pretrained: str, source: str | None = None) -> dict:
+    """Loads ViT weights (timm's keys; TransReID-SSL's conv-stem keys) into a
+    VisionTransformer, in place. Position embeddings are resized to the
+    model's grid bicubically (vit.resize_pos_embed); a camera embedding the
+    checkpoint lacks keeps its initialisation; VIT_IGNORED_PREFIXES entries
+    (and a camera embedding the model lacks) are not loaded. Any other
+    missing, unexpected or mis-shaped key raises one CheckpointError listing
+    them all. Returns {"loaded": keys, "ignored": keys, "kept": keys the
+    checkpoint lacks that keep their values, "grid": (checkpoint grid, model
+    grid)}."""
+    state = vit_state(read_weights(pretrained))
+    source = source or pretrained
+    ignored = sorted(
+        k
+        for k in state
+        if k.startswith(VIT_IGNORED_PREFIXES) or (k == "sie_embed" and backbone.sie_embed is None)
+    )
+    kept = []
+    if backbone.sie_embed is not None and "sie_embed" not in state:
+        state["sie_embed"] = np.asarray(backbone.sie_embed[...])
+        kept.append("sie_embed")
+    grid = None
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[1] > 1:
+        grid = (checkpoint_grid(pos.shape[1] - 1, backbone.grid), backbone.grid)
+        state["pos_embed"] = resize_pos_embed(pos.astype(np.float32), *grid)
+    skip = set(ignored)
+    load_state_dict(backbone, state, ignore=skip.__contains__, source=source)
+    loaded = sorted(k for k in state if k not in skip and k not in kept)
+    return {"loaded": loaded, "ignored": ignored, "kept": kept, "grid": grid}
+
+
+def vit_shape(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The model settings of a ViT state dict (timm's keys, wrappers removed):
+    backbone name, depth, conv stem, and the input size its position
+    embeddings were learned at (16 pixels per token, disjoint patches)."""
+    if "patch_embed.proj.weight" not in state:
+        raise CheckpointError("not a ViT state dict: no patch_embed.proj.weight")
+    width = state["patch_embed.proj.weight"].shape[0]
+    names = [name for name, (w, _) in VIT_SIZES.items() if w == width]
+    if not names:
+        raise CheckpointError(
+            f"ViT width {width} is none of "
+            f"{', '.join(f'{n} ({w})' for n, (w, _) in VIT_SIZES.items())}"
+        )
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    tokens = state["pos_embed"].shape[1] - 1 if "pos_embed" in state else 0
+    side = math.isqrt(tokens)
+    grid = (side, side) if side * side == tokens else checkpoint_grid(tokens, (0, 0))
+    return {
+        "backbone": names[0],
+        "vit_depth": depth,
+        "conv_stem": any(k.startswith("patch_embed.conv.") for k in state),
+        "image_size": (PATCH_SIZE * grid[0], PATCH_SIZE * grid[1]),
+    }
