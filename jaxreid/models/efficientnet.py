@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxreid.augment import normalize
-from jaxreid.models.layers import DepthwiseConv
+from jaxreid.models.layers import DepthwiseConv, conv_bn, normalize_pixels, relu6
 from jaxreid.models.resnet import LayerFactory
 
 EFFICIENTNET_LITE_MEAN = (127.0, 127.0, 127.0)
@@ -68,9 +67,9 @@ class MBConv(nnx.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = x
         if self.expand_conv is not None:
-            y = jax.nn.relu6(self.bn0(self.expand_conv(y), train))
-        y = jax.nn.relu6(self.bn1(self.depthwise_conv(y), train))
-        y = self.bn2(self.project_conv(y), train)
+            y = relu6(conv_bn(self.expand_conv, self.bn0, y, train))
+        y = relu6(conv_bn(self.depthwise_conv, self.bn1, y, train))
+        y = conv_bn(self.project_conv, self.bn2, y, train)
         # No drop-connect: apply_model takes no rng, the model is deterministic.
         return y + x if self.use_skip else y
 
@@ -112,8 +111,8 @@ class EfficientNetLite0(nnx.Module):
         self.num_features = HEAD_CHANNELS
 
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        x = normalize(images.astype(jnp.float32), EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
-        x = jax.nn.relu6(self.bn0(self.conv_stem(x), train))
+        x = normalize_pixels(images, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+        x = relu6(conv_bn(self.conv_stem, self.bn0, x, train))
         for block in self.blocks:
             x = block(x, train)
-        return jax.nn.relu6(self.bn1(self.conv_head(x), train))
+        return relu6(conv_bn(self.conv_head, self.bn1, x, train))

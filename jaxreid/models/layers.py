@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxreid.augment import normalize
 from jaxreid.models import cpu_kernels, winograd
 
 # torch's BatchNorm momentum 0.1 (running = 0.9 * running + 0.1 * batch), i.e. flax
@@ -142,11 +143,24 @@ class GhostBatchNorm(nnx.Module):
             self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(batch_mean)
             self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(batch_var)
             return y.astype(x.dtype)
+        if exporting():
+            scale, shift = self.folded()
+            return (x32 * scale + shift).astype(x.dtype)
         y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
         y = y * self.scale[...]
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(x.dtype)
+
+    def folded(self) -> tuple[jax.Array, jax.Array]:
+        """The eval-mode norm as x * scale + shift, both of `feature_shape`
+        (host constants when the weights are concrete, see `host_constants`)."""
+        gamma, mean, var = host_constants(self.scale[...], self.mean[...], self.var[...])
+        scale = gamma * (var + self.epsilon) ** -0.5
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + host_constants(self.bias[...])[0]
+        return scale, shift
 
 
 class InstanceNorm(nnx.Module):
@@ -211,22 +225,15 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """torch MaxPool2d(3, stride=2, padding=1) on NHWC: padding never wins the max.
 
     reduce_window with a scalar -inf init (lax recognises the max monoid, so
-    it is differentiable); under `export_mode()` the max of the nine
-    strided slices of the -inf-padded map, the same values (exporters turn the
-    NHWC reduce_window into a pooling ONNX Runtime rejects)."""
-    if not exporting():
-        return jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-        )
-    _, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    out_h, out_w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    out = None
-    for i in range(3):
-        for j in range(3):
-            window = padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2]
-            out = window if out is None else jnp.maximum(out, window)
-    return out
+    it is differentiable). Under `export_mode()` the -inf padding is explicit
+    and the pooling `nnx.max_pool` with "VALID" windows: jax2onnx maps that to
+    one ONNX MaxPool, where it maps the NHWC reduce_window to a MaxPool over
+    four spatial axes that ONNX Runtime rejects."""
+    pads = ((0, 0), (1, 1), (1, 1), (0, 0))
+    if exporting():
+        padded = jnp.pad(x, pads, constant_values=-jnp.inf)
+        return nnx.max_pool(padded, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
 
 
 def avg_pool(feature_map: jax.Array) -> jax.Array:
@@ -246,9 +253,10 @@ class GeM(nnx.Module):
         p = self.p[...]
         x = jnp.maximum(feature_map.astype(jnp.float32), self.eps)
         if exporting():
-            # x^p as exp(p log x) (x >= eps > 0): jax2onnx's power cannot
-            # broadcast the exponent against a symbolic batch dimension.
-            return jnp.exp(jnp.log(jnp.exp(jnp.log(x) * p).mean((1, 2))) / p)
+            # lax.pow with a scalar exponent: one ONNX Pow each way (jax2onnx's
+            # jnp.power cannot broadcast against a symbolic batch dimension).
+            (p,) = host_constants(p[0])
+            return jax.lax.pow(jax.lax.pow(x, p).mean((1, 2)), 1.0 / p)
         return jnp.power(jnp.power(x, p).mean((1, 2)), 1.0 / p)
 
 
@@ -298,7 +306,97 @@ def stripe_pool(feature_map: jax.Array, num_stripes: int) -> jax.Array:
 # On the CPU these modules run cpu_kernels.py's convolutions (XLA:CPU is slow
 # on 1x1 convolutions' backward and on grouped ones). They keep nnx.Conv's
 # parameter layout (kernel (kh, kw, in / groups, out)) so checkpoints map the
-# same way.
+# same way. Under `export_mode()` each is one nnx.Conv instead (`export_conv`),
+# with the batch norm that follows it folded in (`conv_bn`).
+
+
+def host_constants(*arrays: jax.Array) -> tuple:
+    """The arrays as float32 numpy arrays when concrete (an export closes over
+    the weights), else as they are (traced).
+
+    Why: the export-mode folding then runs on the host and the graph gets its
+    results as constants; jnp on concrete arrays under the export's trace
+    compiled one XLA program per shape (8 of the 13 s EfficientNet-Lite0's
+    export took). The folding uses operators only, valid for both kinds.
+    """
+    try:
+        return tuple(np.asarray(a, np.float32) for a in arrays)
+    except jax.errors.TracerArrayConversionError:
+        return arrays
+
+
+def export_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    padding: str | tuple,
+    *,
+    dtype,
+    groups: int = 1,
+    scale: jax.Array | None = None,
+    shift: jax.Array | None = None,
+) -> jax.Array:
+    """conv(x, kernel * scale) + shift as one flax nnx.Conv; `scale` and `shift`
+    (per output channel) are a folded batch norm, None for a bare convolution.
+
+    Why nnx.Conv: jax2onnx maps it to exactly one ONNX Conv (group, pads and
+    the bias as its inputs, the kernel pre-transposed to OIHW), which runtimes
+    fuse with the activation that follows; a lax convolution plus a bias add
+    leaves an Add and a Transpose pair around every convolution.
+    """
+    (kernel,) = host_constants(kernel)
+    if scale is not None:
+        kernel = kernel * scale
+    # Built outside the trace: its (unused) random key must not enter the graph.
+    with jax.ensure_compile_time_eval():
+        conv = nnx.Conv(
+            kernel.shape[2] * groups,
+            kernel.shape[3],
+            kernel.shape[:2],
+            strides=stride,
+            padding=padding,
+            feature_group_count=groups,
+            use_bias=shift is not None,
+            dtype=dtype,
+            kernel_init=lambda *_: kernel,
+            bias_init=lambda *_: shift,
+            rngs=nnx.Rngs(0),
+        )
+    return conv(x)
+
+
+def conv_bn(conv: nnx.Module, norm: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
+    """norm(conv(x), train). Under `export_mode()` in eval, a GhostBatchNorm is
+    folded into the convolution's kernel and bias (one ONNX Conv, as PyTorch's
+    exporter folds BatchNorm2d)."""
+    if exporting() and not train and isinstance(norm, GhostBatchNorm):
+        scale, shift = norm.folded()
+        return conv.exported(x, scale, shift)
+    return norm(conv(x), train)
+
+
+def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """float32 (x - mean) / std per channel of (B, H, W, 3) pixels
+    (`augment.normalize`). Under `export_mode()` one multiply-add between two
+    transposes to NCHW and back: the second cancels against the transpose
+    jax2onnx puts before the stem's Conv, and runtimes broadcast per-channel
+    constants over NCHW planes far faster than over a trailing axis of 3."""
+    x = images.astype(jnp.float32)
+    if not exporting():
+        return normalize(x, mean, std)
+    scale = 1.0 / np.asarray(std, np.float32)[:, None, None]
+    shift = -np.asarray(mean, np.float32)[:, None, None] * scale
+    nchw = jnp.transpose(x, (0, 3, 1, 2)) * scale + shift
+    return jnp.transpose(nchw, (0, 2, 3, 1))
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    """jax.nn.relu6; under `export_mode()` a clip with scalar bounds, which
+    jax2onnx maps to one ONNX Clip (runtimes fuse it into the convolution
+    before it) instead of Max and Min."""
+    if exporting():
+        return jnp.clip(x, 0.0, 6.0)
+    return jax.nn.relu6(x)
 
 
 class PointwiseConv(nnx.Module):
@@ -310,7 +408,16 @@ class PointwiseConv(nnx.Module):
         self.stride = stride
         self.dtype = dtype
 
+    def exported(self, x: jax.Array, scale=None, shift=None) -> jax.Array:
+        """The export-mode form (`export_conv`): a 1x1 Conv with the stride."""
+        kernel = self.kernel[...]
+        return export_conv(
+            x, kernel, self.stride, "VALID", dtype=self.dtype, scale=scale, shift=shift
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        if exporting():
+            return self.exported(x)
         if self.stride > 1:
             x = x[:, :: self.stride, :: self.stride]
         return cpu_kernels.pointwise_conv(
@@ -345,13 +452,21 @@ class Conv(nnx.Module):
         self.dtype = dtype
         self.winograd = winograd
 
+    def exported(self, x: jax.Array, scale=None, shift=None) -> jax.Array:
+        """The export-mode form (`export_conv`), explicit padding."""
+        kernel = self.kernel[...]
+        padding = cpu_kernels.conv_padding(x.shape[1:3], kernel.shape[0], self.stride, self.padding)
+        return export_conv(
+            x, kernel, self.stride, padding, dtype=self.dtype, scale=scale, shift=shift
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        if exporting():
+            return self.exported(x)
         kernel = self.kernel[...]
         padding = cpu_kernels.conv_padding(x.shape[1:3], kernel.shape[0], self.stride, self.padding)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.default_backend() == "cpu":
-            if exporting():
-                return cpu_kernels.conv2d(x, kernel, self.stride, padding)
             if self.stride == 2 and x.shape[-1] <= 4:
                 return cpu_kernels.space_to_depth_conv(x, kernel, padding)
             if self.winograd and winograd.applies(x.shape, kernel.shape, self.stride, padding):
@@ -377,7 +492,24 @@ class DepthwiseConv(nnx.Module):
         self.stride = stride
         self.dtype = dtype
 
+    def exported(self, x: jax.Array, scale=None, shift=None) -> jax.Array:
+        """The export-mode form (`export_conv`): one grouped Conv, group = C."""
+        kernel = self.kernel[...]
+        padding = cpu_kernels.conv_padding(x.shape[1:3], kernel.shape[0], self.stride, "SAME")
+        return export_conv(
+            x,
+            kernel,
+            self.stride,
+            padding,
+            dtype=self.dtype,
+            groups=kernel.shape[-1],
+            scale=scale,
+            shift=shift,
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        if exporting():
+            return self.exported(x)
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
         if jax.default_backend() == "cpu":

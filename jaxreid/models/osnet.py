@@ -22,8 +22,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from jaxreid.models.layers import DepthwiseConv, host_zeros, kaiming_fan_out, max_pool_3x3_s2
+from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD
+from jaxreid.models.layers import (
+    DepthwiseConv,
+    conv_bn,
+    export_conv,
+    exporting,
+    host_zeros,
+    kaiming_fan_out,
+    max_pool_3x3_s2,
+    normalize_pixels,
+)
 from jaxreid.models.resnet import LayerFactory
 
 # name -> channels of (stem, stage 2, stage 3, stage 4); torchreid's osnet_x*.
@@ -58,7 +67,7 @@ class ConvBN(nnx.Module):
         self.relu = relu
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = self.bn(self.conv(x), train)
+        y = conv_bn(self.conv, self.bn, x, train)
         return jax.nn.relu(y) if self.relu else y
 
 
@@ -71,7 +80,7 @@ class LightConv3x3(nnx.Module):
         self.bn = make.bn(out_ch)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return jax.nn.relu(self.bn(self.conv2(self.conv1(x)), train))
+        return jax.nn.relu(conv_bn(self.conv2, self.bn, self.conv1(x), train))
 
 
 class GateConv(nnx.Module):
@@ -85,6 +94,11 @@ class GateConv(nnx.Module):
     def __call__(self, v: jax.Array) -> jax.Array:
         return v @ self.kernel[...][0, 0] + self.bias[...]
 
+    def exported(self, v: jax.Array) -> jax.Array:
+        """The export-mode form: (B, 1, 1, in) -> (B, 1, 1, out), one 1x1 Conv
+        with bias (`export_conv`), as torchreid's Conv2d."""
+        return export_conv(v, self.kernel[...], 1, "VALID", dtype=jnp.float32, shift=self.bias[...])
+
 
 class ChannelGate(nnx.Module):
     """x * sigmoid(fc2(relu(fc1(avgpool(x))))), per channel. Computed in float32."""
@@ -97,6 +111,15 @@ class ChannelGate(nnx.Module):
         self.fc2 = GateConv(hidden, channels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if exporting():
+            # Pooled map, convolutions and gate keep their (B, 1, 1, C) shape:
+            # the Mul then broadcasts in ONNX, where the (B, C) gate's
+            # reshape leaves a Shape, Gather, Concat, Reshape, Expand chain
+            # for the symbolic batch size.
+            height, width = x.shape[1:3]
+            pooled = nnx.avg_pool(x.astype(jnp.float32), window_shape=(height, width))
+            gate = jax.nn.sigmoid(self.fc2.exported(jax.nn.relu(self.fc1.exported(pooled))))
+            return x * gate.astype(x.dtype)
         pooled = x.astype(jnp.float32).mean((1, 2))
         gate = jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(pooled))))
         return x * gate[:, None, None, :].astype(x.dtype)
@@ -129,7 +152,11 @@ class OSBlock(nnx.Module):
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
-    """torch AvgPool2d(2, stride=2): an odd last row / column is dropped."""
+    """torch AvgPool2d(2, stride=2): an odd last row / column is dropped.
+    Under `export_mode()` nnx.avg_pool, which jax2onnx maps to one ONNX
+    AveragePool (the reshaped mean leaves a Reshape and a Transpose pair)."""
+    if exporting():
+        return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
     b, h, w, c = x.shape
     x = x[:, : h // 2 * 2, : w // 2 * 2]
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
@@ -176,7 +203,7 @@ class OSNet(nnx.Module):
         self.num_features = in_ch
 
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        x = normalize(images.astype(jnp.float32), IMAGENET_MEAN, IMAGENET_STD)
+        x = normalize_pixels(images, IMAGENET_MEAN, IMAGENET_STD)
         x = self._frozen(1, max_pool_3x3_s2(self.conv1(x, train)))
         for index, stage in enumerate((self.conv2, self.conv3, self.conv4), start=2):
             for layer in stage:

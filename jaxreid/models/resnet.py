@@ -16,13 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD
 from jaxreid.models.layers import (
     IBN,
     Conv,
     GhostBatchNorm,
     PointwiseConv,
+    conv_bn,
     max_pool_3x3_s2,
+    normalize_pixels,
 )
 
 # name -> (block kind, blocks per stage)
@@ -85,7 +87,7 @@ def _shortcut(downsample: nnx.List | None, x: jax.Array, train: bool) -> jax.Arr
     if downsample is None:
         return x
     conv, bn = downsample
-    return bn(conv(x), train)
+    return conv_bn(conv, bn, x, train)
 
 
 class BasicBlock(nnx.Module):
@@ -99,8 +101,8 @@ class BasicBlock(nnx.Module):
         self.downsample = _downsample(make, in_ch, planes, stride)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x), train))
-        y = self.bn2(self.conv2(y), train)
+        y = jax.nn.relu(conv_bn(self.conv1, self.bn1, x, train))
+        y = conv_bn(self.conv2, self.bn2, y, train)
         return jax.nn.relu(y + _shortcut(self.downsample, x, train))
 
 
@@ -118,9 +120,9 @@ class Bottleneck(nnx.Module):
         self.downsample = _downsample(make, in_ch, out_ch, stride)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x), train))
-        y = jax.nn.relu(self.bn2(self.conv2(y), train))
-        y = self.bn3(self.conv3(y), train)
+        y = jax.nn.relu(conv_bn(self.conv1, self.bn1, x, train))
+        y = jax.nn.relu(conv_bn(self.conv2, self.bn2, y, train))
+        y = conv_bn(self.conv3, self.bn3, y, train)
         return jax.nn.relu(y + _shortcut(self.downsample, x, train))
 
 
@@ -164,8 +166,8 @@ class ResNet(nnx.Module):
         self.num_features = in_ch
 
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        x = normalize(images.astype(jnp.float32), IMAGENET_MEAN, IMAGENET_STD)
-        x = jax.nn.relu(self.bn1(self.conv1(x), train))
+        x = normalize_pixels(images, IMAGENET_MEAN, IMAGENET_STD)
+        x = jax.nn.relu(conv_bn(self.conv1, self.bn1, x, train))
         x = max_pool_3x3_s2(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
