@@ -1,13 +1,21 @@
 """A trained run's model as an ONNX file, for runtimes that are not JAX.
 
+    pip install "jaxreid[export]"   # jax2onnx, onnxruntime
     python -m jaxreid.export --workdir=/tmp/run --out=/tmp/model.onnx
+    python -m jaxreid.export --workdir=/tmp/run --out=/tmp/model.int8.onnx --int8
 
 Input "images": float32 (batch, H, W, 3), RGB in pixel scale [0, 255] (uint8
 values cast to float; the ImageNet normalisation is inside the model), any
 batch size. Outputs: "global" (batch, D), L2-normalised, and for SCL models
-"stripes" (batch, P, D/P). Through jax2onnx (pip install jax2onnx onnxruntime;
-jax2onnx 0.17 pins an older orbax-checkpoint that export does not use:
-reinstall jaxreid's afterwards, `pip install "orbax-checkpoint>=0.12.8"`).
+"stripes" (batch, P, D/P).
+
+Through jax2onnx, with the models traced under `layers.export_mode()`: every
+convolution is one ONNX Conv (depthwise ones grouped), with the batch norm
+after it folded into its kernel and bias; pooling is MaxPool, AveragePool or
+GlobalAveragePool / ReduceSum; ReLU6 is Clip. The graph is about the size of
+a PyTorch export of the same network, and onnxruntime fuses it as it fuses
+that one (docs/results/export.md). `--int8` adds onnxruntime's dynamic int8
+quantisation of the weights (smaller file; see the same page for its speed).
 
 In onnxruntime:
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 from absl import flags
@@ -41,6 +50,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "Output .onnx file.", flag_values=fv, required=True)
     flags.DEFINE_enum(
         "checkpoint", "latest", ["latest", "best"], "Which checkpoint.", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "int8",
+        False,
+        "Write the weights as int8 (onnxruntime's dynamic quantisation).",
+        flag_values=fv,
     )
 
 
@@ -71,9 +86,7 @@ def export_onnx(embedder, path: str) -> list[str]:
     try:
         from jax2onnx import to_onnx
     except ImportError as e:
-        raise UserError(
-            f"ONNX export needs jax2onnx ({e}): pip install jax2onnx onnxruntime"
-        ) from e
+        raise UserError(f'ONNX export needs jax2onnx ({e}): pip install "jaxreid[export]"') from e
     features, names = exported_function(embedder)
     with export_mode():
         model = to_onnx(
@@ -87,6 +100,19 @@ def export_onnx(embedder, path: str) -> list[str]:
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     return names
+
+
+def quantize_int8(source: str, path: str) -> None:
+    """Writes `source` (an ONNX file) to `path` with int8 weights and
+    activations quantised at run time (onnxruntime's dynamic quantisation)."""
+    from jaxreid.utils import UserError
+
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise UserError(f'--int8 needs onnxruntime ({e}): pip install "jaxreid[export]"') from e
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    quantize_dynamic(source, path, weight_type=QuantType.QInt8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output(args.out, "--out")  # before the work
         embedder = Embedder.from_workdir(args.workdir, args.checkpoint)
-        names = export_onnx(embedder, args.out)
+        if args.int8:
+            with tempfile.TemporaryDirectory() as folder:
+                float32 = os.path.join(folder, "float32.onnx")
+                names = export_onnx(embedder, float32)
+                quantize_int8(float32, args.out)
+        else:
+            names = export_onnx(embedder, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"wrote {args.out}: input images (batch, {embedder.height}, {embedder.width}, 3) "
-        f"float32 RGB 0-255; outputs {', '.join(names)}"
+        f"float32 RGB 0-255; outputs {', '.join(names)}{' (int8 weights)' if args.int8 else ''}"
     )
     return 0
 
