@@ -19,11 +19,17 @@ import ml_collections
 from flax import nnx
 
 from jaxreid.models.efficientnet import EfficientNetLite0
-from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead
+from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead, TokenMap
 from jaxreid.models.osnet import OSNET_WIDTHS, OSNet
 from jaxreid.models.pretrained import load_pretrained
 from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
 from jaxreid.models.vit import PATCH_SIZE, VIT_DEPTH, VIT_SIZES, VisionTransformer
+from jaxreid.models.waveblock import (
+    WaveBlock,
+    default_waveblock_config,
+    waveblock_enabled,
+    waveblock_problems,
+)
 
 # Channels of each backbone's final feature map.
 FEATURE_DIMS = {
@@ -59,6 +65,7 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
         ("model.dtype", tuple(_DTYPES)),
     )
     problems += _vit_problems(config)
+    problems += waveblock_problems(config)
     if config.model.head == "scl":
         stripes, dim = config.model.num_stripes, config.model.embed_dim
         if stripes < 1 or dim < 1 or dim % stripes:
@@ -162,6 +169,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.camera_weight = 3.0  # its factor (TransReID's SIE_COE)
     config.drop_path = 0.0  # stochastic depth, linear over the blocks up to this rate
     config.vit_depth = 0  # blocks kept (0 = all 12)
+    # Training-only wave of the backbone's map before the head (jaxreid/models/waveblock.py).
+    config.waveblock = default_waveblock_config()  # rate 1 = off
     return config
 
 
@@ -263,6 +272,11 @@ class ReIDModel(nnx.Module):
             )
         else:
             raise ValueError(f"unknown head {config.head!r}; expected 'scl', 'bnneck' or 'fc'")
+        self.waveblock = (
+            WaveBlock(config.waveblock.height_ratio, config.waveblock.rate)
+            if waveblock_enabled(config)
+            else None
+        )
 
     def __call__(
         self,
@@ -278,6 +292,11 @@ class ReIDModel(nnx.Module):
             features = self.backbone(images, train, rng=rng, cameras=cameras)
         else:
             features = self.backbone(images, train)
+        if self.waveblock is not None:  # on a ViT's patch grid, or a CNN's map
+            if isinstance(features, TokenMap):
+                features = features._replace(grid=self.waveblock(features.grid, train, rng))
+            else:
+                features = self.waveblock(features, train, rng)
         outputs = self.head(features, train)
         return {k: v.astype(jnp.float32) for k, v in outputs.items()}
 
