@@ -96,10 +96,38 @@ def export_onnx(embedder, path: str) -> list[str]:
             input_names=["images"],
             output_names=names,
         )
+    flush_subnormals(model)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
     return names
+
+
+def flush_subnormals(model) -> int:
+    """Sets the subnormal values of the model's float32 initialisers to zero;
+    returns how many there were.
+
+    Why: trained checkpoints hold some (weight decay drives dead channels'
+    weights towards zero; the MSMT17 OSNet-x0.25 has hundreds), and x86
+    convolution kernels slow down on them: that OSNet ran at 0.4x the speed of
+    the same graph without them in onnxruntime. XLA's CPU code flushes them
+    to zero too, so jaxreid's own features do not change.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    tiny = np.finfo(np.float32).tiny
+    flushed = 0
+    for initializer in model.graph.initializer:
+        if initializer.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(initializer)
+        subnormal = (np.abs(values) < tiny) & (values != 0)
+        if subnormal.any():
+            flushed += int(subnormal.sum())
+            zeroed = np.where(subnormal, np.float32(0), values)
+            initializer.CopyFrom(numpy_helper.from_array(zeroed, initializer.name))
+    return flushed
 
 
 def quantize_int8(source: str, path: str) -> None:

@@ -134,3 +134,23 @@ def test_export_command_int8_writes_a_smaller_file_of_close_features(run_dir, tm
     cosine = np.sum(got["int8"] * want, axis=1)  # both unit length
     assert cosine.min() > 0.98, cosine
     assert np.abs(got["int8"] - want).max() > 1e-6  # quantised, not the float graph
+
+
+def test_subnormal_weights_are_flushed_to_zero():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaxreid.export import flush_subnormals
+
+    weights = np.array([1e-40, 1.0, 0.0, -2e-41, 1e-37], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.arange(3), "i")],
+    )
+    model = helper.make_model(graph)
+    assert flush_subnormals(model) == 2
+    flushed = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_array_equal(flushed, np.array([0.0, 1.0, 0.0, 0.0, 1e-37], np.float32))
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[1]), np.arange(3))
