@@ -1,203 +1,281 @@
-"""ONNX exporters side by side: jax2onnx vs jax2tf + tf2onnx (issue #15).
+"""The deploy path side by side (issue #53): jaxreid's ONNX export against
+jaxreid's own extraction and against a PyTorch export of the same network.
 
-    python benchmarks/export_compare.py               # all backbones, both exporters
-    python benchmarks/export_compare.py --backbones efficientnet_lite0 --exporters jax2onnx
-    python benchmarks/export_compare.py --pooling gem --batch 4
+    python benchmarks/export_compare.py                     # the three backbones
+    python benchmarks/export_compare.py --backbones osnet_x0_25 --repeats 20
+    python benchmarks/export_compare.py --noint8 --notorch  # jaxreid only
 
-jax2tf + tf2onnx needs tensorflow and tf2onnx; keep them out of jaxreid's
-environment, in a venv that sees it:
+Each backbone is built with its configs' head (its row of BACKBONES: Lite0
+and ResNet-50 the BN neck with GeM pooling, OSNet-x0.25 torchreid's 512-d
+`fc` embedding), in eval mode, "global" output only, with real weights where
+they are at hand (WEIGHTS: the packaged ImageNet Lite0, the shared MSMT17
+OSNet; ResNet-50 random), on the first CUHK03 test crops when they are at
+hand (random pixels otherwise). Rows:
 
-    python3 -m venv --system-site-packages /tmp/venv_tf
-    /tmp/venv_tf/bin/pip install tensorflow-cpu tf2onnx
-    /tmp/venv_tf/bin/python benchmarks/export_compare.py
+- `jaxreid -> ONNX`: `jaxreid.export.export_onnx` (jax2onnx under
+  `export_mode()`), input float32 (batch, H, W, 3) pixels [0, 255].
+- `jaxreid -> ONNX int8`: that file through `jaxreid.export.quantize_int8`
+  (onnxruntime's dynamic quantisation; --int8).
+- `PyTorch -> ONNX`: `torch.onnx.export` (the TorchScript exporter, which
+  folds batch norm into the convolutions) of the transcription in
+  benchmarks/torch_reference.py (the train-step benchmark's; OSNet is the
+  test suite's tests/torch_osnet.py) with the same head and last stride,
+  the (x - mean) / std normalisation inside, input float32 NCHW pixels: the
+  graph a PyTorch user deploys. Random weights of its own (speed and graph
+  size only: no feature difference; jaxreid's export flushes subnormal
+  weights, which random ones do not have, so the speeds compare).
+- `jaxreid Embedder`: `Embedder.embed` on uint8 images (jit-compiled XLA).
 
-Each backbone is built with random weights (its usual head: efficientnet_lite0
-and resnet50 BN neck with their configs' GeM pooling, osnet_x0_25 the 512-d `fc`
-embedding with average pooling; --pooling avg / gem for all; each has the
-"global" output only), in eval mode: by `jaxreid.export.export_onnx` itself,
-and the same traced function (`jaxreid.export.exported_function`) through
-jax2tf + tf2onnx; input "images" float32 (batch, H, W, 3) in pixel scale
-[0, 255] with a dynamic batch. Per exporter: export seconds (one export, after
-imports and model building), file size, ONNX node count (graph plus local
-functions), max |onnxruntime - jaxreid| over --batch random uint8 images
-(jaxreid = its own eval forward, `Embedder.embed`), whether batch 1 and --batch
-both run, and onnxruntime CPU images/s at --batch (median of 5 timed runs after
-one warm-up, intra_op_num_threads=2). A failure is shown as its one-line error
-in the row instead of stopping the run.
+Columns: export seconds (after jax2onnx's one-time start-up, printed below
+the table: it loads its plugins at a process's first conversion), node count
+(all nodes; `ops` without Constant / Identity, which only the TorchScript
+exporter emits) and the most common operators, file size, max |features -
+jaxreid's| over --images random uint8 images, and images/s at batch 1 and
+--batch. Every engine runs with as many threads as cores (onnxruntime
+intra_op_num_threads, XLA's default). The timings are interleaved: each of
+--repeats rounds times every engine once at each batch size, and the table
+shows the medians, so load from other processes hits all columns alike.
 """
 
 from __future__ import annotations
 
+import collections
+import importlib.util
 import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-
-from jaxreid.command_line import parse, run  # noqa: E402
+from jaxreid.command_line import parse, run
 
 BACKBONES = {  # name: (height, width, head, embed_dim, pooling)
     "efficientnet_lite0": (128, 64, "bnneck", 0, "gem"),
     "osnet_x0_25": (256, 128, "fc", 512, "avg"),
     "resnet50": (256, 128, "bnneck", 0, "gem"),
 }
-EXPORTERS = ("jax2onnx", "jax2tf+tf2onnx")
-TF2ONNX_OPSET = 17  # the newest opset tf2onnx 1.17 maps to an IR version is 18
-REPEATS = 5
-
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# Real weights where they are at hand (the packaged ImageNet Lite0, the shared
+# torchreid MSMT17 OSNet), so that the features and their differences are a
+# real model's: random Lite0 weights saturate every ReLU6 and give the same
+# feature for every image. ResNet-50 keeps random weights.
+WEIGHTS = {
+    "efficientnet_lite0": "imagenet",
+    "osnet_x0_25": os.path.join(ROOT, "..", "shared", "data", "weights", "osnet_x0_25_msmt17.pth"),
+}
+CROPS = os.path.join(ROOT, "..", "shared", "data", "cuhk03", "bounding_box_test")
+# Nodes that carry no computation: the TorchScript exporter's scalar constants
+# and the Identity nodes it puts on shared initialisers.
+NON_OPERATORS = ("Constant", "Identity")
+TORCH_OPSET = 17
 
 PROG = "benchmarks/export_compare.py"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    """ONNX export paths compared (see the module docstring)."""
+    """The deploy path side by side (see the module docstring)."""
     flags.DEFINE_string(
         "backbones", ",".join(BACKBONES), "comma-separated backbone names", flag_values=fv
     )
-    flags.DEFINE_string(
-        "exporters", ",".join(EXPORTERS), f"comma-separated, of {EXPORTERS}", flag_values=fv
-    )
-    flags.DEFINE_integer("batch", 16, "images per accuracy/speed batch", flag_values=fv)
-    flags.DEFINE_enum(
-        "pooling",
-        "usual",
-        ["avg", "gem", "usual"],
-        "global pooling: each backbone's usual one (default), avg or gem",
-        flag_values=fv,
-    )
+    flags.DEFINE_integer("batch", 32, "the larger timed batch (the other is 1)", flag_values=fv)
+    flags.DEFINE_integer("images", 32, "random images for the max abs diff", flag_values=fv)
+    flags.DEFINE_integer("repeats", 9, "timed rounds (medians shown)", flag_values=fv)
+    flags.DEFINE_bool("torch", True, "the PyTorch export row", flag_values=fv)
+    flags.DEFINE_bool("int8", True, "the dynamic int8 row", flag_values=fv)
     flags.DEFINE_string("out_dir", "", "keep the .onnx files here (default: temp)", flag_values=fv)
 
 
-def build_embedder(backbone: str, pooling: str = "avg"):
-    """A random-initialised eval-mode Embedder of `backbone` at its benchmark size
-    (`pooling` "usual" = the one in BACKBONES)."""
+def usual_weights(backbone: str) -> str:
+    """`pretrained` for `backbone`: its WEIGHTS entry when available, else ""."""
+    weights = WEIGHTS.get(backbone, "")
+    if weights == "imagenet":
+        from jaxreid.models.pretrained import EFFICIENTNET_LITE0_PACKAGE
+
+        found = importlib.util.find_spec(EFFICIENTNET_LITE0_PACKAGE) is not None
+        return weights if found else ""
+    return weights if weights and os.path.exists(weights) else ""
+
+
+def build_embedder(backbone: str, pretrained: str = ""):
+    """An eval-mode Embedder of `backbone` at its benchmark size with its
+    BACKBONES head, weights from `pretrained` ("" = random)."""
     from flax import nnx
 
     from jaxreid import models
     from jaxreid.config_base import base_config
     from jaxreid.inference import Embedder
 
-    height, width, head, embed_dim, usual = BACKBONES[backbone]
-    pooling = usual if pooling == "usual" else pooling
+    height, width, head, embed_dim, pooling = BACKBONES[backbone]
     config = base_config()
     config.data.height, config.data.width = height, width
-    config.model.backbone, config.model.pretrained = backbone, ""
+    config.model.backbone, config.model.pretrained = backbone, pretrained
     config.model.head, config.model.embed_dim, config.model.pooling = head, embed_dim, pooling
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
     return Embedder(config, *models.split_model(model))
 
 
-def export_jax2onnx(embedder, path: str) -> None:
-    """jaxreid's own export (`jaxreid.export.export_onnx`; opset: jax2onnx's default)."""
-    from jaxreid.export import export_onnx
+def benchmark_images(embedder, count: int) -> tuple[np.ndarray, str]:
+    """`count` uint8 images at the model's size: the first CUHK03 test crops
+    when they are at hand, else uniform noise; and which."""
+    if os.path.isdir(CROPS):
+        names = sorted(n for n in os.listdir(CROPS) if n.endswith(".jpg"))[:count]
+        if len(names) == count:
+            return embedder.load_images([os.path.join(CROPS, n) for n in names]), "CUHK03 crops"
+    shape = (count, embedder.height, embedder.width, 3)
+    return np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), "random pixels"
 
-    export_onnx(embedder, path)
+
+def torch_deploy_model(embedder):
+    """The PyTorch transcription of `embedder`'s network (eval mode): float32
+    NCHW pixels [0, 255] -> the L2-normalised global feature."""
+    import torch
+    from torch.nn import functional as F
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_reference
+
+    from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD
+    from jaxreid.models.efficientnet import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+
+    model_config = embedder.config.model
+    name = model_config.backbone
+    mean, std = (
+        (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+        if name.startswith("efficientnet")
+        else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+
+    class Deployed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch_reference.build_backbone(name, int(model_config.last_stride))
+            self.head = torch_reference.Head(
+                model_config.head,
+                self.backbone.num_features,
+                int(model_config.embed_dim),
+                model_config.pooling,
+                0,
+                int(model_config.num_stripes),
+            )
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+        def forward(self, images):
+            out = self.head(self.backbone((images - self.mean) / self.std))
+            return F.normalize(out["neck"] if "neck" in out else out["feature"], dim=1)
+
+    torch.manual_seed(0)
+    return Deployed().eval()
 
 
-def export_jax2tf_tf2onnx(embedder, path: str) -> None:
-    """jax2tf.convert with a polymorphic batch, then tf2onnx.convert.from_function."""
-    import tensorflow as tf
-    import tf2onnx
-    from jax.experimental import jax2tf
+def export_torch(model, path: str, height: int, width: int) -> None:
+    """torch.onnx.export with a dynamic batch (the TorchScript exporter)."""
+    import warnings
 
-    from jaxreid.export import exported_function
-    from jaxreid.models.layers import export_mode
+    import torch
 
-    height, width = embedder.height, embedder.width
-    signature = [tf.TensorSpec((None, height, width, 3), tf.float32, name="images")]
-    with export_mode():
-        converted = jax2tf.convert(
-            exported_function(embedder)[0],
-            polymorphic_shapes=[f"(b, {height}, {width}, 3)"],
-            with_gradient=False,
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # its deprecation notice
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, height, width),),
+            path,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["global"],
+            dynamic_axes={"images": {0: "batch"}, "global": {0: "batch"}},
+            opset_version=TORCH_OPSET,
         )
 
-        @tf.function(input_signature=signature, autograph=False)
-        def features(images):
-            return tf.identity(converted(images)[0], name="global")
 
-        ops = {op.type for op in features.get_concrete_function().graph.get_operations()}
-        logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # it dumps whole failed nodes
-        try:
-            tf2onnx.convert.from_function(
-                features, input_signature=signature, opset=TF2ONNX_OPSET, output_path=path
-            )
-        except Exception as e:
-            if "XlaCallModule" not in ops:
-                raise
-            raise RuntimeError(
-                "tf2onnx cannot convert op XlaCallModule (jax2tf emits the whole model as "
-                "one native-serialized StableHLO op)"
-            ) from e
+def op_histogram(path: str) -> collections.Counter:
+    """Operator -> node count, over the graph and its local functions."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    return collections.Counter(node.op_type for node in nodes)
 
 
-EXPORT_FNS = {"jax2onnx": export_jax2onnx, "jax2tf+tf2onnx": export_jax2tf_tf2onnx}
+def graph_cells(path: str, top: int = 5) -> dict:
+    ops = op_histogram(path)
+    operators = sum(n for op, n in ops.items() if op not in NON_OPERATORS)
+    common = ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
+    return {
+        "nodes": f"{sum(ops.values())} ({operators} ops)",
+        "top": common,
+        "mb": f"{os.path.getsize(path) / 2**20:.1f}",
+    }
 
 
-def _one_line(error: BaseException, limit: int = 140) -> str:
+def session(path: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = os.cpu_count() or 1, 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def session_runner(path: str, nchw: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 NHWC images -> the graph's first output."""
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+
+    def features(images: np.ndarray) -> np.ndarray:
+        floats = images.astype(np.float32)
+        if nchw:
+            floats = np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+        return sess.run(None, {name: floats})[0]
+
+    return features
+
+
+def interleaved_rates(
+    engines: dict[str, Callable[[np.ndarray], object]],
+    images: np.ndarray,
+    batches: tuple[int, ...],
+    repeats: int,
+) -> dict[tuple[str, int], float]:
+    """Median images/s of each engine at each batch size; every round times
+    each (engine, batch) once, after one warm-up call of each."""
+    for engine in engines.values():
+        for batch in batches:
+            engine(images[:batch])
+    times = collections.defaultdict(list)
+    for _ in range(repeats):
+        for batch in batches:
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                engine(images[:batch])
+                times[name, batch].append(time.perf_counter() - start)
+    return {key: key[1] / statistics.median(t) for key, t in times.items()}
+
+
+def jax2onnx_startup_s() -> float:
+    """Seconds of a process's first jax2onnx conversion (it imports its
+    plugins then), on a one-op function."""
+    from jax2onnx import to_onnx
+
+    start = time.perf_counter()
+    to_onnx(lambda x: x + 1.0, [(2,)])
+    return time.perf_counter() - start
+
+
+def _one_line(error: BaseException, limit: int = 120) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".replace("|", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def count_nodes(path: str) -> int:
-    """Nodes of the ONNX graph plus those of its local functions."""
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return len(model.graph.node) + sum(len(f.node) for f in model.functions)
-
-
-def _session(path: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def _run(session, images: np.ndarray) -> np.ndarray:
-    output = session.get_outputs()[0].name
-    return session.run([output], {session.get_inputs()[0].name: images})[0]
-
-
-def measure(embedder, exporter: str, path: str, images: np.ndarray, want: np.ndarray) -> dict:
-    """One row's cells: export time, size, nodes, diff, dynamic batch, speed."""
-    start = time.perf_counter()
-    EXPORT_FNS[exporter](embedder, path)
-    row = {"export_s": f"{time.perf_counter() - start:.1f}"}
-    row["mb"] = f"{os.path.getsize(path) / 2**20:.1f}"
-    row["nodes"] = str(count_nodes(path))
-    session = _session(path)
-    floats = images.astype(np.float32)
-    got = _run(session, floats)
-    row["diff"] = f"{np.abs(got - want).max():.1e}" if got.shape == want.shape else f"{got.shape}"
-    try:
-        one = _run(session, floats[:1])
-        ok = one.shape == want[:1].shape and got.shape == want.shape
-        row["dynamic"] = "yes" if ok else f"no: {one.shape}, {got.shape}"
-    except Exception as e:  # noqa: BLE001 - a cell, not a crash
-        row["dynamic"] = f"no: {_one_line(e, 80)}"
-    times = []
-    _run(session, floats)  # warm-up
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        _run(session, floats)
-        times.append(time.perf_counter() - start)
-    row["ips"] = f"{len(floats) / statistics.median(times):.0f}"
-    return row
-
-
 def _versions() -> str:
     from importlib import metadata
 
-    names = ("jax", "jax2onnx", "onnxruntime", "onnx", "tensorflow-cpu", "tensorflow", "tf2onnx")
+    names = ("jax", "flax", "jax2onnx", "onnx", "onnxruntime", "torch")
     found = []
     for name in names:
         try:
@@ -207,41 +285,112 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dict, dict]:
+    """The rows of one backbone, its images/s per (engine, batch) and notes
+    (its weights, its images)."""
+    from jaxreid.export import export_onnx, quantize_int8
+
+    weights = usual_weights(backbone)
+    embedder = build_embedder(backbone, weights)
+    height, width = embedder.height, embedder.width
+    images, source = benchmark_images(embedder, max(args.images, args.batch))
+    notes = {"weights": os.path.basename(weights) or "random", "images": source}
+    want = embedder.embed(images[: args.images], batch_size=args.batch)["global"]
+    rows, engines = [], {}
+
+    def add_graph(name: str, path: str, build: Callable[[], None], nchw: bool = False) -> None:
+        row = {"graph": name}
+        try:
+            start = time.perf_counter()
+            build()
+            row["export_s"] = f"{time.perf_counter() - start:.1f}"
+            row.update(graph_cells(path))
+            engine = session_runner(path, nchw)
+            if not nchw:  # the PyTorch graph has weights of its own
+                got = engine(images[: args.images])
+                row["diff"] = f"{np.abs(got - want).max():.1e}"
+            engines[name] = engine
+        except Exception as e:  # noqa: BLE001 - a cell, not a crash
+            row["export_s"] = f"failed: {_one_line(e)}"
+        rows.append(row)
+
+    path = os.path.join(out_dir, f"{backbone}.onnx")
+    add_graph("jaxreid -> ONNX", path, lambda: export_onnx(embedder, path))
+    if args.int8:
+        int8_path = os.path.join(out_dir, f"{backbone}.int8.onnx")
+        add_graph("jaxreid -> ONNX int8", int8_path, lambda: quantize_int8(path, int8_path))
+    if args.torch:
+        torch_path = os.path.join(out_dir, f"{backbone}.torch.onnx")
+
+        def build_torch() -> None:
+            export_torch(torch_deploy_model(embedder), torch_path, height, width)
+
+        add_graph("PyTorch -> ONNX", torch_path, build_torch, nchw=True)
+
+    def extraction(batch_images: np.ndarray) -> None:
+        embedder.embed(batch_images, batch_size=len(batch_images))
+
+    engines["jaxreid Embedder"] = extraction
+    rows.append({"graph": "jaxreid Embedder"})
+    batches = (1, args.batch)
+    rates = interleaved_rates(engines, images, batches, args.repeats)
+    for row in rows:
+        for batch in batches:
+            rate = rates.get((row["graph"], batch))
+            row[f"ips{batch}"] = f"{rate:.0f}" if rate else ""
+    return rows, rates, notes
+
+
+def ratio_line(backbone: str, rates: dict, batch: int) -> str:
+    """onnxruntime on jaxreid's export over the PyTorch export and over the Embedder."""
+    ours = "jaxreid -> ONNX"
+    parts = []
+    for other in ("PyTorch -> ONNX", "jaxreid Embedder"):
+        cells = [
+            f"{rates[ours, b] / rates[other, b]:.2f}x @{b}"
+            for b in (1, batch)
+            if (ours, b) in rates and (other, b) in rates
+        ]
+        if cells:
+            parts.append(f"over {other}: {', '.join(cells)}")
+    return f"{backbone}: jaxreid -> ONNX " + "; ".join(parts)
+
+
 def main(argv=None) -> None:
     from jaxreid.host import configure_host
 
     configure_host()  # before jax starts a backend
     args, _ = parse(define_flags, argv, PROG)
+    logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)  # type-annotation notes
     from jaxreid.utils import machine_description
 
     backbones = [b for b in args.backbones.split(",") if b]
-    exporters = [e for e in args.exporters.split(",") if e]
-    for names, known in ((backbones, tuple(BACKBONES)), (exporters, EXPORTERS)):
-        if unknown := [name for name in names if name not in known]:
-            sys.exit(f"unknown {unknown}: choose from {known}")
+    if unknown := [name for name in backbones if name not in BACKBONES]:
+        sys.exit(f"unknown {unknown}: choose from {tuple(BACKBONES)}")
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="export_compare_")
     os.makedirs(out_dir, exist_ok=True)
-    header = "| backbone | input | exporter | export s | MB | nodes | max abs diff |"
-    header += f" batch 1 & {args.batch} | ORT img/s @{args.batch} |"
-    rows = [header, "|" + "---|" * 9]
+    startup = jax2onnx_startup_s()
+    keys = ("graph", "export_s", "nodes", "top", "mb", "diff", "ips1", f"ips{args.batch}")
+    header = (
+        "| backbone | graph | export s | nodes | most common operators | MB |"
+        f" max abs diff | img/s @1 | img/s @{args.batch} |"
+    )
+    table, ratios = [header, "|" + "---|" * 9], []
     for backbone in backbones:
-        embedder = build_embedder(backbone, args.pooling)
-        images = np.random.default_rng(0).integers(
-            0, 256, (args.batch, embedder.height, embedder.width, 3), dtype=np.uint8
+        height, width = BACKBONES[backbone][:2]
+        rows, rates, notes = measure_backbone(backbone, args, out_dir)
+        for row in rows:
+            cells = [row.get(key, "") for key in keys]
+            table.append(f"| {backbone} {height}x{width} | " + " | ".join(cells) + " |")
+            print(table[-1], file=sys.stderr, flush=True)
+        ratios.append(
+            ratio_line(backbone, rates, args.batch)
+            + f" (weights {notes['weights']}, {notes['images']})"
         )
-        want = embedder.embed(images, batch_size=args.batch)["global"]
-        size = f"{embedder.height}x{embedder.width}"
-        for exporter in exporters:
-            path = os.path.join(out_dir, f"{backbone}-{exporter.replace('+', '-')}.onnx")
-            try:
-                row = measure(embedder, exporter, path, images, want)
-                cells = [row[k] for k in ("export_s", "mb", "nodes", "diff", "dynamic", "ips")]
-            except Exception as e:  # noqa: BLE001 - report it in the table
-                cells = [f"failed: {_one_line(e)}"] + [""] * 5
-            rows.append(f"| {backbone} | {size} | {exporter} | " + " | ".join(cells) + " |")
-            print(rows[-1], file=sys.stderr, flush=True)
-    print("\n".join(rows))
-    print(f"\npooling {args.pooling}; {machine_description()}")
+    print("\n".join(table))
+    print("\n" + "\n".join(ratios))
+    print(f"\njax2onnx start-up (a process's first conversion, once): {startup:.1f} s")
+    print(f"{machine_description()}; {os.cpu_count()} threads per engine")
     print(f"{_versions()}\nONNX files in {out_dir}")
 
 
