@@ -19,6 +19,7 @@ import ml_collections
 from flax import nnx
 
 from jaxreid.models.efficientnet import EfficientNetLite0
+from jaxreid.models.fusion import FusionHead
 from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead, TokenMap
 from jaxreid.models.osnet import OSNET_WIDTHS, OSNet
 from jaxreid.models.pretrained import load_pretrained
@@ -42,7 +43,7 @@ FEATURE_DIMS = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-HEADS = ("scl", "bnneck", "fc")
+HEADS = ("scl", "bnneck", "fc", "fusion")
 # The ViT settings and their neutral values (what the CNNs are built with).
 VIT_SETTINGS = {
     "patch_stride": PATCH_SIZE,
@@ -66,13 +67,33 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     problems += _vit_problems(config)
     problems += waveblock_problems(config)
-    if config.model.head == "scl":
+    problems += _fusion_problems(config)
+    if config.model.head in ("scl", "fusion"):
         stripes, dim = config.model.num_stripes, config.model.embed_dim
         if stripes < 1 or dim < 1 or dim % stripes:
             problems.append(
                 f"model.embed_dim = {dim}: must be a positive multiple of model.num_stripes "
                 f"= {stripes} (each stripe gets embed_dim / num_stripes dimensions)"
             )
+    return problems
+
+
+def _fusion_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The fusion head needs a ViT's tokens and at least one block."""
+    model = config.model
+    if model.head != "fusion":
+        return []
+    problems = []
+    if model.backbone not in VIT_SIZES:
+        problems.append(
+            f"model.head = 'fusion': SDFT's fusion blocks need a ViT backbone "
+            f"({', '.join(VIT_SIZES)}), not {model.backbone}; use head 'scl' for its stripes"
+        )
+    if model.get("fusion_depth", 1) < 1:
+        problems.append(
+            f"model.fusion_depth = {model.fusion_depth}: the fusion head needs at least one "
+            "block (SDFT: 1-2)"
+        )
     return problems
 
 
@@ -145,7 +166,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.last_stride = 1  # stride of the last strided stage (1 or 2; not OSNet)
     config.ibn = False  # IBN-a in layer1-3 (ResNets only)
     config.pooling = "avg"  # avg | gem | cls (global branch; cls: a ViT's [CLS] token)
-    config.head = "scl"  # scl | bnneck | fc (torchreid's Linear + BN1d + ReLU embedding)
+    # scl | bnneck | fc (torchreid's Linear + BN1d + ReLU embedding) | fusion (ViT:
+    # SDFT's part tokens fused with the [CLS] token, then the scl head's outputs)
+    config.head = "scl"
     config.embed_dim = 2048  # D; bnneck: 0 (or C) = no projection
     config.num_stripes = 8  # P (scl head)
     config.dtype = "float32"  # float32 | bfloat16 compute; params always float32
@@ -169,6 +192,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.camera_weight = 3.0  # its factor (TransReID's SIE_COE)
     config.drop_path = 0.0  # stochastic depth, linear over the blocks up to this rate
     config.vit_depth = 0  # blocks kept (0 = all 12)
+    config.fusion_depth = 1  # head "fusion": extra blocks over [CLS] + the P part tokens
     # Training-only wave of the backbone's map before the head (jaxreid/models/waveblock.py).
     config.waveblock = default_waveblock_config()  # rate 1 = off
     return config
@@ -259,6 +283,20 @@ class ReIDModel(nnx.Module):
                 dtype=dtype,
                 bn_group_size=group,
             )
+        elif config.head == "fusion":
+            if not isinstance(self.backbone, VisionTransformer):
+                raise ValueError("head 'fusion' needs a ViT backbone")
+            first = self.backbone.blocks[0]
+            self.head = FusionHead(
+                channels,
+                first.attn.heads,
+                depth=int(config.get("fusion_depth", 1)),
+                embed_dim=int(config.embed_dim),
+                num_stripes=int(config.num_stripes),
+                rngs=rngs,
+                dtype=dtype,
+                bn_group_size=group,
+            )
         elif config.head in ("bnneck", "fc"):  # the same arguments
             head = BNNeckHead if config.head == "bnneck" else FCHead
             self.head = head(
@@ -271,7 +309,7 @@ class ReIDModel(nnx.Module):
                 num_classes=int(config.num_classes),
             )
         else:
-            raise ValueError(f"unknown head {config.head!r}; expected 'scl', 'bnneck' or 'fc'")
+            raise ValueError(f"unknown head {config.head!r}; expected one of {HEADS}")
         self.waveblock = (
             WaveBlock(config.waveblock.height_ratio, config.waveblock.rate)
             if waveblock_enabled(config)
@@ -308,6 +346,10 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ReIDModel:
     model = ReIDModel(config, rngs=rngs)
     if config.pretrained:
         load_pretrained(model, config.backbone, config.head, config.pretrained)
+    if isinstance(model.head, FusionHead):
+        # The fusion blocks start as the (imported) last block, as TransReID's
+        # jigsaw branch does.
+        model.head.copy_block(model.backbone.blocks[-1])
     return model
 
 
