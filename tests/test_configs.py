@@ -29,6 +29,7 @@ def test_config_loads_and_names_a_method(path):
         "cuhk03_cc_hard": "cluster_contrast",
         "cuhk03_uda": "cluster_contrast",
         "cuhk03_jcl": "joint",
+        "cuhk03_hhcl_mcsl": "hhcl",
     }
     # Winograd only where the backbone has dense 3x3 convolutions (else build_model raises).
     assert config.model.winograd == config.model.backbone.startswith("resnet")

@@ -239,7 +239,14 @@ def get_method(config: ml_collections.ConfigDict) -> Method:
     "mylab.my_loss") is imported first: a method written outside jaxreid
     registers itself there and trains through a config alone."""
     config = with_method_defaults(config)
-    return METHODS[config.method.name](config)
+    method = METHODS[config.method.name](config)
+    style = config.model.get("camera_style")
+    if style is not None and style.styles > 0:
+        # Camera-style learning wraps any method's loss (jaxreid.methods.camera_style).
+        from jaxreid.methods.camera_style import with_camera_style
+
+        method = with_camera_style(method, config)
+    return method
 
 
 def method_names() -> list[str]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxreid.models.layers import DepthwiseConv, conv_bn, normalize_pixels, relu6
-from jaxreid.models.resnet import LayerFactory
+from jaxreid.models.resnet import LayerFactory, StageHook
 
 EFFICIENTNET_LITE_MEAN = (127.0, 127.0, 127.0)
 EFFICIENTNET_LITE_STD = (128.0, 128.0, 128.0)
@@ -40,6 +40,8 @@ LITE0_STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 LAST_STRIDED_STAGE = 5
+# Index in `blocks` of each stage's first block (resnet.StageHook's boundaries).
+STAGE_STARTS = tuple(sum(stage[0] for stage in LITE0_STAGES[:i]) for i in range(len(LITE0_STAGES)))
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
@@ -110,9 +112,11 @@ class EfficientNetLite0(nnx.Module):
         self.bn1 = make.bn(HEAD_CHANNELS)
         self.num_features = HEAD_CHANNELS
 
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool, hook: StageHook | None = None) -> jax.Array:
         x = normalize_pixels(images, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
         x = relu6(conv_bn(self.conv_stem, self.bn0, x, train))
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            if hook is not None and index in STAGE_STARTS:
+                x = hook(STAGE_STARTS.index(index), x)
             x = block(x, train)
         return relu6(conv_bn(self.conv_head, self.bn1, x, train))

@@ -18,6 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxreid.models.camera_style import (
+    CameraStyle,
+    camera_style_enabled,
+    camera_style_problems,
+    default_camera_style_config,
+    shallow_channels,
+)
 from jaxreid.models.efficientnet import EfficientNetLite0
 from jaxreid.models.fusion import FusionHead
 from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead, TokenMap
@@ -67,6 +74,7 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
     )
     problems += _vit_problems(config)
     problems += waveblock_problems(config)
+    problems += camera_style_problems(config)
     problems += _fusion_problems(config)
     if config.model.head in ("scl", "fusion"):
         stripes, dim = config.model.num_stripes, config.model.embed_dim
@@ -195,6 +203,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.fusion_depth = 1  # head "fusion": extra blocks over [CLS] + the P part tokens
     # Training-only wave of the backbone's map before the head (jaxreid/models/waveblock.py).
     config.waveblock = default_waveblock_config()  # rate 1 = off
+    # Training-only re-styling of shallow maps to other cameras (jaxreid/models/camera_style.py).
+    config.camera_style = default_camera_style_config()  # styles 0 = off
     return config
 
 
@@ -315,6 +325,18 @@ class ReIDModel(nnx.Module):
             if waveblock_enabled(config)
             else None
         )
+        style = config.get("camera_style")
+        self.camera_style = (
+            CameraStyle(
+                shallow_channels(config.backbone, style.stage),
+                style.num_cameras,
+                style.styles,
+                style.stage,
+                style.momentum,
+            )
+            if camera_style_enabled(config)
+            else None
+        )
 
     def __call__(
         self,
@@ -328,6 +350,10 @@ class ReIDModel(nnx.Module):
         # training-only layers, camera embeddings); the CNNs ignore both.
         if isinstance(self.backbone, VisionTransformer):
             features = self.backbone(images, train, rng=rng, cameras=cameras)
+        elif train and self.camera_style is not None:
+            style = self.camera_style  # the outputs of the re-styled copies: "styled/<key>"
+            restyle = lambda stage, x: style(x, cameras, rng) if stage == style.stage else x  # noqa: E731
+            features = self.backbone(images, train, hook=restyle)
         else:
             features = self.backbone(images, train)
         if self.waveblock is not None:  # on a ViT's patch grid, or a CNN's map
@@ -336,7 +362,10 @@ class ReIDModel(nnx.Module):
             else:
                 features = self.waveblock(features, train, rng)
         outputs = self.head(features, train)
-        return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+        outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+        if train and self.camera_style is not None:
+            outputs = self.camera_style.split(outputs, images.shape[0])
+        return outputs
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ReIDModel:

@@ -33,7 +33,7 @@ from jaxreid.models.layers import (
     max_pool_3x3_s2,
     normalize_pixels,
 )
-from jaxreid.models.resnet import LayerFactory
+from jaxreid.models.resnet import LayerFactory, StageHook
 
 # name -> channels of (stem, stage 2, stage 3, stage 4); torchreid's osnet_x*.
 OSNET_WIDTHS = {
@@ -202,10 +202,12 @@ class OSNet(nnx.Module):
         self.conv5 = ConvBN(make, in_ch, in_ch)
         self.num_features = in_ch
 
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool, hook: StageHook | None = None) -> jax.Array:
         x = normalize_pixels(images, IMAGENET_MEAN, IMAGENET_STD)
         x = self._frozen(1, max_pool_3x3_s2(self.conv1(x, train)))
         for index, stage in enumerate((self.conv2, self.conv3, self.conv4), start=2):
+            if hook is not None:
+                x = hook(index - 2, x)  # resnet.StageHook
             for layer in stage:
                 if isinstance(layer, nnx.List):
                     x = avg_pool_2x2(layer[0](x, train))

@@ -11,6 +11,7 @@ norm, half batch norm; layer4 and the stem stay plain).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,12 @@ RESNET_DEPTHS = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
+
+
+# hook(i, x) -> x: called by a backbone on its map after the stem (i = 0) and
+# after each following stage but the last (i = 1, 2, ...); the map it returns
+# goes on (jaxreid.models.camera_style re-styles a shallow one). None: no call.
+StageHook = Callable[[int, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass
@@ -165,11 +172,13 @@ class ResNet(nnx.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = in_ch
 
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool, hook: StageHook | None = None) -> jax.Array:
         x = normalize_pixels(images, IMAGENET_MEAN, IMAGENET_STD)
         x = jax.nn.relu(conv_bn(self.conv1, self.bn1, x, train))
         x = max_pool_3x3_s2(x)
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for index, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            if hook is not None:
+                x = hook(index, x)
             for block in stage:
                 x = block(x, train)
         return x

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-
 WAVEBLOCK_SALT = 0x77617665
 
 
