@@ -88,6 +88,13 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("torch", True, "the PyTorch export row", flag_values=fv)
     flags.DEFINE_bool("int8", True, "the dynamic int8 row", flag_values=fv)
     flags.DEFINE_string("out_dir", "", "keep the .onnx files here (default: temp)", flag_values=fv)
+    flags.DEFINE_string(
+        "map_backbone",
+        "",
+        "also CUHK03 mAP / rank-1 of this backbone's jaxreid extraction, float32 and "
+        "int8 graphs (the shared crops; minutes)",
+        flag_values=fv,
+    )
 
 
 def usual_weights(backbone: str) -> str:
@@ -332,6 +339,19 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
 
     engines["jaxreid Embedder"] = extraction
     rows.append({"graph": "jaxreid Embedder"})
+    if backbone == args.map_backbone:
+        accuracy = cuhk03_accuracy(
+            embedder,
+            {
+                "jaxreid Embedder": lambda x: embedder.embed(x, batch_size=args.batch)["global"],
+                **{name: engines[name] for name in engines if name.startswith("jaxreid ->")},
+            },
+            args.batch,
+        )
+        notes["cuhk03"] = "; ".join(
+            f"{name} {100 * a['mAP']:.1f} mAP / {100 * a['rank1']:.1f} rank-1"
+            for name, a in accuracy.items()
+        )
     batches = (1, args.batch)
     rates = interleaved_rates(engines, images, batches, args.repeats)
     for row in rows:
@@ -339,6 +359,35 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
             rate = rates.get((row["graph"], batch))
             row[f"ips{batch}"] = f"{rate:.0f}" if rate else ""
     return rows, rates, notes
+
+
+def cuhk03_accuracy(embedder, engines: dict[str, Callable], batch: int) -> dict[str, dict]:
+    """mAP and rank-1 (Market protocol, cosine distance) on the CUHK03 split
+    at CROPS' parent, per engine (name -> uint8 images -> global features)."""
+    from jaxreid.data.datasets import load_dataset
+    from jaxreid.evaluate.distances import cosine_distance
+    from jaxreid.evaluate.metrics import evaluate_ranking
+
+    data = load_dataset("cuhk03", os.path.dirname(CROPS))
+    splits = {name: getattr(data, name) for name in ("query", "gallery")}
+    images = {
+        name: embedder.load_images([r.path for r in records]) for name, records in splits.items()
+    }
+    results = {}
+    for engine_name, engine in engines.items():
+        features = {
+            name: np.concatenate(
+                [engine(split[i : i + batch]) for i in range(0, len(split), batch)]
+            )
+            for name, split in images.items()
+        }
+        result = evaluate_ranking(
+            cosine_distance(features["query"], features["gallery"]),
+            *(np.array([r.pid for r in splits[n]]) for n in ("query", "gallery")),
+            *(np.array([r.camera for r in splits[n]]) for n in ("query", "gallery")),
+        )
+        results[engine_name] = {"mAP": result["mAP"], "rank1": result["rank1"]}
+    return results
 
 
 def ratio_line(backbone: str, rates: dict, batch: int) -> str:
@@ -387,6 +436,8 @@ def main(argv=None) -> None:
             ratio_line(backbone, rates, args.batch)
             + f" (weights {notes['weights']}, {notes['images']})"
         )
+        if "cuhk03" in notes:
+            ratios.append(f"{backbone} on CUHK03 (query vs gallery): {notes['cuhk03']}")
     print("\n".join(table))
     print("\n" + "\n".join(ratios))
     print(f"\njax2onnx start-up (a process's first conversion, once): {startup:.1f} s")
