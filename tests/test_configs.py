@@ -28,6 +28,7 @@ def test_config_loads_and_names_a_method(path):
         "cuhk03_cc": "cluster_contrast",
         "cuhk03_cc_hard": "cluster_contrast",
         "cuhk03_uda": "cluster_contrast",
+        "cuhk03_vit": "cluster_contrast",
         "cuhk03_jcl": "joint",
         "cuhk03_hhcl_mcsl": "hhcl",
     }
