@@ -226,6 +226,33 @@ def test_forward_equals_torch_transcription(tmp_path, conv_stem, stride, height,
         _assert_close_to_scale(_tokens(model, images, True).cls, train_reference[:, 0], "train cls")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone, conv_stem, stride", [("vit_small", True, 12), ("vit_base", False, 16)]
+)
+def test_full_size_forward_equals_torch_transcription(tmp_path, backbone, conv_stem, stride):
+    """All 12 blocks at full width (ViT-S with ICS at TransReID's stride 12,
+    ViT-B), 256 x 128: tokens within 1e-4 of the scale."""
+    torch, TorchViT = _torch()
+    grid = vit.token_grid(256, 128, stride, conv_stem)
+    net = _random_torch_vit(
+        torch, TorchViT, seed=2, name=backbone, grid=grid, stride=stride, conv_stem=conv_stem
+    )
+    path = _save(torch, _numpy_state(net), tmp_path / "vit.pth")
+    config = _config(
+        backbone=backbone, vit_depth=0, patch_stride=stride, conv_stem=conv_stem, pretrained=path
+    )
+    model = models.build_model(config, nnx.Rngs(0))
+    assert len(model.backbone.blocks) == 12
+    images = _images(2, 256, 128, seed=1)
+    with torch.no_grad():
+        reference = net(_torch_input(torch, images)).numpy()
+    tokens = _tokens(model, images)
+    width = vit.VIT_SIZES[backbone][0]
+    _assert_close_to_scale(tokens.cls, reference[:, 0], "cls token")
+    _assert_close_to_scale(tokens.grid, reference[:, 1:].reshape(2, *grid, width), "patch grid")
+
+
 def test_scl_stripes_come_from_bands_of_patch_tokens(tmp_path):
     """The SCL head on a ViT: P = 4 stripes of the 21 x 10 stride-12 grid (bands
     of rows as torch's adaptive pooling cuts them), each averaged, through its
