@@ -201,8 +201,44 @@ def test_model_returns_the_copies_in_training_only(backbone, stage):
     np.testing.assert_allclose(
         evaluated["global"], models.apply_model(*plain, images, False)[0]["global"], rtol=1e-6
     )
-    with pytest.raises(ValueError, match="pass apply_model the batch's cameras and a key"):
+    with pytest.raises(ValueError, match="pass apply_model the batch's cameras with the key"):
         models.apply_model(graphdef, params, stats, images, True, rng=key)
+    # Without a key (camera_bn's statistics pass): the plain model's forward.
+    unstyled, stats_only = models.apply_model(graphdef, params, stats, images, True)
+    np.testing.assert_array_equal(
+        unstyled["global"], models.apply_model(*plain, images, True)[0]["global"]
+    )
+    assert not any(k.startswith("styled/") for k in unstyled)
+    np.testing.assert_array_equal(stats_only["camera_style"]["weight"][...], 0.0)
+
+
+def test_camera_bn_statistics_ignore_the_training_only_layers():
+    """cluster.camera_bn / eval.camera_bn estimate each camera's batch-norm
+    statistics in a train-mode pass without a key: with camera styles and a
+    WaveBlock on, the statistics are the plain model's."""
+    from jaxreid.evaluate.camera_bn import camera_batch_stats
+
+    def build(styles, rate):
+        c = models.default_model_config()
+        c.update(backbone="osnet_x0_25", head="bnneck", embed_dim=0, bn_group_size=0)
+        c.camera_style.update(styles=styles, num_cameras=4)
+        c.waveblock.rate = rate
+        return models.split_model(models.build_model(c, rngs=nnx.Rngs(0)))
+
+    images = np.asarray(_images(6)).astype(np.uint8)
+    cameras = np.array([0, 0, 1, 1, 1, 0])
+    both = camera_batch_stats(*build(1, 1.5), images, cameras, batch_size=3)
+    plain = camera_batch_stats(*build(0, 1.0), images, cameras, batch_size=3)
+
+    def leaves(tree):
+        flat = jax.tree_util.tree_leaves_with_path(tree)
+        return {jax.tree_util.keystr(path): np.asarray(v) for path, v in flat}
+
+    for camera in (0, 1):
+        expected, got = leaves(plain[camera]), leaves(both[camera])
+        assert set(expected) < set(got)  # and the style table's
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 # ------------------------------------------------------------ the wrapper

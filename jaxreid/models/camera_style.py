@@ -16,7 +16,9 @@ stacked along the batch (batch norm keeps one group per copy when
 model.bn_group_size is the training group). The model then returns every
 output for the originals, and each output k of the re-styled copies as
 "styled/k" (K, B, ...); `jaxreid.methods.camera_style` adds the method's
-loss on them and an invariance term. Eval mode never re-styles.
+loss on them and an invariance term. Eval mode never re-styles, nor does a
+train-mode pass without a key (the batch-statistics pass of
+jaxreid.evaluate.camera_bn: its statistics are the plain maps').
 
 The running statistics are ratio estimates: sums s_c <- (1 - m p_c) s_c +
 m p_c x_c and weights w_c <- (1 - m p_c) w_c + m p_c (p_c = 1 when camera c
@@ -175,7 +177,7 @@ class CameraStyle(nnx.Module):
         if cameras is None or rng is None:
             raise ValueError(
                 "model.camera_style re-styles to other cameras in training: pass apply_model "
-                "the batch's cameras and a key (cameras=..., rng=...), as the training step does"
+                "the batch's cameras with the key (cameras=..., rng=...), as the training step does"
             )
         if int(cameras.shape[0]) != int(x.shape[0]):
             raise ValueError(f"{cameras.shape[0]} cameras for a batch of {x.shape[0]} maps")

@@ -347,10 +347,12 @@ class ReIDModel(nnx.Module):
         cameras: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         # rng and cameras are for the modules that use them (stochastic
-        # training-only layers, camera embeddings); the CNNs ignore both.
+        # training-only layers, camera embeddings, camera styles).
+        # No key (camera_bn's statistics-only pass): no re-styling, no wave.
+        restyling = train and rng is not None and self.camera_style is not None
         if isinstance(self.backbone, VisionTransformer):
             features = self.backbone(images, train, rng=rng, cameras=cameras)
-        elif train and self.camera_style is not None:
+        elif restyling:
             style = self.camera_style  # the outputs of the re-styled copies: "styled/<key>"
             restyle = lambda stage, x: style(x, cameras, rng) if stage == style.stage else x  # noqa: E731
             features = self.backbone(images, train, hook=restyle)
@@ -363,7 +365,7 @@ class ReIDModel(nnx.Module):
                 features = self.waveblock(features, train, rng)
         outputs = self.head(features, train)
         outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
-        if train and self.camera_style is not None:
+        if restyling:
             outputs = self.camera_style.split(outputs, images.shape[0])
         return outputs
 

@@ -4,8 +4,10 @@ Wang et al.; JCL's WaveBlock attention module without its attention).
 In training, each sample keeps one random horizontal block of its feature map
 (`height_ratio` of the rows, whole width) as it is and multiplies every other
 row by `rate` ("waves" it), so the head cannot rely on the same body part in
-every view. Identity in eval mode. The block's position comes from the key
-the step passes to the model (one draw per sample).
+every view. Identity in eval mode, and in a train-mode pass without a key
+(the batch-statistics pass of jaxreid.evaluate.camera_bn). The block's
+position comes from the key the step passes to the model (one draw per
+sample).
 
 Settings (`model.waveblock`): rate (1 = off, the default; > 1 amplifies the
 rows outside the block, < 1 damps them), height_ratio (the kept block's share
@@ -67,13 +69,8 @@ class WaveBlock(nnx.Module):
         self.rate = float(rate)
 
     def __call__(self, x: jax.Array, train: bool, rng: jax.Array | None) -> jax.Array:
-        if not train:
+        if not train or rng is None:  # eval, or a statistics-only pass (camera_bn)
             return x
-        if rng is None:
-            raise ValueError(
-                "model.waveblock draws a block per sample in training: pass apply_model a key "
-                "(rng=...), as the training step does"
-            )
         # Apart from the model's other draws from the same key (drop-path).
         key = jax.random.fold_in(rng, WAVEBLOCK_SALT)
         mask = wave_mask(key, x.shape[0], x.shape[1], self.height_ratio, self.rate)
