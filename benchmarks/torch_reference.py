@@ -23,6 +23,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from jax_step import time_runs  # noqa: E402
 from torch_osnet import TorchOSNet  # noqa: E402  (the test suite's torchreid transcription)
+from torch_vit import TorchViT  # noqa: E402  (the test suite's ViT transcription)
 
 # --- backbones -------------------------------------------------------------
 
@@ -129,7 +130,38 @@ class OSNetFeatures(nn.Module):
         return self.net.featuremaps(x)
 
 
-def build_backbone(name: str, last_stride: int) -> nn.Module:
+class ViTFeatures(nn.Module):
+    """The test suite's ViT transcription (fused attention) returning
+    ([CLS] (B, C), patch grid (B, C, gh, gw)), as jaxreid's TokenMap."""
+
+    def __init__(self, model, height: int, width: int):
+        super().__init__()
+        stride, stem = model.patch_stride, model.conv_stem
+        if stem:  # 7x7/2 stem, then 8x8 patches every stride / 2 pixels
+            height, width, kernel, stride = (height + 1) // 2, (width + 1) // 2, 8, stride // 2
+        else:
+            kernel = 16
+        self.grid = ((height - kernel) // stride + 1, (width - kernel) // stride + 1)
+        self.net = TorchViT(
+            model.backbone,
+            depth=model.vit_depth or 12,
+            grid=self.grid,
+            stride=model.patch_stride,
+            conv_stem=stem,
+            fused_attention=True,
+        )
+        self.num_features = self.net.norm.normalized_shape[0]
+
+    def forward(self, x):
+        tokens = self.net(x)
+        b, _, c = tokens.shape
+        return tokens[:, 0], tokens[:, 1:].transpose(1, 2).reshape(b, c, *self.grid)
+
+
+def build_backbone(name: str, last_stride: int, model=None, size=(256, 128)) -> nn.Module:
+    """`model` (config.model) and `size` (height, width) serve the ViTs."""
+    if name.startswith("vit_"):
+        return ViTFeatures(model, *size)
     if name == "efficientnet_lite0":
         return EfficientNetLite0(last_stride)
     if name == "resnet50":
@@ -168,7 +200,13 @@ class Head(nn.Module):
         self.classifier = nn.Linear(dim, classes, bias=False) if classes else None
 
     def forward(self, fmap):
-        pooled = gem(fmap) if self.pooling == "gem" else fmap.mean((2, 3))
+        cls = None
+        if isinstance(fmap, tuple):  # a ViT: ([CLS], patch grid)
+            cls, fmap = fmap
+        if self.pooling == "cls":
+            pooled = cls
+        else:
+            pooled = gem(fmap) if self.pooling == "gem" else fmap.mean((2, 3))
         if self.kind == "fc":
             return {"feature": self.fc(pooled)}
         if self.kind == "scl":
@@ -296,7 +334,9 @@ class TorchStep:
         torch.manual_seed(0)
         m, t = config.model, config.train
         self.method = config.method.name
-        self.backbone = build_backbone(m.backbone, m.last_stride)
+        self.backbone = build_backbone(
+            m.backbone, m.last_stride, m, (config.data.height, config.data.width)
+        )
         # Frozen stages (jaxreid's model.freeze_stages: stem, then conv2, ...).
         stages = ("conv1", "conv2", "conv3", "conv4")[: m.get("freeze_stages", 0)]
         for name, p in self.backbone.named_parameters():

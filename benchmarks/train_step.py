@@ -36,6 +36,14 @@ ROWS = {
     "osnet_cc": ("cuhk03_uda.py", {}, 512, "OSNet-x0.25 256x128 b64 cluster contrast (uda)"),
     "r50_scl8": ("market.py", {}, 12936, "ResNet-50 256x128 b8 SCL (paper config)"),
     "r50_scl32": ("market.py", {"train.batch_size": 32}, 12936, "ResNet-50 256x128 b32 SCL"),
+    "vitti_cc": ("cuhk03_vit.py", {}, 512, "ViT-Ti 128x64 b64 cluster contrast"),
+    # TransReID-SSL's recipe at a CPU batch (its 256 = 32 x 8 on 4 GPUs).
+    "vits_ics_cc": (
+        "market_vit_cc.py",
+        {"train.batch_size": 32, "model.bn_group_size": 32},
+        12936,
+        "ViT-S+ICS 256x128 b32 cluster contrast",
+    ),
     # Not in the default run: the b8 row without Winograd, for the comparison.
     "r50_scl8_direct": (
         "market.py",

@@ -57,15 +57,19 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, fused=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, fused
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:  # what a PyTorch user writes for speed (benchmarks/torch_reference.py)
+            return self.proj(
+                F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+            )
         weights = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, dim=-1)
         return self.proj((weights @ v).transpose(1, 2).reshape(b, t, c))
 
@@ -81,10 +85,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, fused=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, fused)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width)
 
@@ -98,7 +102,8 @@ class Block(nn.Module):
 
 class TorchViT(nn.Module):
     """forward(x normalised (B, 3, H, W), cameras=None) -> final-norm tokens
-    (B, 1 + gh * gw, C), [CLS] first."""
+    (B, 1 + gh * gw, C), [CLS] first. `fused_attention`: torch's
+    scaled_dot_product_attention instead of the explicit softmax (speed)."""
 
     def __init__(
         self,
@@ -110,6 +115,7 @@ class TorchViT(nn.Module):
         cameras=0,
         camera_weight=3.0,
         num_classes=0,
+        fused_attention=False,
     ):
         super().__init__()
         width, heads = SIZES[name]
@@ -118,7 +124,7 @@ class TorchViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], width))
         self.sie_embed = nn.Parameter(torch.zeros(cameras, 1, width)) if cameras else None
         self.camera_weight = camera_weight
-        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(width, heads, fused_attention) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, num_classes) if num_classes else None
 
