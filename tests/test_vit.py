@@ -583,6 +583,35 @@ def test_camera_embedding_shifts_the_tokens_by_camera_only(tmp_path):
     assert report["ignored"] == ["sie_embed"]
 
 
+def test_the_evaluation_gives_a_camera_embedding_its_cameras():
+    """query_gallery_features and extract_training_set run a camera-embedding
+    model camera by camera: each row equals the forward with its camera."""
+    from types import SimpleNamespace
+
+    from jaxreid.config_base import base_config
+    from jaxreid.evaluate.protocol import extract_training_set, query_gallery_features
+
+    config = base_config()
+    config.model.update(_config(128, 64, camera_embedding=3))
+    config.data.height, config.data.width = 128, 64
+    config.eval.batch_size = 4
+    graphdef, params, batch_stats = models.split_model(
+        models.build_model(config.model, nnx.Rngs(0))
+    )
+    images = _images(5, 128, 64, seed=12).astype(np.uint8)
+    cameras = np.array([2, 0, 2, 1, 0], np.int32)
+    split = SimpleNamespace(images=images, cameras=cameras)
+    query, gallery = query_gallery_features(
+        config, graphdef, params, batch_stats, SimpleNamespace(query=split, gallery=split)
+    )
+    training = extract_training_set(config, graphdef, params, batch_stats, images, cameras)
+    expected, _ = _apply(
+        graphdef, params, batch_stats, images.astype(np.float32), False, cameras=cameras
+    )
+    for features in (query, gallery, training):
+        np.testing.assert_allclose(features["global"], expected["global"], atol=1e-5)
+
+
 # -------------------------------------------------------------- config checks
 
 
@@ -606,6 +635,14 @@ def test_camera_embedding_shifts_the_tokens_by_camera_only(tmp_path):
             "model.camera_embedding = 6: only",
         ),
         (dict(pooling="max"), "model.pooling = 'max': unknown; one of avg, gem, cls"),
+        (
+            dict(camera_embedding=6, **{"eval.camera_bn": True}),
+            "model.camera_embedding = 6 with eval.camera_bn: the per-camera statistics pass",
+        ),
+        (
+            dict(drop_path=0.1, **{"cluster.camera_bn": True}),
+            "model.drop_path = 0.1 with cluster.camera_bn",
+        ),
     ],
 )
 def test_model_problems(overrides, expected):
@@ -613,6 +650,10 @@ def test_model_problems(overrides, expected):
 
     config = base_config()
     config.model.update(_config())
+    overrides = dict(overrides)
+    for key in [k for k in overrides if "." in k]:
+        section, name = key.split(".")
+        config[section][name] = overrides.pop(key)
     config.model.update(overrides)
     problems = models.model.model_problems(config)
     assert any(expected in p for p in problems), problems

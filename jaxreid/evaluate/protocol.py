@@ -22,27 +22,65 @@ def eval_apply_fn(graphdef) -> Callable:
     """(variables, float images) -> outputs in eval mode, for extraction.
     One function per model structure (graphdefs hash by structure): the
     extraction's jit is keyed on it, so a new function per call would
-    compile the forward again at every evaluation."""
+    compile the forward again at every evaluation. An optional
+    variables["camera"] (a scalar) is every image's camera, for a model with
+    a camera embedding."""
 
     def apply(variables, images):
+        camera = variables.get("camera")
+        cameras = None if camera is None else jnp.full(images.shape[:1], camera, jnp.int32)
         outputs, _ = models.apply_model(
-            graphdef, variables["params"], variables["batch_stats"], images, train=False
+            graphdef,
+            variables["params"],
+            variables["batch_stats"],
+            images,
+            train=False,
+            cameras=cameras,
         )
         return outputs
 
     return apply
 
 
-def extract(graphdef, params, batch_stats, images, batch_size: int, flip: bool = False):
+def extract(
+    graphdef,
+    params,
+    batch_stats,
+    images,
+    batch_size: int,
+    flip: bool = False,
+    camera: int | None = None,
+):
     """Eval-mode outputs of `images` (host uint8, or the device-resident
-    training images) as host arrays."""
+    training images) as host arrays; `camera`: all the images' camera, for a
+    model with a camera embedding."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if camera is not None:
+        variables["camera"] = np.int32(camera)
     return evaluate.extract_features(
-        eval_apply_fn(graphdef),
-        images,
-        batch_size,
-        flip=flip,
-        params={"params": params, "batch_stats": batch_stats},
+        eval_apply_fn(graphdef), images, batch_size, flip=flip, params=variables
     )
+
+
+def uses_cameras(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model's forward takes the images' cameras (a ViT's camera
+    embedding): its extraction then runs camera by camera."""
+    return config.model.backbone.startswith("vit_") and config.model.get("camera_embedding", 0) > 0
+
+
+def _by_camera(extract_part: Callable, images, cameras) -> dict[str, np.ndarray]:
+    """`extract_part(camera, images)` of each camera's images, reassembled in
+    the order of `images`."""
+    cameras = np.asarray(cameras)
+    out: dict[str, np.ndarray] = {}
+    for camera in np.unique(cameras):
+        rows = np.flatnonzero(cameras == camera)
+        part = extract_part(int(camera), images[rows])
+        for key, value in part.items():
+            if key not in out:
+                out[key] = np.empty((len(cameras),) + value.shape[1:], value.dtype)
+            out[key][rows] = value
+    return out
 
 
 def _extract_by_camera_bn(
@@ -56,11 +94,22 @@ def _extract_by_camera_bn(
     flip: bool = False,
 ) -> dict[str, np.ndarray]:
     """Eval-mode outputs of `images`; with `camera_bn` each camera's images use
-    batch-norm statistics of that camera's images among them."""
+    batch-norm statistics of that camera's images among them. A model with a
+    camera embedding gets each image's camera (`cameras`; None: the mean
+    camera embedding)."""
 
     def extract_with(stats, part):
         return extract(graphdef, params, stats, part, config.eval.batch_size, flip)
 
+    if cameras is not None and uses_cameras(config) and not camera_bn:
+        # (camera_bn with a camera embedding is refused by model_problems.)
+
+        def extract_camera(camera, part):
+            return extract(
+                graphdef, params, batch_stats, part, config.eval.batch_size, flip, camera
+            )
+
+        return _by_camera(extract_camera, images, cameras)
     if not camera_bn:
         return extract_with(batch_stats, images)
     from jaxreid.evaluate.camera_bn import camera_batch_stats, extract_by_camera
@@ -107,7 +156,14 @@ def query_gallery_features(
     if not config.eval.camera_bn:
         return tuple(
             _extract_by_camera_bn(
-                config, graphdef, params, batch_stats, split.images, None, False, config.eval.flip
+                config,
+                graphdef,
+                params,
+                batch_stats,
+                split.images,
+                split.cameras if uses_cameras(config) else None,
+                False,
+                config.eval.flip,
             )
             for split in (data.query, data.gallery)
         )

@@ -105,6 +105,11 @@ def _fusion_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _setting(config: ml_collections.ConfigDict, key: str):
+    section, name = key.split(".")
+    return config.get(section, {}).get(name)
+
+
 def _vit_problems(config: ml_collections.ConfigDict) -> list[str]:
     """The ViT settings: in range for a ViT, neutral for the other backbones."""
     from jaxreid.validate import number_problems
@@ -143,6 +148,18 @@ def _vit_problems(config: ml_collections.ConfigDict) -> list[str]:
         )
     if model.ibn:
         problems.append("model.ibn = True: IBN-a is for the ResNets (the ViT's is model.conv_stem)")
+    camera_bn = [k for k in ("cluster.camera_bn", "eval.camera_bn") if _setting(config, k)]
+    for key, value in (
+        ("camera_embedding", model.camera_embedding),
+        ("drop_path", model.drop_path),
+    ):
+        if camera_bn and value:
+            # evaluate.camera_bn estimates the statistics with a training-mode
+            # forward that passes neither cameras nor a key.
+            problems.append(
+                f"model.{key} = {value} with {' and '.join(camera_bn)}: the per-camera "
+                f"statistics pass cannot run it; set model.{key} = 0 or turn camera_bn off"
+            )
     return problems
 
 
