@@ -29,6 +29,7 @@ def test_config_loads_and_names_a_method(path):
         "cuhk03_cc_hard": "cluster_contrast",
         "cuhk03_uda": "cluster_contrast",
         "cuhk03_vit": "cluster_contrast",
+        "cuhk03_vitc": "cap",
         "cuhk03_jcl": "joint",
         "cuhk03_hhcl_mcsl": "hhcl",
     }
@@ -38,7 +39,9 @@ def test_config_loads_and_names_a_method(path):
         assert config.method.name == expected.get(name, name[len("cuhk03_") :])
     if method.name != "scl":  # P x K batches over (pseudo-)identities
         assert config.train.batch_size % config.train.num_instances == 0
-        assert config.model.head in ("bnneck", "fc")
+        # sdft trains the stripes of the scl / fusion heads.
+        heads = ("scl", "fusion") if method.name == "sdft" else ("bnneck", "fc")
+        assert config.model.head in heads
 
 
 def test_cluster_recipe_settings():

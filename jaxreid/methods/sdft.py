@@ -13,15 +13,21 @@ Its two terms, as this library formulates them from the paper's description
   SDR   stripe-driven regularisation, two parts:
           feature: the part-aggregated feature a = normalize(concat_p s_p)
                    agrees with the global feature g: mean(1 - <g, a>);
-          cluster: their cluster assignments agree: the symmetric KL between
-                   softmax(g . C / tau) and softmax(a . A / tau) over the
-                   valid clusters, C the global prototypes and A the
-                   concatenated stripe prototypes.
+          cluster: their cluster assignments agree: each branch's softmax
+                   over the valid clusters learns the other's as a fixed
+                   target (mutual learning), KL(sg p_g || p_a) + KL(sg p_a ||
+                   p_g) halved, p_g = softmax(g . C / tau), p_a = softmax(a .
+                   A / tau), C the global prototypes, A the concatenated
+                   stripe prototypes. (With gradients through both sides the
+                   two branches could agree by flattening together: on the
+                   synthetic set a ViT then collapsed into one cluster.)
 
 The total is ClusterNCE(global) + sdcl_weight * SDCL + sdr_feature_weight *
 SDR_feature + sdr_cluster_weight * SDR_cluster. The model must have the SCL
 head (outputs "global" (B, D) and "stripes" (B, P, D / P)), which every
-backbone has, ViT included (stripes from the patch tokens' bands).
+backbone has, ViT included (stripes from the patch tokens' bands), or on a ViT
+the fusion head (jaxreid/models/fusion.py: part tokens fused with the [CLS]
+token, SDFT's architecture).
 
 Memory: the cluster-contrast memory of the global feature plus one (P, R, d)
 table of stripe prototypes, row r the momentum mean of cluster r's stripe
@@ -47,6 +53,7 @@ from jaxreid.methods.cluster import (
     cluster_problems,
     masked_nce,
     recluster,
+    same_camera_rows,
 )
 from jaxreid.utils import l2_normalize
 from jaxreid.validate import number_problems
@@ -89,13 +96,15 @@ def stripe_contrast_loss(
     """SDCL: mean over samples with target >= 0 and over stripes p of
     CE(softmax over every valid (cluster, stripe) prototype, target (targets, p)).
 
-    stripes (B, P, d); prototypes (P, R, d); valid (R,); targets (B,) rows."""
+    stripes (B, P, d); prototypes (P, R, d); valid (R,) or (B, R): the rows
+    each sample contrasts with; targets (B,) rows."""
     b, p, _ = stripes.shape
     r = prototypes.shape[1]
     s = l2_normalize(stripes.astype(jnp.float32))
     table = jax.lax.stop_gradient(prototypes).reshape(p * r, -1)
     logits = jnp.einsum("bpd,kd->bpk", s, table) / temperature  # k = q * R + row
-    logits = jnp.where(jnp.tile(valid, p)[None, None, :], logits, _NEG)
+    used = jnp.tile(jnp.broadcast_to(valid, (b, r)), (1, p))  # (B, P * R)
+    logits = jnp.where(used[:, None, :], logits, _NEG)
     own = jnp.arange(p)[None, :] * r + jnp.maximum(targets, 0)[:, None]  # (B, P)
     ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, own[..., None], -1)[..., 0]
     use = targets >= 0
@@ -122,10 +131,10 @@ def cluster_consistency_loss(
     valid: jax.Array,
     temperature: float,
 ) -> jax.Array:
-    """SDR, cluster part: mean over the batch of 0.5 (KL(p_g || p_a) + KL(p_a || p_g)),
-    p_g = softmax(g . C / tau), p_a = softmax(a . A / tau) over the valid rows;
-    A[r] = normalize(concat_p stripe_prototypes[p, r]). Gradients reach both
-    features (neither distribution is a fixed target)."""
+    """SDR, cluster part: mean over the batch of 0.5 (KL(sg p_g || p_a) +
+    KL(sg p_a || p_g)), p_g = softmax(g . C / tau), p_a = softmax(a . A / tau)
+    over the valid rows, A[r] = normalize(concat_p stripe_prototypes[p, r]),
+    sg = stop-gradient: each branch moves towards the other's assignment."""
     g = l2_normalize(global_features.astype(jnp.float32))
     a = part_aggregate(stripes)
     p, r, _ = stripe_prototypes.shape
@@ -136,9 +145,13 @@ def cluster_consistency_loss(
     logits_a = jnp.where(valid[None, :], logits_a, _NEG)
     log_g = jax.nn.log_softmax(logits_g, -1)
     log_a = jax.nn.log_softmax(logits_a, -1)
-    diff = jnp.where(valid[None, :], log_g - log_a, 0.0)
-    symmetric = jnp.sum((jnp.exp(log_g) - jnp.exp(log_a)) * diff, -1)  # KL(g||a) + KL(a||g)
-    return 0.5 * jnp.mean(symmetric)
+
+    def kl(log_target, log_q):  # KL(target || q), the target fixed
+        log_target = jax.lax.stop_gradient(log_target)
+        terms = jnp.exp(log_target) * (log_target - log_q)
+        return jnp.sum(jnp.where(valid[None, :], terms, 0.0), -1)
+
+    return 0.5 * jnp.mean(kl(log_g, log_a) + kl(log_a, log_g))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,17 +160,27 @@ class StripeSettings:
     sdcl_weight: float
     sdr_feature_weight: float
     sdr_cluster_weight: float
+    # As the cluster family's setting: the contrasts (ClusterNCE, SDCL) take
+    # their negatives from the rows with a member in the sample's camera.
+    camera_negatives: bool = False
 
 
 def stripe_driven_loss(
-    outputs: dict[str, jax.Array], memory: StripeMemory, indices: jax.Array, s: StripeSettings
+    outputs: dict[str, jax.Array],
+    memory: StripeMemory,
+    indices: jax.Array,
+    cameras: jax.Array,
+    s: StripeSettings,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of a batch (pure; the memory is constant)."""
     clusters = memory.clusters
     targets = clusters.rows[indices]
     g, stripes = outputs["global"], outputs["stripes"]
-    cluster = masked_nce(g, clusters.prototypes, clusters.valid, targets, s.temperature)
-    sdcl = stripe_contrast_loss(stripes, memory.stripes, clusters.valid, targets, s.temperature)
+    rows_used = clusters.valid
+    if s.camera_negatives:
+        rows_used = clusters.valid[None, :] & same_camera_rows(clusters, cameras)
+    cluster = masked_nce(g, clusters.prototypes, rows_used, targets, s.temperature)
+    sdcl = stripe_contrast_loss(stripes, memory.stripes, rows_used, targets, s.temperature)
     # Outliers (no row) take part in the feature term: it needs no cluster.
     feature = feature_consistency_loss(g, stripes)
     consistency = cluster_consistency_loss(
@@ -220,6 +243,9 @@ def sdft_settings() -> dict:
         sdcl_weight=0.5,
         sdr_feature_weight=0.5,
         sdr_cluster_weight=0.5,
+        # Contrast each sample only with memory rows of its own camera (besides
+        # its positives), as the cluster family's camera_negatives.
+        camera_negatives=False,
     )
 
 
@@ -232,10 +258,10 @@ def sdft_problems(config: ml_collections.ConfigDict) -> list[str]:
             for key in ("sdcl_weight", "sdr_feature_weight", "sdr_cluster_weight")
         ],
     )
-    if config.model.head != "scl":
+    if config.model.head not in ("scl", "fusion"):
         problems.append(
             f"model.head = {config.model.head!r}: method sdft needs the stripe features of "
-            "the 'scl' head: set --config.model.head=scl"
+            "the 'scl' head (or a ViT's 'fusion' head): set --config.model.head=scl"
         )
     return problems
 
@@ -249,6 +275,7 @@ def sdft_method(config: ml_collections.ConfigDict) -> Method:
         sdcl_weight=m.sdcl_weight,
         sdr_feature_weight=m.sdr_feature_weight,
         sdr_cluster_weight=m.sdr_cluster_weight,
+        camera_negatives=bool(m.camera_negatives),
     )
 
     def init_memory(train: TrainSet) -> StripeMemory:
@@ -285,7 +312,7 @@ def sdft_method(config: ml_collections.ConfigDict) -> Method:
         )
 
     def loss(outputs, memory: StripeMemory, batch: Batch, rng, phase):
-        value, metrics = stripe_driven_loss(outputs, memory, batch.indices, settings)
+        value, metrics = stripe_driven_loss(outputs, memory, batch.indices, batch.cameras, settings)
         return value, None, metrics
 
     def update(memory: StripeMemory, outputs, batch: Batch, aux, phase):
