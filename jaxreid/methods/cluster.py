@@ -32,6 +32,10 @@ Methods (each: build the memory, a pure loss, a pure update):
 The instance bank update is a momentum update per image row, done with the
 same segment mean as the centroids so that an image drawn twice in a batch
 gives one deterministic update.
+
+Every member (and jaxreid.methods.mgce, sdft) re-clusters through
+`cluster_training_set`: with `cluster.min_cameras` > 1 the clusters seen by
+fewer cameras become outliers before the memory is built (JCL's filter).
 """
 
 from __future__ import annotations
