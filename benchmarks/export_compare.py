@@ -21,9 +21,12 @@ hand (random pixels otherwise). Rows:
   benchmarks/torch_reference.py (the train-step benchmark's; OSNet is the
   test suite's tests/torch_osnet.py) with the same head and last stride,
   the (x - mean) / std normalisation inside, input float32 NCHW pixels: the
-  graph a PyTorch user deploys. Random weights of its own (speed and graph
-  size only: no feature difference; jaxreid's export flushes subnormal
-  weights, which random ones do not have, so the speeds compare).
+  graph a PyTorch user deploys. OSNet takes the same torchreid checkpoint
+  (its features compare); Lite0 (whose transcription pads symmetrically,
+  not as TF's "SAME") and ResNet-50 random weights of their own.
+- `PyTorch -> ONNX, subnormals flushed`: when that file holds subnormal
+  weights, the same graph with them set to zero, as jaxreid's export
+  writes its weights (`jaxreid.export.flush_subnormals`): the graphs compare.
 - `jaxreid Embedder`: `Embedder.embed` on uint8 images (jit-compiled XLA).
 
 Columns: export seconds (after jax2onnx's one-time start-up, printed below
@@ -180,6 +183,20 @@ def torch_deploy_model(embedder):
     return Deployed().eval()
 
 
+def load_torchreid_weights(model, path: str) -> None:
+    """A torchreid OSNet checkpoint into `torch_deploy_model`'s OSNet (its
+    transcription keeps torchreid's keys; the `fc` embedding is the head's)."""
+    import torch
+
+    from jaxreid.models.pretrained import read_checkpoint
+
+    state = {k: torch.from_numpy(np.array(v)) for k, v in read_checkpoint(path).items()}
+    model.backbone.net.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}, strict=False
+    )
+    model.head.fc.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("fc.")})
+
+
 def export_torch(model, path: str, height: int, width: int) -> None:
     """torch.onnx.export with a dynamic batch (the TorchScript exporter)."""
     import warnings
@@ -198,6 +215,20 @@ def export_torch(model, path: str, height: int, width: int) -> None:
             dynamic_axes={"images": {0: "batch"}, "global": {0: "batch"}},
             opset_version=TORCH_OPSET,
         )
+
+
+def flushed_subnormals(path: str, out: str) -> int:
+    """Writes `path` with its subnormal weights set to zero to `out` (when it
+    has any); returns how many it had."""
+    import onnx
+
+    from jaxreid.export import flush_subnormals
+
+    model = onnx.load(path)
+    flushed = flush_subnormals(model)
+    if flushed:
+        onnx.save(model, out)
+    return flushed
 
 
 def op_histogram(path: str) -> collections.Counter:
@@ -305,7 +336,9 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
     want = embedder.embed(images[: args.images], batch_size=args.batch)["global"]
     rows, engines = [], {}
 
-    def add_graph(name: str, path: str, build: Callable[[], None], nchw: bool = False) -> None:
+    def add_graph(
+        name: str, path: str, build: Callable[[], None], nchw: bool = False, compare: bool = True
+    ) -> bool:
         row = {"graph": name}
         try:
             start = time.perf_counter()
@@ -313,13 +346,14 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
             row["export_s"] = f"{time.perf_counter() - start:.1f}"
             row.update(graph_cells(path))
             engine = session_runner(path, nchw)
-            if not nchw:  # the PyTorch graph has weights of its own
+            if compare:
                 got = engine(images[: args.images])
                 row["diff"] = f"{np.abs(got - want).max():.1e}"
             engines[name] = engine
         except Exception as e:  # noqa: BLE001 - a cell, not a crash
             row["export_s"] = f"failed: {_one_line(e)}"
         rows.append(row)
+        return "diff" in row or not compare
 
     path = os.path.join(out_dir, f"{backbone}.onnx")
     add_graph("jaxreid -> ONNX", path, lambda: export_onnx(embedder, path))
@@ -328,11 +362,23 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
         add_graph("jaxreid -> ONNX int8", int8_path, lambda: quantize_int8(path, int8_path))
     if args.torch:
         torch_path = os.path.join(out_dir, f"{backbone}.torch.onnx")
+        # jaxreid's weights where the transcription takes them (OSNet), so
+        # its features compare too; random ones otherwise.
+        shared = weights.endswith(".pth") and backbone.startswith("osnet")
 
         def build_torch() -> None:
-            export_torch(torch_deploy_model(embedder), torch_path, height, width)
+            model = torch_deploy_model(embedder)
+            if shared:
+                load_torchreid_weights(model, weights)
+            export_torch(model, torch_path, height, width)
 
-        add_graph("PyTorch -> ONNX", torch_path, build_torch, nchw=True)
+        exported = add_graph("PyTorch -> ONNX", torch_path, build_torch, True, shared)
+        flushed_path = os.path.join(out_dir, f"{backbone}.torch.flushed.onnx")
+        if exported and flushed_subnormals(torch_path, flushed_path):
+            # The same graph without subnormal weights, as jaxreid's export
+            # writes them: the graphs compare, not the weights' bits.
+            name = "PyTorch -> ONNX, subnormals flushed"
+            add_graph(name, flushed_path, lambda: None, True, shared)
 
     def extraction(batch_images: np.ndarray) -> None:
         embedder.embed(batch_images, batch_size=len(batch_images))
@@ -391,10 +437,11 @@ def cuhk03_accuracy(embedder, engines: dict[str, Callable], batch: int) -> dict[
 
 
 def ratio_line(backbone: str, rates: dict, batch: int) -> str:
-    """onnxruntime on jaxreid's export over the PyTorch export and over the Embedder."""
+    """onnxruntime on jaxreid's export over the PyTorch exports and over the Embedder."""
     ours = "jaxreid -> ONNX"
     parts = []
-    for other in ("PyTorch -> ONNX", "jaxreid Embedder"):
+    others = ("PyTorch -> ONNX", "PyTorch -> ONNX, subnormals flushed", "jaxreid Embedder")
+    for other in others:
         cells = [
             f"{rates[ours, b] / rates[other, b]:.2f}x @{b}"
             for b in (1, batch)
