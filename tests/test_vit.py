@@ -610,6 +610,13 @@ def test_the_evaluation_gives_a_camera_embedding_its_cameras():
     )
     for features in (query, gallery, training):
         np.testing.assert_allclose(features["global"], expected["global"], atol=1e-5)
+    # A camera beyond the embedding's rows is refused (jax would read the last row).
+    from jaxreid.utils import UserError
+
+    with pytest.raises(
+        UserError, match="model.camera_embedding = 3: the images have camera ids up to 3"
+    ):
+        extract_training_set(config, graphdef, params, batch_stats, images, cameras + 1)
 
 
 # -------------------------------------------------------------- config checks

@@ -68,6 +68,20 @@ def uses_cameras(config: ml_collections.ConfigDict) -> bool:
     return config.model.backbone.startswith("vit_") and config.model.get("camera_embedding", 0) > 0
 
 
+def _check_cameras(config: ml_collections.ConfigDict, cameras) -> None:
+    """A camera id beyond the embedding's rows would read its last row (jax
+    clamps an out-of-range gather): refused, naming the setting."""
+    from jaxreid.utils import UserError
+
+    rows = int(config.model.camera_embedding)
+    largest = int(np.max(cameras, initial=-1))
+    if largest >= rows:
+        raise UserError(
+            f"model.camera_embedding = {rows}: the images have camera ids up to {largest} "
+            f"(0-based); set it to at least {largest + 1}, the dataset's number of cameras"
+        )
+
+
 def _by_camera(extract_part: Callable, images, cameras) -> dict[str, np.ndarray]:
     """`extract_part(camera, images)` of each camera's images, reassembled in
     the order of `images`."""
@@ -103,6 +117,7 @@ def _extract_by_camera_bn(
 
     if cameras is not None and uses_cameras(config) and not camera_bn:
         # (camera_bn with a camera embedding is refused by model_problems.)
+        _check_cameras(config, cameras)
 
         def extract_camera(camera, part):
             return extract(
