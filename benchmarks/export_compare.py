@@ -337,13 +337,20 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
     rows, engines = [], {}
 
     def add_graph(
-        name: str, path: str, build: Callable[[], None], nchw: bool = False, compare: bool = True
+        name: str,
+        path: str,
+        build: Callable[[], None] | None,
+        nchw: bool = False,
+        compare: bool = True,
     ) -> bool:
+        """A row for the graph at `path`, written by `build` (timed; None: it
+        is there) and run from NCHW input with `nchw`; whether it runs."""
         row = {"graph": name}
         try:
-            start = time.perf_counter()
-            build()
-            row["export_s"] = f"{time.perf_counter() - start:.1f}"
+            if build is not None:
+                start = time.perf_counter()
+                build()
+                row["export_s"] = f"{time.perf_counter() - start:.1f}"
             row.update(graph_cells(path))
             engine = session_runner(path, nchw)
             if compare:
@@ -353,7 +360,7 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
         except Exception as e:  # noqa: BLE001 - a cell, not a crash
             row["export_s"] = f"failed: {_one_line(e)}"
         rows.append(row)
-        return "diff" in row or not compare
+        return name in engines
 
     path = os.path.join(out_dir, f"{backbone}.onnx")
     add_graph("jaxreid -> ONNX", path, lambda: export_onnx(embedder, path))
@@ -378,7 +385,7 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
             # The same graph without subnormal weights, as jaxreid's export
             # writes them: the graphs compare, not the weights' bits.
             name = "PyTorch -> ONNX, subnormals flushed"
-            add_graph(name, flushed_path, lambda: None, True, shared)
+            add_graph(name, flushed_path, None, True, shared)
 
     def extraction(batch_images: np.ndarray) -> None:
         embedder.embed(batch_images, batch_size=len(batch_images))
