@@ -11,11 +11,13 @@ batch size. Outputs: "global" (batch, D), L2-normalised, and for SCL models
 
 Through jax2onnx, with the models traced under `layers.export_mode()`: every
 convolution is one ONNX Conv (depthwise ones grouped), with the batch norm
-after it folded into its kernel and bias; pooling is MaxPool, AveragePool or
-GlobalAveragePool / ReduceSum; ReLU6 is Clip. The graph is about the size of
-a PyTorch export of the same network, and onnxruntime fuses it as it fuses
-that one (docs/results/export.md). `--int8` adds onnxruntime's dynamic int8
-quantisation of the weights (smaller file; see the same page for its speed).
+after it folded into its kernel and bias; pooling is MaxPool (its padding
+folded in afterwards), AveragePool, GlobalAveragePool or ReduceSum; ReLU6 is
+Clip; subnormal weights are set to zero. The graph is about the size of a
+PyTorch export of the same network, and onnxruntime runs it as fast
+(docs/results/export.md). `--int8` applies onnxruntime's dynamic int8
+quantisation: a 2-4x smaller file, but onnxruntime's CPU provider runs it
+several times slower than float32 (same page).
 
 In onnxruntime:
 
