@@ -3,7 +3,8 @@
 training image also re-styled, after OSNet's stem, to one other camera's
 channel statistics (AdaIN; jaxreid/models/camera_style.py), the HHCL loss on
 the copies and an invariance term pulling each copy's feature to its
-original's (jaxreid/methods/camera_style.py).
+original's (jaxreid/methods/camera_style.py). The same system on VIPeR:
+configs/viper_uda.py:hhcl_mcsl.
 
     python -m jaxreid.main --config=configs/cuhk03_hhcl_mcsl.py --workdir=/tmp/uda_hhcl_mcsl
 """
@@ -12,8 +13,4 @@ from recipes import CUHK03, OSNET_MSMT17, uda_config
 
 
 def get_config():
-    c = uda_config("cuhk03", CUHK03, "hhcl", source=OSNET_MSMT17)
-    c.model.camera_style.styles = 1  # one other camera's style per image
-    c.model.camera_style.stage = "stem"
-    c.model.camera_style.num_cameras = 16  # CUHK03's cameras are 0-9
-    return c
+    return uda_config("cuhk03", CUHK03, "hhcl_mcsl", source=OSNET_MSMT17)

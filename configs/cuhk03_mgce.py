@@ -3,19 +3,14 @@
 100 steps of 16 x 4 at 256x128, camera-aware Jaccard, camera batch norm,
 own-camera negatives, temperature 0.04) with the priority-weighted hybrid
 loss of a clustering ensemble: DBSCAN at cluster.eps (0.5, the clustering that
-trains) and at 0.45 and 0.4 on the same Jaccard distance.
+trains) and at 0.45 and 0.4 on the same Jaccard distance. The same system on
+VIPeR: configs/viper_uda.py:mgce.
 
     python -m jaxreid.main --config=configs/cuhk03_mgce.py --workdir=/tmp/uda_mgce
 """
 
 from recipes import CUHK03, OSNET_MSMT17, uda_config
 
-from jaxreid.methods import set_method
-
 
 def get_config():
-    c = uda_config("cuhk03", CUHK03, "hhcl", source=OSNET_MSMT17)
-    # The hhcl recipe's loss settings, carried over to the new block.
-    return set_method(
-        c, "mgce", temperature=c.method.temperature, camera_negatives=c.method.camera_negatives
-    )
+    return uda_config("cuhk03", CUHK03, "mgce", source=OSNET_MSMT17)

@@ -20,6 +20,7 @@ from jaxreid.models.resnet import RESNET_DEPTHS
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CUHK03 = os.path.join(SHARED_DATA, "cuhk03")
+VIPER = os.path.join(SHARED_DATA, "viper")
 OSNET_MSMT17 = os.path.join(SHARED_DATA, "weights", "osnet_x0_25_msmt17.pth")
 RESNET50_IMAGENET = "~/weights/resnet50-0676ba61.pth"  # torchvision ImageNet weights
 
@@ -138,9 +139,14 @@ def uda_config(
     """Unsupervised adaptation of a torchreid OSNet re-id model (`source`) to an
     unlabelled target (`dataset` at `root`), on a 2-core CPU: the cluster recipe
     with the source's own 512-d `fc` embedding as the feature (head "fc"), batch
-    64 = 16 x 4, 8 epochs x 100 steps. `method`: a key of RECIPE_METHODS or
-    "scl". Each choice below was measured on CUHK03
+    64 = 16 x 4, 8 epochs x 100 steps. `method`: a key of RECIPE_METHODS,
+    UDA_SYSTEMS or "scl". Each choice below was measured on CUHK03
     (docs/results/cuhk03_adaptation.md)."""
+    if method in UDA_SYSTEMS:
+        base, change = UDA_SYSTEMS[method]
+        c = uda_config(dataset, root, base, source=source, backbone=backbone)
+        change(c)
+        return c
     if method == DEFAULT_METHOD:
         c = base_config()
         c.data.dataset, c.data.root = dataset, root
@@ -222,3 +228,43 @@ def uda_config(
         c.optimizer.schedule = "constant"
         c.model.freeze_stages = 1
     return c
+
+
+def _mgce(c: ml_collections.ConfigDict) -> None:
+    """MGCE-HCL: the priority-weighted hybrid loss over DBSCAN at cluster.eps and
+    the method's smaller eps offsets, with the `:hhcl` loss settings kept."""
+    set_method(
+        c, "mgce", temperature=c.method.temperature, camera_negatives=c.method.camera_negatives
+    )
+
+
+def _jcl(c: ml_collections.ConfigDict) -> None:
+    """JCL: joint memories, clusters seen by one camera made outliers, and a
+    WaveBlock on the backbone's map in training."""
+    c.cluster.min_cameras = 2
+    c.model.waveblock.rate = 1.5
+    c.model.waveblock.height_ratio = 0.3
+
+
+def _mcsl(c: ml_collections.ConfigDict) -> None:
+    """Camera-style learning: every image also re-styled after the stem to one
+    other camera's channel statistics, with the invariance term."""
+    c.model.camera_style.styles = 1
+    c.model.camera_style.stage = "stem"
+    c.model.camera_style.num_cameras = 16  # room for CUHK03's 10 cameras (VIPeR: 2)
+
+
+def _single_camera_filter(c: ml_collections.ConfigDict) -> None:
+    """Clusters seen by a single camera become outliers (JCL's filter)."""
+    c.cluster.min_cameras = 2
+
+
+# Systems measured as rows of their own: a base recipe of uda_config and the
+# switches that make the system, so every target gets the same settings.
+UDA_SYSTEMS = {
+    "mgce": ("hhcl", _mgce),
+    "jcl": ("joint", _jcl),
+    "hhcl_mcsl": ("hhcl", _mcsl),
+    "hhcl_filter": ("hhcl", _single_camera_filter),
+    "cluster_contrast_filter": ("cluster_contrast", _single_camera_filter),
+}
