@@ -140,6 +140,18 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
             for group in ("cluster", "eval")
         ],
     )
+    from jaxreid.pseudo_labels.neighbors import AUTO_EXACT_MAX, INDEXES
+
+    knn = config.cluster.get("knn", "auto")
+    if knn not in INDEXES:
+        problems.append(
+            f"cluster.knn = {knn!r}: must be one of {', '.join(INDEXES)} ('auto' = exact up to "
+            f"{AUTO_EXACT_MAX:,} images, approximate above)"
+        )
+    for key in ("knn_nlist", "knn_nprobe", "knn_hnsw_m", "knn_ef_search"):
+        value = config.cluster.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            problems.append(f"cluster.{key} = {value!r}: must be a whole number >= 0 (0 = derived)")
     for key in ("k1", "k2", "k1_intra", "k1_inter", "k2_intra", "k2_inter"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from jaxreid.pseudo_labels import camera_affinity, kreciprocal
+from jaxreid.pseudo_labels import camera_affinity, kreciprocal, neighbors
 from jaxreid.utils import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ def default_cluster_config():
     `kreciprocal.camera_aware_jaccard_distance` instead of the plain one, with its sizes
     k1_intra, k1_inter, k2_intra, k2_inter in place of k1, k2; the defaults are the
     public code's), min_cameras (clusters whose images come from fewer cameras become
-    outliers: `camera_filter`; 1 = off).
+    outliers: `camera_filter`; 1 = off), knn ("auto" | "exact" | "ivf" | "hnsw": the kNN
+    index of the Jaccard distance, `jaxreid.pseudo_labels.neighbors`; "auto" is exact up to
+    `neighbors.AUTO_EXACT_MAX` images, so every benchmark set clusters exactly), knn_nlist,
+    knn_nprobe, knn_hnsw_m, knn_ef_search (the approximate indexes' parameters; 0 = derived
+    from N, `neighbors.index_params`). The camera-affinity and camera-aware neighbour lists
+    are per-camera searches and stay exact.
     """
     import ml_collections
 
@@ -66,7 +71,23 @@ def default_cluster_config():
             k2_intra=2,
             k2_inter=4,
             min_cameras=1,
+            knn="auto",
+            knn_nlist=0,
+            knn_nprobe=0,
+            knn_hnsw_m=0,
+            knn_ef_search=0,
         )
+    )
+
+
+def knn_settings(config: Any) -> tuple[str, neighbors.IndexParams]:
+    """(index, parameters) of the cluster.knn* settings, for `neighbors.knn`."""
+    params = _params(config)
+    return params["knn"], neighbors.IndexParams(
+        nlist=int(params["knn_nlist"]),
+        nprobe=int(params["knn_nprobe"]),
+        hnsw_m=int(params["knn_hnsw_m"]),
+        ef_search=int(params["knn_ef_search"]),
     )
 
 
@@ -204,6 +225,7 @@ def _plain_distance(features, cameras, params, eps) -> sp.csr_matrix:
         )
         camera_penalty = (strength * (1.0 - affinity), camera_index)
         _log_affinity(affinity)
+    knn_index, knn_params = knn_settings(params)
     return kreciprocal.jaccard_distance(
         features,
         k1=int(params["k1"]),
@@ -213,6 +235,8 @@ def _plain_distance(features, cameras, params, eps) -> sp.csr_matrix:
         knn_block_size=int(params["knn_block_size"]) or None,
         neighbors_result=neighbors_result,
         camera_penalty=camera_penalty,
+        knn_index=knn_index,
+        knn_params=knn_params,
     )
 
 

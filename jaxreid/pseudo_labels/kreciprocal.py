@@ -231,6 +231,8 @@ def jaccard_distance(
     knn_block_size: int | None = None,
     neighbors_result: tuple[np.ndarray, np.ndarray] | None = None,
     camera_penalty: tuple[np.ndarray, np.ndarray] | None = None,
+    knn_index: str = "exact",
+    knn_params: neighbors.IndexParams | None = None,
 ) -> sp.csr_matrix:
     """Sparse k-reciprocal Jaccard distance of all pairs (cluster-contrast conventions).
 
@@ -245,6 +247,8 @@ def jaccard_distance(
       camera_penalty: (penalty (C, C), camera index (N,)): `neighbors_result` ranks by
         s_ij - penalty[camera_i, camera_j] (`camera_affinity.penalised_neighbors`), and so
         do the pair distances here.
+      knn_index, knn_params: the kNN index ("exact", "ivf", "hnsw", "auto") and its
+        parameters (`jaxreid.pseudo_labels.neighbors`).
 
     Returns:
       (N, N) symmetric float32 CSR matrix, sorted indices: the stored entries are the pairs with
@@ -261,7 +265,14 @@ def jaccard_distance(
     k2 = max(1, min(k2, k1))
     timer = _Timer()
     if neighbors_result is None:
-        sims, order = neighbors.knn(features, k1, backend=backend, block_size=knn_block_size)
+        sims, order = neighbors.knn(
+            features,
+            k1,
+            backend=backend,
+            block_size=knn_block_size,
+            index=knn_index,
+            params=knn_params,
+        )
     else:
         sims, order = (np.asarray(a) for a in neighbors_result)
     timer.lap("knn")

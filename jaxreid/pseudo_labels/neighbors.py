@@ -1,4 +1,5 @@
-"""Exact k-nearest neighbours by inner product: FAISS on the host, or matmul + top-k in JAX.
+"""k-nearest neighbours by inner product: exact (FAISS on the host, or matmul + top-k in JAX),
+or approximate with FAISS's IVF-Flat or HNSW-Flat indexes for large N.
 
 Conventions shared by both backends (so the k-reciprocal code downstream sees the same lists):
 
@@ -14,10 +15,34 @@ Conventions shared by both backends (so the k-reciprocal code downstream sees th
   asc). Float32 rounding differs between FAISS and XLA by far less than the tolerance, so both
   backends return the same neighbour sets and the same order (exact duplicates included), unless
   a group of ties extends beyond the `k + extra_candidates` candidates fetched.
+
+Approximate search (`index="ivf" | "hnsw"`, or `"auto"` above `AUTO_EXACT_MAX` database rows):
+the candidates come from a FAISS `IndexIVFFlat` (k-means coarse quantiser, `nprobe` of `nlist`
+lists scanned) or `IndexHNSWFlat` (graph of `hnsw_m` links, `ef_search` beam); both store the
+vectors uncompressed, so a candidate's similarity is the same float32 inner product as the
+exact search's, and the same ordering step runs on them: self first (a point its index did not
+return replaces its last candidate), ties by index, near-ties re-ranked in float64. What does
+not hold: the candidate SET may miss true neighbours (recall < 1; `benchmarks/
+clustering_scale.py` measures it), so a returned list is the exact order of the neighbours
+found, and a tie group can be cut differently than the exact search would. Below
+`AUTO_EXACT_MAX`, `"auto"` IS the exact search (same code path, bit-identical results).
+Parameters derived from N when 0 (`index_params`):
+
+- IVF: nlist = the power of two nearest sqrt(N) (at least 1, at most N // 39, FAISS's minimum
+  of training points per list), trained on min(N, 64 nlist) evenly spaced rows; nprobe =
+  clip(nlist // 16, 8, nlist). Why: sqrt(N) lists balance the coarse assignment (N nlist D)
+  and the scan (N nprobe N / nlist D); identities of 5-30 images sit in one or two lists.
+- HNSW: M = 32 (FAISS's recommended 16-64 for high-dimensional data), efConstruction = 2 M,
+  efSearch = max(64, 2 (k + extra_candidates)).
+
+Approximate indexes read `database` in row chunks (float16 or memory-mapped arrays are not
+copied whole to float32); on a host where FAISS sees a GPU the IVF index is a GpuIndexIVFFlat
+(HNSW has no FAISS GPU index and stays on the host).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -29,6 +54,52 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("faiss", "jax")
+INDEXES = ("exact", "ivf", "hnsw", "auto")
+# "auto" searches exactly up to this many database rows (CUHK03's 7,365 and Market's 12,936
+# training images, and MSMT17's 32,621, are far below), approximately (AUTO_INDEX) above.
+AUTO_EXACT_MAX = 200_000
+AUTO_INDEX = "ivf"
+# Rows per chunk when an approximate index reads the database or the queries.
+_CHUNK_ROWS = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexParams:
+    """Approximate-index parameters; 0 means derived from N (`index_params`)."""
+
+    nlist: int = 0
+    nprobe: int = 0
+    hnsw_m: int = 0
+    ef_search: int = 0
+
+
+def resolve_index(index: str, num_database: int) -> str:
+    """The index actually used: "auto" is "exact" up to AUTO_EXACT_MAX rows, else AUTO_INDEX."""
+    if index not in INDEXES:
+        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+    if index == "auto":
+        return "exact" if num_database <= AUTO_EXACT_MAX else AUTO_INDEX
+    return index
+
+
+def index_params(
+    num_database: int, num_candidates: int, params: IndexParams | None = None
+) -> dict[str, int]:
+    """The IVF and HNSW parameters for a database of N rows (module doc), overrides applied."""
+    params = params or IndexParams()
+    n = max(int(num_database), 1)
+    nlist = 2 ** int(round(np.log2(max(np.sqrt(n), 1.0))))
+    nlist = int(params.nlist) or max(1, min(nlist, n // 39))
+    nprobe = int(params.nprobe) or int(np.clip(nlist // 16, 8, nlist))
+    hnsw_m = int(params.hnsw_m) or 32
+    ef_search = int(params.ef_search) or max(64, 2 * int(num_candidates))
+    return dict(
+        nlist=nlist,
+        nprobe=min(nprobe, nlist),
+        hnsw_m=hnsw_m,
+        ef_construction=2 * hnsw_m,
+        ef_search=ef_search,
+    )
 
 
 def knn(
@@ -41,6 +112,8 @@ def knn(
     extra_candidates: int = 8,
     tie_tolerance: float = 1e-5,
     symmetric: bool = True,
+    index: str = "exact",
+    params: IndexParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every row of `features` among all rows, itself first.
 
@@ -55,6 +128,9 @@ def knn(
       symmetric: JAX backend only: compute each (block_i, block_j) similarity block once for
         i <= j and use it for the rows of both blocks (S_ji = S_ij^T), half the matmul work.
         False runs the query-block path of `knn_query` (block x N similarities).
+      index: "exact", "ivf", "hnsw" or "auto" (module doc); approximate indexes are FAISS's
+        whatever `backend` says.
+      params: approximate-index parameters (0 fields derived from N).
 
     Returns:
       (similarities (N, k) float32, indices (N, k) int64), row i starting with (|x_i|^2, i).
@@ -70,6 +146,8 @@ def knn(
         memory_budget_bytes,
         extra_candidates,
         tie_tolerance,
+        index,
+        params,
     )
 
 
@@ -83,6 +161,8 @@ def knn_query(
     memory_budget_bytes: int = 256 * 2**20,
     extra_candidates: int = 8,
     tie_tolerance: float = 1e-5,
+    index: str = "exact",
+    params: IndexParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest rows of `database` for every query (query-vs-gallery; no self convention).
 
@@ -98,6 +178,8 @@ def knn_query(
         memory_budget_bytes,
         extra_candidates,
         tie_tolerance,
+        index,
+        params,
     )
 
 
@@ -111,12 +193,16 @@ def _search(
     memory_budget_bytes,
     extra_candidates,
     tie_tolerance,
+    index="exact",
+    params=None,
 ):
     self_first = mode != "query"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    database = np.ascontiguousarray(database, dtype=np.float32)
+    index = resolve_index(index, len(database))
+    if index == "exact":
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        database = np.ascontiguousarray(database, dtype=np.float32)
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"need (Q, D) and (N, D) arrays, got {queries.shape}, {database.shape}")
     num_queries, num_database = len(queries), len(database)
@@ -125,7 +211,15 @@ def _search(
         return np.zeros((num_queries, 0), np.float32), np.zeros((num_queries, 0), np.int64)
     num_candidates = min(k + max(int(extra_candidates), 0), num_database)
     start = time.perf_counter()
-    if backend == "faiss":
+    if index != "exact":
+        sims, idx = _approximate_search(
+            queries,
+            database,
+            num_candidates,
+            index,
+            index_params(num_database, num_candidates, params),
+        )
+    elif backend == "faiss":
         sims, idx = _faiss_search(queries, database, num_candidates)
     elif mode == "symmetric":
         sims, idx = _jax_symmetric_search(database, num_candidates, block_size, memory_budget_bytes)
@@ -135,8 +229,9 @@ def _search(
         )
     sims, idx = _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance)
     logger.debug(
-        "knn %s: %d x %d, k=%d in %.2fs",
+        "knn %s/%s: %d x %d, k=%d in %.2fs",
         backend,
+        index,
         num_queries,
         num_database,
         k,
@@ -166,6 +261,65 @@ def _faiss_search(queries, database, num_candidates):
         # IndexFlatIP's exact search without building the index, which would copy the database.
         sims, idx = faiss.knn(queries, database, num_candidates, metric=faiss.METRIC_INNER_PRODUCT)
     return sims, idx.astype(np.int64)
+
+
+def _rows_f32(array, start, stop):
+    return np.ascontiguousarray(array[start:stop], dtype=np.float32)
+
+
+def _approximate_search(queries, database, num_candidates, index, params):
+    """Candidates from a FAISS IVF-Flat or HNSW-Flat index built on `database` (module doc)."""
+    faiss = _import_faiss()
+    n, dim = database.shape
+    tick = time.perf_counter()
+    if index == "ivf":
+        nlist = params["nlist"]
+        quantizer = faiss.IndexFlatIP(dim)
+        searcher = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if faiss.get_num_gpus() > 0:
+            searcher = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, searcher)
+        # k-means on evenly spaced rows: FAISS would otherwise sample 256 per list itself,
+        # which at 10^6 rows costs more than the search.
+        train_rows = np.linspace(0, n - 1, min(n, 64 * nlist)).astype(np.int64)
+        searcher.train(np.ascontiguousarray(database[train_rows], dtype=np.float32))
+        faiss.extract_index_ivf(searcher).nprobe = params["nprobe"]
+        if hasattr(searcher, "nprobe"):
+            searcher.nprobe = params["nprobe"]
+    elif index == "hnsw":
+        searcher = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        searcher.hnsw.efConstruction = params["ef_construction"]
+    else:
+        raise ValueError(f"unknown approximate index {index!r}")
+    for s in range(0, n, _CHUNK_ROWS):
+        searcher.add(_rows_f32(database, s, s + _CHUNK_ROWS))
+    build = time.perf_counter() - tick
+    if index == "hnsw":
+        searcher.hnsw.efSearch = params["ef_search"]
+    sims = np.empty((len(queries), num_candidates), np.float32)
+    idx = np.empty((len(queries), num_candidates), np.int64)
+    for s in range(0, len(queries), _CHUNK_ROWS):
+        sims[s : s + _CHUNK_ROWS], idx[s : s + _CHUNK_ROWS] = searcher.search(
+            _rows_f32(queries, s, s + _CHUNK_ROWS), num_candidates
+        )
+        if len(queries) > 4 * _CHUNK_ROWS:
+            logger.info(
+                "knn %s: %d of %d queries", index, min(s + _CHUNK_ROWS, len(queries)), len(queries)
+            )
+    logger.info(
+        "knn %s %s: built on %d x %d in %.1fs, searched %d queries in %.1fs",
+        index,
+        params,
+        n,
+        dim,
+        build,
+        len(queries),
+        time.perf_counter() - tick - build,
+    )
+    # Lists shorter than num_candidates (IVF: too few rows in the probed lists) pad with -1.
+    short = idx < 0
+    if short.any():
+        sims[short] = -np.inf
+    return sims, idx
 
 
 def _default_block_size(num_queries, num_database, memory_budget_bytes):
