@@ -293,6 +293,18 @@ def test_extract_features_matches_numpy_with_padding():
         np.testing.assert_allclose(out[key], expected[key], rtol=1e-5, atol=1e-5)
 
 
+def test_extract_features_into_a_memory_map_is_the_same(tmp_path):
+    images, weights = _extraction_inputs()
+    in_memory = evaluate.extract_features(_linear_apply(weights), images, 4, progress=False)
+    mapped = evaluate.extract_features(
+        _linear_apply(weights), images, 4, progress=False, memmap_dir=str(tmp_path)
+    )
+    for key, value in in_memory.items():
+        assert isinstance(mapped[key], np.memmap)
+        assert mapped[key].tobytes() == value.tobytes()
+        np.testing.assert_array_equal(np.load(tmp_path / f"{key}.npy"), value)
+
+
 def test_extract_features_flip_average_and_params_argument():
     images, weights = _extraction_inputs()
 

@@ -167,3 +167,17 @@ def test_small_chunks_give_the_same_result(monkeypatch):
         kreciprocal.densify(kreciprocal.jaccard_distance(x, 20, 6)), jaccard
     )
     np.testing.assert_allclose(kreciprocal.k_reciprocal_rerank(x[:40], x[40:]), rerank, atol=1e-6)
+
+
+def test_float16_unit_rows_are_used_without_a_float32_copy():
+    x = _clustered(150, 32, 18, seed=9)
+    half = x.astype(np.float16)
+    assert kreciprocal.unit_rows(half) is half  # a 10^6-row map is not copied whole
+    not_unit = (2 * x).astype(np.float16)
+    assert kreciprocal.unit_rows(not_unit).dtype == np.float32
+    # Rounding to float16 moves near-tied neighbours, not the clusters.
+    from jaxreid.pseudo_labels.clustering import dbscan
+
+    labels = dbscan(kreciprocal.jaccard_distance(x, 20, 6), 0.5, 4)
+    assert labels.max() >= 5
+    np.testing.assert_array_equal(dbscan(kreciprocal.jaccard_distance(half, 20, 6), 0.5, 4), labels)

@@ -12,6 +12,7 @@ compiled, and the padding is dropped on the host.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +70,7 @@ def extract_features(
     *,
     params: Any = None,
     progress: bool | None = None,
+    memmap_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Runs `apply_fn` over `images` in batches and returns host arrays.
 
@@ -91,9 +93,13 @@ def extract_features(
         closed-over arrays become compile-time constants, and a new closure
         per call means a new compilation.
       progress: show a tqdm bar; None shows it only when stderr is a terminal.
+      memmap_dir: write each output into MEMMAP_DIR/<key>.npy (a memory map, e.g. for 10^6
+        images) instead of memory.
 
     Returns:
-      dict with the keys of `apply_fn`'s output, each a numpy array (N, ...).
+      dict with the keys of `apply_fn`'s output, each a numpy array (N, ...) (a
+      `np.memmap` with `memmap_dir`). Each batch is copied into the preallocated
+      output as it arrives: no list of batches and no concatenated copy.
     """
     # memmaps are ndarrays and stay lazy; a jax.Array (the training images the
     # train step keeps on the devices) is sliced there, never re-uploaded.
@@ -135,11 +141,19 @@ def extract_features(
         disable=None if progress is None else not progress,
         leave=False,
     )
-    collected: dict[str, list[np.ndarray]] = {}
+    collected: dict[str, np.ndarray] = {}
+    filled = 0
 
     def collect(outputs: dict[str, jax.Array], num_valid: int) -> None:
+        nonlocal filled
         for key, value in jax.device_get(outputs).items():
-            collected.setdefault(key, []).append(np.asarray(value)[:num_valid])
+            value = np.asarray(value)
+            if key not in collected:
+                collected[key] = _output_array(
+                    memmap_dir, key, (num_images, *value.shape[1:]), value.dtype
+                )
+            collected[key][filled : filled + num_valid] = value[:num_valid]
+        filled += num_valid
         bar.update(num_valid)
 
     # One batch stays in flight: the next batch is dispatched (asynchronously)
@@ -158,4 +172,14 @@ def extract_features(
         pending = (outputs, num_valid)
     collect(*pending)
     bar.close()
-    return {key: np.concatenate(parts) for key, parts in collected.items()}
+    for value in collected.values():
+        if isinstance(value, np.memmap):
+            value.flush()
+    return collected
+
+
+def _output_array(memmap_dir: str | None, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if memmap_dir is None:
+        return np.empty(shape, dtype)
+    os.makedirs(memmap_dir, exist_ok=True)
+    return np.lib.format.open_memmap(os.path.join(memmap_dir, f"{key}.npy"), "w+", dtype, shape)

@@ -52,7 +52,18 @@ _CHUNK_ELEMENTS = 1_000_000
 def unit_rows(features: np.ndarray) -> np.ndarray:
     """Rows at unit norm (float32). Features that already are unit-norm (within
     1e-5, norms in float64) come back as they are, without a copy or a change
-    in the last bit."""
+    in the last bit; so do float16 ones (a memory map of 10^6 rows, say) within
+    float16's 2e-3, the pairs' similarities then computed from them in float64."""
+    if isinstance(features, np.ndarray) and features.dtype == np.float16:
+        tolerance, step = 2e-3, max(1, _CHUNK_ELEMENTS // max(features.shape[-1], 1))
+        if features.ndim == 2 and all(
+            np.all(
+                np.abs(np.linalg.norm(features[s : s + step].astype(np.float64), axis=1) - 1)
+                <= tolerance
+            )
+            for s in range(0, len(features), step)
+        ):
+            return features
     features = np.asarray(features, dtype=np.float32)
     norms = np.sqrt(np.einsum("nd,nd->n", features, features, dtype=np.float64))
     if np.all(np.abs(norms - 1.0) <= 1e-5):
@@ -550,14 +561,16 @@ class _PairSums:
 
     def __init__(self, n: int):
         self.n = max(n, 1)
-        self.max_rows = max(1, _CHUNK_ELEMENTS // self.n)
+        # At least 16 rows per chunk: at N = 10^6 one row per chunk meant 10^6 Python-level
+        # iterations (O(N^2 / _CHUNK_ELEMENTS)); 16 rows cost 16 N x 12 bytes (192 MB).
+        self.max_rows = max(16, _CHUNK_ELEMENTS // self.n)
         self.acc = np.zeros(self.max_rows * self.n)
-        self.stamp = np.zeros(self.max_rows * self.n, np.int64)
+        self.stamp = np.zeros(self.max_rows * self.n, np.int32)
 
     def __call__(self, local_rows, cols, values):
         keys = local_rows.astype(np.int64) * self.n + cols
         np.add.at(self.acc, keys, values)
-        ticket = np.arange(len(keys))
+        ticket = np.arange(len(keys), dtype=np.int32)
         self.stamp[keys] = ticket
         unique = keys[self.stamp[keys] == ticket]
         sums = self.acc[unique]
