@@ -853,3 +853,99 @@ def test_short_vit_training_gains_over_seeds(learn_root, tmp_path):
         assert np.all(np.isfinite(losses)), seed
         gains.append(after - before)
     assert np.median(gains) > MIN_GAIN, gains
+
+
+# ------------------------------------------------ the Market recipe, as a user runs it
+
+
+def _market_user_files(tmp_path):
+    """What a user of configs/market_vit_cc.py holds: Market-1501 unzipped in a
+    folder (synthetic pictures under the archive's folder and file names, "0000"
+    distractors and "-1" junk included) and TransReID-SSL's ViT-S + ICS
+    checkpoint (random weights in its key layout at its 16 x 8 grid)."""
+    from jaxreid.data import synthetic
+
+    torch, TorchViT = _torch()
+    datasets = tmp_path / "datasets"
+    synthetic.generate(
+        str(datasets / "Market-1501-v15.09.15"),
+        num_ids=24,
+        num_cameras=3,
+        images_per_id_per_camera=3,
+        seed=7,
+        num_distractors=6,
+        num_junk=4,
+    )
+    grid = vit.token_grid(256, 128, 16, True)
+    net = _random_torch_vit(
+        torch, TorchViT, seed=3, name="vit_small", grid=grid, stride=16, conv_stem=True
+    )
+    checkpoint = _save(torch, _numpy_state(net), tmp_path / "vit_small_ics_cfs_lup.pth")
+    return str(datasets), checkpoint, net
+
+
+def test_market_config_takes_a_market_folder_and_the_release_checkpoint(tmp_path):
+    """configs/market_vit_cc.py with only the two paths a user gives: the config
+    validates, the archive folder is found under the given root with junk and
+    distractors handled, and the ViT-S + ICS checkpoint loads without a resize
+    (the [CLS] token of the forward equals torch's on the same weights)."""
+    from jaxreid.data.datasets import load_dataset
+    from jaxreid.validate import config_problems
+
+    torch, _ = _torch()
+    root, checkpoint, net = _market_user_files(tmp_path)
+    config = _load("market_vit_cc.py")
+    config.data.root, config.model.pretrained = root, checkpoint
+    assert config_problems(config) == []
+    dataset = load_dataset(config.data.dataset, config.data.root)
+    market = os.path.join(root, "Market-1501-v15.09.15")
+    assert dataset.root == market
+    assert len(dataset.train) == len(os.listdir(os.path.join(market, "bounding_box_train")))
+    gallery = os.listdir(os.path.join(market, "bounding_box_test"))
+    junk = [name for name in gallery if name.startswith("-1_")]
+    assert junk and len(dataset.gallery) == len(gallery) - len(junk)
+    assert 0 in {r.pid for r in dataset.gallery}  # the "0000" distractors stay
+
+    model = models.build_model(config.model, nnx.Rngs(0))
+    images = _images(2, 256, 128, seed=4)
+    with torch.no_grad():
+        reference = net(_torch_input(torch, images)).numpy()
+    _assert_close_to_scale(_tokens(model, images).cls, reference[:, 0], "cls token")
+
+
+@pytest.mark.slow
+def test_market_config_trains_as_a_user_runs_it(tmp_path):
+    """`python -m jaxreid.main --config=configs/market_vit_cc.py` with the user's
+    two paths and a CPU-sized budget (batch, epochs, steps) trains, clusters and
+    evaluates end to end, and writes its results."""
+    import subprocess
+    import sys
+
+    root, checkpoint, _ = _market_user_files(tmp_path)
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "jaxreid.main",
+        f"--config={os.path.join(ROOT, 'configs', 'market_vit_cc.py')}",
+        f"--workdir={workdir}",
+        f"--config.data.root={root}",
+        f"--config.model.pretrained={checkpoint}",
+        "--config.data.cache_dir=",
+        # The CPU budget: 2 steps of 2 x 8 images, one epoch.
+        "--config.train.batch_size=16",
+        "--config.model.bn_group_size=16",
+        "--config.train.epochs=1",
+        "--config.train.steps_per_epoch=2",
+        "--config.train.log_every=1",
+        "--config.eval.batch_size=32",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from helpers import step_losses
+
+    losses = step_losses(workdir)
+    assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
+    results = json.loads((workdir / "results.json").read_text())
+    assert 0.0 <= results["final"]["plain"]["mAP"] <= 1.0
+    assert (workdir / "checkpoints").is_dir()
