@@ -29,6 +29,12 @@ from jaxreid.models.efficientnet import EfficientNetLite0
 from jaxreid.models.fusion import FusionHead
 from jaxreid.models.heads import POOLINGS, BNNeckHead, FCHead, SCLHead, TokenMap
 from jaxreid.models.osnet import OSNET_WIDTHS, OSNet
+from jaxreid.models.patch_branch import (
+    PatchBranch,
+    default_patch_config,
+    patch_problems,
+    patches_enabled,
+)
 from jaxreid.models.pretrained import load_pretrained
 from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
 from jaxreid.models.vit import PATCH_SIZE, VIT_DEPTH, VIT_SIZES, VisionTransformer
@@ -75,6 +81,7 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems += _vit_problems(config)
     problems += waveblock_problems(config)
     problems += camera_style_problems(config)
+    problems += patch_problems(config)
     problems += _fusion_problems(config)
     if config.model.head in ("scl", "fusion"):
         stripes, dim = config.model.num_stripes, config.model.embed_dim
@@ -222,6 +229,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.waveblock = default_waveblock_config()  # rate 1 = off
     # Training-only re-styling of shallow maps to other cameras (jaxreid/models/camera_style.py).
     config.camera_style = default_camera_style_config()  # styles 0 = off
+    # PISL's patch branch on the backbone's map (jaxreid/models/patch_branch.py).
+    config.patches = default_patch_config()  # num 0 = off
     return config
 
 
@@ -354,6 +363,11 @@ class ReIDModel(nnx.Module):
             if camera_style_enabled(config)
             else None
         )
+        self.patches = (
+            PatchBranch(channels, config.patches, rngs=rngs, bn_group_size=group)
+            if patches_enabled(config)
+            else None
+        )
 
     def __call__(
         self,
@@ -381,6 +395,9 @@ class ReIDModel(nnx.Module):
             else:
                 features = self.waveblock(features, train, rng)
         outputs = self.head(features, train)
+        if self.patches is not None:
+            grid = features.grid if isinstance(features, TokenMap) else features
+            outputs = {**outputs, **self.patches(grid, train, rng)}
         outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
         if restyling:
             outputs = self.camera_style.split(outputs, images.shape[0])
