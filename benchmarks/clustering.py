@@ -11,7 +11,7 @@ N x N float32 encodings and Jaccard matrix, Python loops over rows, scikit-learn
 eps = 0.6, min_samples = 4 and the same FAISS neighbour lists, so their clusters must agree.
 
 Every measurement runs in a fresh subprocess. Peak memory is that process's peak resident set
-(`resource.getrusage(...).ru_maxrss`): everything included (Python, jax, faiss, the features
+(VmHWM of /proc/self/status): everything included (Python, jax, faiss, the features
 array). "base" is the resident set once the features exist, before any clustering work.
 
 Features: unit vectors in 2,048-d, N/8 clusters (centres grouped 16 by 16, so neighbour lists
@@ -100,6 +100,15 @@ def dense_jaccard(order: np.ndarray, features: np.ndarray, k1: int, k2: int) -> 
 
 
 def _peak_rss_gib() -> float:
+    # VmHWM: this process's own peak. ru_maxrss would also count the parent's resident set
+    # at the spawn (Linux keeps the larger of the two across exec).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 

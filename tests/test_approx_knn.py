@@ -120,11 +120,11 @@ def test_float16_memmap_database_is_read_in_chunks(monkeypatch, tmp_path):
 def test_derived_parameters_by_hand():
     # N = 10^6: sqrt = 1000 -> 2^10 lists, nprobe 1024 // 16 = 64.
     assert neighbors.index_params(10**6, 38) == dict(
-        nlist=1024, nprobe=64, hnsw_m=32, ef_construction=64, ef_search=76
+        nlist=1024, nprobe=64, hnsw_m=32, ef_construction=64, ef_search=152
     )
     # N = 20,000: sqrt = 141.4, log2 = 7.14 -> 128 lists; 128 // 16 = 8 = the minimum nprobe.
     p = neighbors.index_params(20_000, 20)
-    assert (p["nlist"], p["nprobe"], p["ef_search"]) == (128, 8, 64)
+    assert (p["nlist"], p["nprobe"], p["ef_search"]) == (128, 8, 128)
     # N = 1,000: 32 lists would train on < 39 points each -> 1000 // 39 = 25; nprobe 8.
     assert neighbors.index_params(1000, 10)["nlist"] == 25
     assert neighbors.index_params(1000, 10)["nprobe"] == 8
