@@ -401,3 +401,31 @@ def camera_filter(
         "removed_clusters": int(np.sum(present & ~keep)),
         "removed_images": int(np.sum(clustered & (out < 0))),
     }
+
+
+def labels_from_process_zero(
+    features: np.ndarray,
+    eps_values: list[float],
+    config: Any = None,
+    cameras: np.ndarray | None = None,
+) -> np.ndarray:
+    """`multi_eps_labels` computed on process 0 only and broadcast to every process.
+
+    Why: in a multi-process run every host would otherwise cluster the same N features
+    (at 10^6 images minutes of CPU each); process 0 clusters once and the (G, N) labels
+    (4 bytes a label, 4 MB at 10^6) cross the network. The other processes only need N.
+    A single process returns `multi_eps_labels` itself.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return multi_eps_labels(features, eps_values, config, cameras)
+    if jax.process_index() == 0:
+        labels = multi_eps_labels(features, eps_values, config, cameras)
+    else:
+        labels = np.zeros((len(eps_values), len(features)), np.int64)
+    if labels.size and labels.max(initial=-1) >= 2**31 - 1:
+        raise ValueError("labels_from_process_zero: more than 2^31 - 1 clusters")
+    shared = multihost_utils.broadcast_one_to_all(labels.astype(np.int32))
+    return np.asarray(shared).astype(np.int64)
