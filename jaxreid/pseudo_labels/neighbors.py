@@ -285,9 +285,7 @@ def _approximate_search(queries, database, num_candidates, index, params):
         # which at 10^6 rows costs more than the search.
         train_rows = np.linspace(0, n - 1, min(n, 64 * nlist)).astype(np.int64)
         searcher.train(np.ascontiguousarray(database[train_rows], dtype=np.float32))
-        faiss.extract_index_ivf(searcher).nprobe = params["nprobe"]
-        if hasattr(searcher, "nprobe"):
-            searcher.nprobe = params["nprobe"]
+        searcher.nprobe = params["nprobe"]  # IndexIVFFlat and GpuIndexIVFFlat alike
     elif index == "hnsw":
         searcher = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
         searcher.hnsw.efConstruction = params["ef_construction"]
