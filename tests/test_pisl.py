@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import cluster_config, step_losses, tiny_data, unit
 
 from jaxreid.methods import pisl
@@ -298,3 +299,39 @@ def test_short_pisl_training_raises_map(tmp_path):
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert sum("labels moved by the patch vote" in line for line in lines) == 4
     assert after > before + PISL_MIN_GAIN, (before, after)
+
+
+@pytest.mark.slow
+def test_pisl_ignores_identity_labels(tiny_root, tmp_path):
+    """test_label_blind's check for PISL: shuffled identity numbers give the
+    same losses, metrics and pseudo-labels (the relabelling included)."""
+    from test_label_blind import SHORT, _shuffled_identities
+
+    from jaxreid.train import train_and_evaluate
+
+    def config():
+        return cluster_config(
+            tiny_root,
+            "pisl",
+            **{
+                "cluster.eps": 0.45,
+                "model.patches.num": 2,
+                "model.patches.diffusion_steps": 10,
+                "model.patches.sampling_steps": 2,
+                "model.patches.hidden": 16,
+                "method.agreement_k": 3,
+                **SHORT,
+            },
+        )
+
+    data = tiny_data(config())
+    a = train_and_evaluate(config(), str(tmp_path / "a"), data, log=lambda s: None)
+    shuffled = _shuffled_identities(data, 7)
+    b = train_and_evaluate(config(), str(tmp_path / "b"), shuffled, log=lambda s: None)
+    assert step_losses(str(tmp_path / "a")) == step_losses(str(tmp_path / "b"))
+    assert a["history"] == b["history"]
+    for epoch in (1, 2):
+        path = f"pseudo_labels/epoch_{epoch:03d}.npy"
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "a" / path), np.load(tmp_path / "b" / path)
+        )
