@@ -1,15 +1,16 @@
 """The deploy path side by side (issue #53): jaxreid's ONNX export against
 jaxreid's own extraction and against a PyTorch export of the same network.
 
-    python benchmarks/export_compare.py                     # the three backbones
+    python benchmarks/export_compare.py                     # the four backbones
     python benchmarks/export_compare.py --backbones osnet_x0_25 --repeats 20
     python benchmarks/export_compare.py --noint8 --notorch  # jaxreid only
 
 Each backbone is built with its configs' head (its row of BACKBONES: Lite0
 and ResNet-50 the BN neck with GeM pooling, OSNet-x0.25 torchreid's 512-d
-`fc` embedding), in eval mode, "global" output only, with real weights where
-they are at hand (WEIGHTS: the packaged ImageNet Lite0, the shared MSMT17
-OSNet; ResNet-50 random), on the first CUHK03 test crops when they are at
+`fc` embedding, ViT-Ti the BN neck on the [CLS] token), in eval mode,
+"global" output only, with real weights where they are at hand (WEIGHTS: the
+packaged ImageNet Lite0, the shared MSMT17 OSNet; ResNet-50 and ViT-Ti
+random), on the first CUHK03 test crops when they are at
 hand (random pixels otherwise). Rows:
 
 - `jaxreid -> ONNX`: `jaxreid.export.export_onnx` (jax2onnx under
@@ -61,6 +62,8 @@ BACKBONES = {  # name: (height, width, head, embed_dim, pooling)
     "efficientnet_lite0": (128, 64, "bnneck", 0, "gem"),
     "osnet_x0_25": (256, 128, "fc", 512, "avg"),
     "resnet50": (256, 128, "bnneck", 0, "gem"),
+    # configs/cuhk03_vit.py's size; random weights, as ResNet-50.
+    "vit_tiny": (128, 64, "bnneck", 0, "cls"),
 }
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Real weights where they are at hand (the packaged ImageNet Lite0, the shared
@@ -125,6 +128,8 @@ def build_embedder(backbone: str, pretrained: str = ""):
     config.data.height, config.data.width = height, width
     config.model.backbone, config.model.pretrained = backbone, pretrained
     config.model.head, config.model.embed_dim, config.model.pooling = head, embed_dim, pooling
+    if backbone.startswith("vit_"):
+        config.model.image_size = (height, width)
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
     return Embedder(config, *models.split_model(model))
 
@@ -151,19 +156,27 @@ def torch_deploy_model(embedder):
 
     from jaxreid.augment import IMAGENET_MEAN, IMAGENET_STD
     from jaxreid.models.efficientnet import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+    from jaxreid.models.vit import PIXEL_MEAN, PIXEL_STD
 
     model_config = embedder.config.model
     name = model_config.backbone
     mean, std = (
         (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
         if name.startswith("efficientnet")
+        else (PIXEL_MEAN, PIXEL_STD)
+        if name.startswith("vit_")
         else (IMAGENET_MEAN, IMAGENET_STD)
     )
 
     class Deployed(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = torch_reference.build_backbone(name, int(model_config.last_stride))
+            self.backbone = torch_reference.build_backbone(
+                name,
+                int(model_config.last_stride),
+                model_config,
+                (embedder.height, embedder.width),
+            )
             self.head = torch_reference.Head(
                 model_config.head,
                 self.backbone.num_features,

@@ -98,6 +98,8 @@ def export_onnx(embedder, path: str) -> list[str]:
             model_name="jaxreid",
             input_names=["images"],
             output_names=names,
+            # LayerNormalization as one node (jax2onnx writes it out by default).
+            normalization_mode="prefer_native",
         )
     fold_max_pool_padding(model)
     flush_subnormals(model)

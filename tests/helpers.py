@@ -139,6 +139,8 @@ def random_embedder(backbone: str = "resnet18", head: str = "scl", pooling: str 
     config.model.embed_dim = {"scl": 32, "fc": 512}.get(head, 0)
     config.model.num_stripes = 2
     config.model.pooling = pooling
+    if backbone.startswith("vit_"):
+        config.model.image_size = (64, 32)  # the position embeddings' grid
     model = models.build_model(config.model, rngs=nnx.Rngs(0))
     return Embedder(config, *models.split_model(model))
 

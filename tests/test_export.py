@@ -27,6 +27,8 @@ CASES = {
     "resnet50-bnneck": ("resnet50", "bnneck", "avg"),
     "efficientnet_lite0-bnneck": ("efficientnet_lite0", "bnneck", "avg"),
     "osnet_x0_25-fc": ("osnet_x0_25", "fc", "avg"),
+    # All 12 blocks of ViT-Ti (a 4 x 2 patch grid at 64x32), the [CLS] token.
+    "vit_tiny-bnneck-cls": ("vit_tiny", "bnneck", "cls"),
 }
 # Operator nodes (all but Constant / Identity, which only the TorchScript
 # exporter emits) of torch.onnx.export (torch 2.13, dynamo=False) of the
@@ -38,6 +40,7 @@ TORCH_OPERATORS = {
     "resnet50-bnneck": 128,
     "efficientnet_lite0-bnneck": 100,
     "osnet_x0_25-fc": 397,
+    "vit_tiny-bnneck-cls": 719,
 }
 # jaxreid's graph may have a few more nodes: transposes between its NHWC
 # layout and ONNX's NCHW convolutions, the max pool's explicit -inf padding,
@@ -91,6 +94,14 @@ def test_onnx_graph_is_no_larger_than_pytorchs(case, exported):
     _, path, _ = exported(case)
     ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
     assert operator_count(path) <= TORCH_SLACK * TORCH_OPERATORS[case], ops
+    if case.startswith("vit_"):
+        # 2 LayerNormalization a block and the final one, attention as two
+        # MatMul around one Softmax, 4 linear layers a block as MatMul + Add,
+        # the patch embedding one Conv; nothing written out.
+        assert (ops["LayerNormalization"], ops["Softmax"], ops["MatMul"]) == (25, 12, 72), ops
+        assert ops["Conv"] == 1, ops
+        assert not ops.keys() & {"ReduceMean", "Gemm", "Einsum", "Erf", "Pow"}, ops
+        return
     convolutions = {
         "resnet50-bnneck": 53,
         "efficientnet_lite0-bnneck": 49,

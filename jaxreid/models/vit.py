@@ -30,11 +30,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 from jaxreid.augment import normalize
 from jaxreid.models import cpu_kernels
 from jaxreid.models.heads import TokenMap
-from jaxreid.models.layers import IBN, Conv, GhostBatchNorm, _host_normal, host_zeros
+from jaxreid.models.layers import (
+    IBN,
+    Conv,
+    GhostBatchNorm,
+    _host_normal,
+    export_conv,
+    exporting,
+    host_zeros,
+)
 
 # name -> (width, attention heads); every size has 12 blocks and MLP ratio 4.
 VIT_SIZES = {
@@ -176,6 +185,10 @@ class PatchProjection(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if exporting():  # one ONNX Conv with its bias
+            return export_conv(
+                x, self.kernel[...], self.stride, "VALID", dtype=self.dtype, shift=self.bias[...]
+            )
         kernel = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
         k, s = kernel.shape[0], self.stride
@@ -240,8 +253,20 @@ class PatchEmbed(nnx.Module):
         return self.proj(x)
 
 
-def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
+class Linear(nnx.Linear):
+    """nnx.Linear on tokens; under `export_mode()` a matmul and an add, which
+    an ONNX exporter writes as MatMul + Add on the (B, T, C) tokens (its rule
+    for nnx.Linear flattens to 2-D around a Gemm: 6 nodes a layer)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not exporting():
+            return super().__call__(x)
+        x, kernel, bias = promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return jnp.matmul(x, kernel) + bias
+
+
+def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(
         in_dim,
         out_dim,
         dtype=dtype,
