@@ -293,6 +293,8 @@ def _approximate_search(queries, database, num_candidates, index, params):
         raise ValueError(f"unknown approximate index {index!r}")
     for s in range(0, n, _CHUNK_ROWS):
         searcher.add(_rows_f32(database, s, s + _CHUNK_ROWS))
+        if n > 4 * _CHUNK_ROWS:
+            logger.info("knn %s: added %d of %d rows", index, min(s + _CHUNK_ROWS, n), n)
     build = time.perf_counter() - tick
     if index == "hnsw":
         searcher.hnsw.efSearch = params["ef_search"]
