@@ -130,7 +130,7 @@ class TorchViT(nn.Module):
 
     def forward(self, x, cameras=None, scales=None):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
         if self.sie_embed is not None:
             side = (
                 self.sie_embed.mean(0, keepdim=True) if cameras is None else self.sie_embed[cameras]
