@@ -5,6 +5,7 @@ k-reciprocal references and `unit`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -207,12 +208,41 @@ DEVICE_RUN = {
 }
 
 
+# XLA:CPU aborts a collective whose device threads do not all arrive within
+# 40 s; 8 simulated devices on 2 loaded cores can miss that (the CI run of
+# 2026-12-07 did), so the device runs allow 10 minutes.
+_COLLECTIVE_TIMEOUTS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+    "--xla_cpu_collective_timeout_seconds=600",
+)
+
+
+@functools.cache
+def _collective_timeout_flags() -> tuple[str, ...]:
+    """_COLLECTIVE_TIMEOUTS where this jaxlib knows them (XLA exits on an
+    unknown flag), else none."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"],
+        env=dict(os.environ, XLA_FLAGS=" ".join(_COLLECTIVE_TIMEOUTS)),
+        capture_output=True,
+        timeout=300,
+    )
+    return _COLLECTIVE_TIMEOUTS if probe.returncode == 0 else ()
+
+
+def simulated_devices_env(count: int = 8) -> dict[str, str]:
+    """os.environ with XLA:CPU simulating `count` devices, collectives allowed
+    10 minutes."""
+    flags = [f"--xla_force_host_platform_device_count={count}", *_collective_timeout_flags()]
+    return dict(os.environ, XLA_FLAGS=" ".join(flags))
+
+
 def run_on_devices(count: int, root: str, workdir: str, overrides=DEVICE_RUN) -> dict:
     """Trains on the first `count` of 8 simulated CPU devices. The process
     always simulates 8: XLA:CPU sizes its thread pool by max(cores, devices)
     and splits kernels by it at compile time, so `--xla_force_host_platform_
     device_count=N` alone changes the kernels, not only the device count."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = simulated_devices_env(8)
     script = _DEVICE_SCRIPT.format(
         tests=os.path.join(ROOT, "tests"),
         root=root,

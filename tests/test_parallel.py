@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import simulated_devices_env
 
 from jaxreid.config_base import base_config
 from jaxreid.parallel import pairwise_sum
@@ -69,7 +69,7 @@ print(json.dumps(out))
 
 
 def test_mean_gradients_same_bits_on_1_2_4_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = simulated_devices_env(8)
     out = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
