@@ -1,7 +1,9 @@
-"""PISL (jaxreid/methods/pisl.py) on the generated synthetic set: a tiny run
-for CPU seconds: configs/synthetic.py's EfficientNet-Lite0 (ImageNet weights)
-at 128x64 with a BN neck, 3 patches of its 8 x 4 map, a 100-step diffusion
-sampled in 4 DDIM steps, 2 epochs x 10 steps of 16 = 4 x 4 images.
+"""PISL (jaxreid/methods/pisl.py) on the generated synthetic set: a smoke run
+(2 min 41 s on the shared 2-core Xeon, compilation included; 20 steps do not
+raise the mAP, docs/results/patches.md): configs/synthetic.py's
+EfficientNet-Lite0 (ImageNet weights) at 128x64 with a BN neck, 3 patches of
+its 8 x 4 map, a 100-step diffusion sampled in 4 DDIM steps, 2 epochs x 10
+steps of 16 = 4 x 4 images.
 
     python -m jaxreid.main --config=configs/synthetic_pisl.py --workdir=/tmp/pisl
 """
