@@ -90,3 +90,77 @@ def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, met
     with open(os.path.join(shared, "results.json")) as f:
         two = json.load(f)["final"]
     assert two == one
+
+
+def _launch(root: str, workdir: str, port: int, env: dict) -> list[subprocess.Popen]:
+    """Two processes of one run, as a launcher starts them."""
+    return [
+        subprocess.Popen(
+            [
+                *_command(root, workdir, "cluster_contrast"),
+                "--config.train.checkpoint_every_steps=1",
+                "--multiprocess",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={rank}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+
+
+def test_a_lost_process_restarts_from_the_checkpoint_with_the_same_results(tiny_root, tmp_path):
+    """A two-process run loses process 1 (SIGKILL) after step 4 of 6; the
+    launcher then ends process 0, as a cluster scheduler ends the job, and
+    starts both again with the same command. The run resumes from its last
+    checkpoint and ends with the losses and metrics of an uninterrupted run
+    (one process driving two devices, the same bits as two processes:
+    test_two_processes_match_one_process_on_two_devices)."""
+    import re
+    import signal
+    import time
+
+    single = str(tmp_path / "single")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        _command(tiny_root, single, "cluster_contrast"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+    shared = str(tmp_path / "multi")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device each
+    procs = _launch(tiny_root, shared, _free_port(), env)
+    metrics = os.path.join(shared, "metrics.jsonl")
+    deadline = time.time() + 900
+    while not (os.path.exists(metrics) and len(step_losses(shared)) >= 4):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=60)
+    time.sleep(2)
+    procs[0].kill()  # the scheduler ends the job
+    logs = [p.communicate(timeout=60)[0] for p in procs]
+    assert procs[1].returncode == -signal.SIGKILL, logs[1][-2000:]
+    assert not os.path.exists(os.path.join(shared, "results.json"))
+
+    procs = _launch(tiny_root, shared, _free_port(), env)
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    with open(os.path.join(shared, "log.txt")) as f:
+        resumed = [int(n) for n in re.findall(r"resumed from step (\d+) of 6", f.read())]
+    assert len(resumed) == 1 and 3 <= resumed[0] < 6, resumed  # the lost work, not all of it
+    assert step_losses(shared) == step_losses(single)
+    with open(os.path.join(single, "results.json")) as f:
+        one = json.load(f)["final"]
+    with open(os.path.join(shared, "results.json")) as f:
+        two = json.load(f)["final"]
+    assert two == one
