@@ -33,7 +33,8 @@ _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess",
     False,
     "Join a multi-process run with jax.distributed.initialize() (one process per host; "
-    "coordinator and ranks detected from the cluster environment, e.g. SLURM; "
+    "coordinator and ranks from torchrun-style MASTER_ADDR / MASTER_PORT / WORLD_SIZE / "
+    "RANK when set, else detected from the cluster environment, e.g. SLURM; "
     "JAX_COORDINATOR_ADDRESS overrides the coordinator).",
 )
 _COORDINATOR = flags.DEFINE_string(

@@ -12,6 +12,7 @@ over the mesh axis `AXIS`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -92,12 +93,35 @@ def mean_gradients(stacked: Any, num_devices: int) -> Any:
     return unravel(jax.lax.all_gather(mean, AXIS, tiled=True)[:size])
 
 
+# What torchrun (and torch.distributed's other launchers) set for each process.
+TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+def torchrun_settings(env: Mapping[str, str]) -> dict | None:
+    """jax.distributed.initialize's arguments from torchrun-style variables
+    (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK; with LOCAL_RANK and
+    LOCAL_WORLD_SIZE > 1, several processes share a host and each takes the
+    device of its local rank), or None where they are not all set."""
+    if not all(env.get(name) for name in TORCHRUN_VARIABLES):
+        return None
+    settings = dict(
+        coordinator_address=f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+        num_processes=int(env["WORLD_SIZE"]),
+        process_id=int(env["RANK"]),
+    )
+    if int(env.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        settings["local_device_ids"] = [int(env["LOCAL_RANK"])]
+    return settings
+
+
 def start_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
-    """jax.distributed.initialize with explicit settings or auto-detection
-    (SLURM, Open MPI, ...). CPU processes exchange collectives through gloo."""
+    """jax.distributed.initialize with explicit settings, else torchrun-style
+    variables (torchrun_settings), else jax's auto-detection (SLURM, Open MPI,
+    ...). CPU processes exchange collectives through gloo."""
     import importlib.util
+    import os
 
     # Must not initialise a backend before jax.distributed.initialize.
     accelerator = any(
@@ -106,8 +130,11 @@ def start_distributed(
     )
     if jax.config.jax_platforms in (None, "", "cpu") and not accelerator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
+    settings = dict(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
     )
+    if all(value is None for value in settings.values()):
+        settings = torchrun_settings(os.environ) or settings
+    jax.distributed.initialize(**settings)

@@ -93,18 +93,18 @@ def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, met
 
 
 def _launch(root: str, workdir: str, port: int, env: dict) -> list[subprocess.Popen]:
-    """Two processes of one run, as a launcher starts them."""
+    """Two processes of one run as torchrun starts them: the coordinator and
+    ranks only in MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK."""
+    command = [
+        *_command(root, workdir, "cluster_contrast"),
+        "--config.train.checkpoint_every_steps=1",
+        "--multiprocess",
+    ]
+    launcher = dict(MASTER_ADDR="localhost", MASTER_PORT=str(port), WORLD_SIZE="2")
     return [
         subprocess.Popen(
-            [
-                *_command(root, workdir, "cluster_contrast"),
-                "--config.train.checkpoint_every_steps=1",
-                "--multiprocess",
-                f"--coordinator_address=localhost:{port}",
-                "--num_processes=2",
-                f"--process_id={rank}",
-            ],
-            env=env,
+            command,
+            env={**env, **launcher, "RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -113,10 +113,29 @@ def _launch(root: str, workdir: str, port: int, env: dict) -> list[subprocess.Po
     ]
 
 
+def test_torchrun_variables_give_the_distributed_settings():
+    from jaxreid.parallel import torchrun_settings
+
+    env = dict(MASTER_ADDR="node3", MASTER_PORT="29500", WORLD_SIZE="16", RANK="9")
+    assert torchrun_settings(env) == dict(
+        coordinator_address="node3:29500", num_processes=16, process_id=9
+    )
+    # 8 processes a host (one per GPU): each takes its local rank's device.
+    assert torchrun_settings({**env, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}) == dict(
+        coordinator_address="node3:29500", num_processes=16, process_id=9, local_device_ids=[1]
+    )
+    assert torchrun_settings({**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}) == dict(
+        coordinator_address="node3:29500", num_processes=16, process_id=9
+    )
+    assert torchrun_settings({k: v for k, v in env.items() if k != "RANK"}) is None
+    assert torchrun_settings({}) is None
+
+
 def test_a_lost_process_restarts_from_the_checkpoint_with_the_same_results(tiny_root, tmp_path):
-    """A two-process run loses process 1 (SIGKILL) after step 4 of 6; the
-    launcher then ends process 0, as a cluster scheduler ends the job, and
-    starts both again with the same command. The run resumes from its last
+    """A two-process run (launched as torchrun launches, _launch) loses
+    process 1 (SIGKILL) after step 4 of 6; the launcher then ends process 0,
+    as a cluster scheduler ends the job, and starts both again with the same
+    command. The run resumes from its last
     checkpoint and ends with the losses and metrics of an uninterrupted run
     (one process driving two devices, the same bits as two processes:
     test_two_processes_match_one_process_on_two_devices)."""
