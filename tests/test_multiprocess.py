@@ -37,6 +37,11 @@ def _command(root: str, workdir: str, method: str) -> list[str]:
     return args
 
 
+def _final_metrics(workdir: str) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)["final"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -85,11 +90,7 @@ def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, met
     # The same bits: every step's loss and the final metrics.
     assert len(step_losses(single)) == 6
     assert step_losses(shared) == step_losses(single)
-    with open(os.path.join(single, "results.json")) as f:
-        one = json.load(f)["final"]
-    with open(os.path.join(shared, "results.json")) as f:
-        two = json.load(f)["final"]
-    assert two == one
+    assert _final_metrics(shared) == _final_metrics(single)
 
 
 def _launch(root: str, workdir: str, port: int, env: dict) -> list[subprocess.Popen]:
@@ -178,8 +179,4 @@ def test_a_lost_process_restarts_from_the_checkpoint_with_the_same_results(tiny_
         resumed = [int(n) for n in re.findall(r"resumed from step (\d+) of 6", f.read())]
     assert len(resumed) == 1 and 3 <= resumed[0] < 6, resumed  # the lost work, not all of it
     assert step_losses(shared) == step_losses(single)
-    with open(os.path.join(single, "results.json")) as f:
-        one = json.load(f)["final"]
-    with open(os.path.join(shared, "results.json")) as f:
-        two = json.load(f)["final"]
-    assert two == one
+    assert _final_metrics(shared) == _final_metrics(single)
