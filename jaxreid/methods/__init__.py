@@ -87,6 +87,14 @@ class TrainSet:
     def num_images(self) -> int:
         return len(self.cameras)
 
+    def zero_outputs(self) -> dict[str, np.ndarray]:
+        """Zero float32 outputs of every image, in the extraction's shapes: a
+        memory's placeholder before the first epoch's extraction fills it."""
+        return {
+            name: np.zeros((self.num_images, *shape), np.float32)
+            for name, shape in self.output_shapes.items()
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class EpochPlan:

@@ -435,11 +435,9 @@ def pisl_method(config: ml_collections.ConfigDict) -> Method:
 
     def init_memory(train: TrainSet) -> PatchMemory:
         check_neighbour_sizes(config, train.num_images)
-        shapes = train.output_shapes
-        placeholder = {k: np.zeros((train.num_images, *shapes[k]), np.float32) for k in shapes}
-        n, p = train.num_images, shapes["patches"][0]
+        n, p = train.num_images, train.output_shapes["patches"][0]
         return build_patch_memory(
-            placeholder, train.cameras, np.full(n, -1), np.zeros((n, p)), np.ones((n, p))
+            train.zero_outputs(), train.cameras, np.full(n, -1), np.zeros((n, p)), np.ones((n, p))
         )
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:

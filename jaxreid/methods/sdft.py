@@ -280,9 +280,9 @@ def sdft_method(config: ml_collections.ConfigDict) -> Method:
 
     def init_memory(train: TrainSet) -> StripeMemory:
         check_neighbour_sizes(config, train.num_images)
-        shapes = train.output_shapes
-        placeholder = {k: np.zeros((train.num_images, *shapes[k]), np.float32) for k in shapes}
-        return build_stripe_memory(placeholder, train.cameras, np.full(train.num_images, -1))
+        return build_stripe_memory(
+            train.zero_outputs(), train.cameras, np.full(train.num_images, -1)
+        )
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:
