@@ -238,10 +238,15 @@ def _mgce(c: ml_collections.ConfigDict) -> None:
     )
 
 
+def _single_camera_filter(c: ml_collections.ConfigDict) -> None:
+    """Clusters seen by a single camera become outliers (JCL's filter)."""
+    c.cluster.min_cameras = 2
+
+
 def _jcl(c: ml_collections.ConfigDict) -> None:
     """JCL: joint memories, clusters seen by one camera made outliers, and a
     WaveBlock on the backbone's map in training."""
-    c.cluster.min_cameras = 2
+    _single_camera_filter(c)
     c.model.waveblock.rate = 1.5
     c.model.waveblock.height_ratio = 0.3
 
@@ -252,11 +257,6 @@ def _mcsl(c: ml_collections.ConfigDict) -> None:
     c.model.camera_style.styles = 1
     c.model.camera_style.stage = "stem"
     c.model.camera_style.num_cameras = 16  # room for CUHK03's 10 cameras (VIPeR: 2)
-
-
-def _single_camera_filter(c: ml_collections.ConfigDict) -> None:
-    """Clusters seen by a single camera become outliers (JCL's filter)."""
-    c.cluster.min_cameras = 2
 
 
 # Systems measured as rows of their own: a base recipe of uda_config and the
