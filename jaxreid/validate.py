@@ -158,10 +158,11 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
     pretrained = config.model.pretrained
     if pretrained and pretrained != "imagenet":
         path = os.path.expanduser(pretrained)
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             problems.append(
-                f"model.pretrained = {pretrained!r}: no such file; point it at a torch "
-                "checkpoint, or set it to '' for random initialisation"
+                f"model.pretrained = {pretrained!r}: no such file or folder; point it at a "
+                "torch checkpoint, ViT weights or a jaxreid run's workdir, or set it to '' "
+                "for random initialisation"
             )
     return problems
 

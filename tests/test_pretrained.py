@@ -11,6 +11,7 @@ import subprocess
 import zipfile
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -482,3 +483,79 @@ def test_resnet_random_torchvision_weights_match_torch_reference(
     assert ours.shape == (2, models.feature_dim(backbone))
     assert 0.1 < float(np.abs(reference).max()) < 100.0
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------- a jaxreid run
+
+
+def test_a_run_initialises_another_model(run_dir, tmp_path):
+    """model.pretrained = a workdir (or one of its checkpoint folders): the new
+    model embeds exactly as the run's model; a model that does not fit, or a
+    folder with no checkpoint, is refused with the reason."""
+    from jaxreid.inference import Embedder, read_run_config
+
+    def model_config(**changes):
+        config = read_run_config(run_dir).model
+        config.update({"pretrained": run_dir, **changes})
+        return config
+
+    images = np.random.default_rng(4).integers(0, 256, (3, 128, 64, 3), dtype=np.uint8)
+    expected = Embedder.from_workdir(run_dir).embed(images)["global"]
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints", "latest")):
+        model = models.build_model(model_config(pretrained=folder), nnx.Rngs(7))
+        embedder = Embedder(read_run_config(run_dir), *models.split_model(model))
+        np.testing.assert_allclose(embedder.embed(images)["global"], expected, rtol=0, atol=1e-6)
+
+    with pytest.raises(
+        pretrained.CheckpointError,
+        match=r"model.pretrained: .*global_fc/kernel/value: checkpoint \(512, 32\) vs model "
+        r"\(512, 16\).*config.json",
+    ):
+        models.build_model(model_config(embed_dim=16), nnx.Rngs(0))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(pretrained.CheckpointError, match="holds no checkpoint"):
+        models.build_model(model_config(pretrained=str(empty)), nnx.Rngs(0))
+
+
+def test_a_run_hands_over_everything_but_its_classifier(tmp_path):
+    """A supervised run's classifier (its own training identities) is not
+    loaded: the new model keeps its classifier of another size as
+    initialised, and takes every other parameter and statistic of the run."""
+    from flax import struct
+
+    from jaxreid.checkpoints import Checkpoints
+
+    @struct.dataclass
+    class Saved:
+        step: int
+        params: nnx.State
+        batch_stats: nnx.State
+        ema: None = None
+
+    config = models.default_model_config()
+    config.update(backbone="resnet18", head="bnneck", embed_dim=0, num_classes=3)
+    _, params, batch_stats = models.split_model(models.build_model(config, nnx.Rngs(1)))
+    checkpoints = Checkpoints(str(tmp_path), keep=1)
+    checkpoints.save(checkpoints.latest, Saved(np.int32(5), params, batch_stats), {})
+    checkpoints.close()
+
+    config.update(num_classes=7, pretrained=str(tmp_path))
+    model = models.build_model(config, nnx.Rngs(2))
+    fresh = models.build_model(_no_pretrained(config), nnx.Rngs(2))
+    flat = lambda tree: {k: np.asarray(v) for k, v in nnx.to_flat_state(tree)}  # noqa: E731
+    loaded, saved, initial = (
+        flat(nnx.state(model)),
+        {**flat(params), **flat(batch_stats)},
+        flat(nnx.state(fresh)),
+    )
+    classifier = [k for k in loaded if "classifier" in k]
+    assert classifier and all(loaded[k].shape[-1] == 7 for k in classifier)
+    for key, value in loaded.items():
+        np.testing.assert_array_equal(value, initial[key] if key in classifier else saved[key])
+
+
+def _no_pretrained(config):
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.pretrained = ""
+    return copy

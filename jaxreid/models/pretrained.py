@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -508,10 +509,58 @@ def load_torchreid_osnet(model: nnx.Module, head: str, pretrained: str) -> dict[
     return {reason: count for reason, count in ignored.items() if count}
 
 
+def run_checkpoint_folder(path: str) -> str | None:
+    """The orbax checkpoint folder `model.pretrained` names when it is a
+    jaxreid run: a workdir (its checkpoints/latest) or one of its
+    checkpoints/latest | best folders; None for a weights file."""
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        return None
+    latest = os.path.join(path, "checkpoints", "latest")
+    return latest if os.path.isdir(latest) else path
+
+
+def load_run_weights(model: nnx.Module, folder: str) -> dict[str, int]:
+    """Loads the latest checkpoint of a jaxreid run (its mean model where it
+    kept one) into every parameter and batch statistic of `model` except the
+    identity classifier, which belongs to the run's training identities: a
+    model pre-trained by any method (or by `--mode=pretrain`) starts any other
+    method. Every other entry must match by name and shape (CheckpointError
+    lists what does not). Returns {"loaded": n, "classifier kept": m}."""
+    from jaxreid.checkpoints import restore_model  # it imports the models
+
+    graphdef, classifier, params, batch_stats, rest = nnx.split(
+        model, nnx.PathContains("classifier"), nnx.Param, nnx.BatchStat, ...
+    )
+    try:
+        params, batch_stats, step = restore_model(folder, params, batch_stats)
+    except UserError as e:
+        reason = str(e).split(" -- ")[0]
+        raise CheckpointError(
+            f"model.pretrained: {reason} -- give the new run the model settings of the run "
+            "it starts from (its config.json), or start from another run"
+        ) from None
+    if step is None:
+        raise CheckpointError(
+            f"model.pretrained = {folder!r}: holds no checkpoint; point it at a trained "
+            "run's workdir (or its checkpoints/latest or checkpoints/best)"
+        )
+    nnx.update(model, params, batch_stats)
+    logging.getLogger("jaxreid").info("%s: loaded the run's model of step %d", folder, step)
+    return {
+        "loaded": len(jax.tree.leaves(params)) + len(jax.tree.leaves(batch_stats)),
+        "classifier kept": len(jax.tree.leaves(classifier)),
+    }
+
+
 def load_pretrained(model: nnx.Module, backbone_name: str, head: str, pretrained: str) -> None:
-    """Loads `config.model.pretrained` into a ReIDModel: ImageNet backbones
-    (load_backbone_weights), torchreid OSNet re-id checkpoints or ViT weights
-    (load_vit)."""
+    """Loads `config.model.pretrained` into a ReIDModel: a jaxreid run
+    (load_run_weights), ImageNet backbones (load_backbone_weights), torchreid
+    OSNet re-id checkpoints or ViT weights (load_vit)."""
+    folder = run_checkpoint_folder(pretrained)
+    if folder is not None:
+        load_run_weights(model, folder)
+        return
     if backbone_name in VIT_SIZES:
         if pretrained == "imagenet":
             raise CheckpointError(
