@@ -3,6 +3,7 @@
     python -m jaxreid.main --config=configs/synthetic.py --workdir=/tmp/w
     python -m jaxreid.main --config=configs/cuhk03.py --workdir=/tmp/c --mode=eval
     python -m jaxreid.main --config=configs/market.py --config.data.root=/data/market
+    python -m jaxreid.main --config=configs/pretrain_lite0.py --workdir=/tmp/p  # --mode=pretrain
 
 Every config value can be overridden on the command line
 (`--config.train.epochs=2`). The workdir receives `log.txt`, `results.json`
@@ -28,7 +29,7 @@ from jaxreid.host import configure_host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (log, results, checkpoints).")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "eval"], "Overrides config.mode.")
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "pretrain"], "Overrides config.mode.")
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess",
     False,
@@ -78,7 +79,7 @@ def main(argv) -> None:
         workdir = prepare_workdir(_WORKDIR.value)
         # A resume keeps the run's config.json; settings the checkpoint cannot
         # take are refused before anything is read.
-        resuming = mode == "train" and bool(saved_steps(workdir))
+        resuming = mode in ("train", "pretrain") and bool(saved_steps(workdir))
         settings = json.loads(config.to_json_best_effort())
         changes = resume_changes(workdir, settings) if resuming else []
     except UserError as e:
@@ -89,18 +90,22 @@ def main(argv) -> None:
     log(f"jaxreid {mode}: {machine_description()}")
     if changes:
         log(f"resuming with {len(changes)} changed settings: {', '.join(changes)}")
-    if mode == "train" and not resuming and jax.process_index() == 0:
+    if mode != "eval" and not resuming and jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     try:
-        data = load_data(config, log)
-        run = run_eval if mode == "eval" else train_and_evaluate
-        results = run(config, workdir, data, log)
+        if mode == "pretrain":  # streams its images: no decoded splits
+            from jaxreid.pretrain import pretrain
+
+            results = pretrain(config, workdir, log)
+        else:
+            run = run_eval if mode == "eval" else train_and_evaluate
+            results = run(config, workdir, load_data(config, log), log)
     except TrainingInterrupted as e:
         log(str(e))
         sys.exit(130)
     except KeyboardInterrupt:  # a second SIGINT, or one outside the training loop
-        again = " (it resumes from the last checkpoint)" if mode == "train" else ""
+        again = " (it resumes from the last checkpoint)" if mode != "eval" else ""
         log(f"interrupted; run the same command again{again}")
         sys.exit(130)
     except (UserError, FloatingPointError) as e:
@@ -114,7 +119,7 @@ def main(argv) -> None:
     )
     if jax.process_index() == 0:
         # An evaluation beside a training run must not overwrite its results.
-        path = os.path.join(workdir, "results.json" if mode == "train" else "results_eval.json")
+        path = os.path.join(workdir, "results_eval.json" if mode == "eval" else "results.json")
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
         log(f"wrote {path}")
