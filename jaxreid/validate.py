@@ -170,6 +170,10 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
 def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Raises one UserError listing every problem of `config`."""
     problems = config_problems(config, mode)
+    if mode == "pretrain":  # its own loop and settings (jaxreid.pretrain)
+        from jaxreid.pretrain import pretrain_problems
+
+        problems += pretrain_problems(config)
     if problems:
         raise UserError(
             f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}): "
