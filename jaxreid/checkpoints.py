@@ -131,7 +131,7 @@ def saved_steps(workdir: str) -> list[int]:
 # shape it (model); every other model setting breaks a resume.
 SAFE_MODEL_KEYS = ("pretrained", "winograd", "bn_group_size")
 # Settings outside the model section whose change breaks a resume: the method
-# (its memory), the input size and dataset (the memory's rows), the
+# (its memory), the input size and datasets (the memory's rows), the
 # optimizer's state.
 BREAKING_KEYS = (
     "method.name",
@@ -139,6 +139,8 @@ BREAKING_KEYS = (
     "data.height",
     "data.width",
     "data.dataset",
+    "data.source_root",
+    "data.source_dataset",
     "optimizer.name",
 )
 

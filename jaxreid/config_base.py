@@ -34,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Query and gallery from this labelled dataset instead ("" = the dataset's own).
     c.data.eval_root = ""
     c.data.eval_dataset = "auto"
+    # Two-domain training (a method with Method.two_domain): the labelled
+    # training split of this dataset beside the unlabelled target of
+    # data.root ("" = one domain).
+    c.data.source_root = ""
+    c.data.source_dataset = "auto"
 
     # Sections owned by one module take that module's defaults.
     c.augment = augment.default_augment_config()
@@ -67,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 1
     c.train.num_instances = 4  # K of the P x K sampler (clustering family)
+    # Two-domain training: the first source_batch_size images of every batch
+    # are labelled source images (P x K), the rest target images (0 = half).
+    c.train.source_batch_size = 0
     # P x K batches whose batch-norm groups (model.bn_group_size) each hold one
     # camera's images: camera batch norm in training (CameraGroupSampler).
     c.train.camera_groups = False

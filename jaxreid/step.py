@@ -65,6 +65,7 @@ class TrainArrays(struct.PyTreeNode):
 
     images: jax.Array  # (N, H, W, 3) uint8
     cameras: jax.Array  # (N,) int32
+    domains: jax.Array | None = None  # (N,) int32 (methods.TARGET_DOMAIN / SOURCE_DOMAIN)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, trainable: Any = None):
@@ -187,7 +188,7 @@ def make_train_step(
             images = augment.augment_batch(
                 jax.random.fold_in(k_aug, number), arrays.images[idx], options
             )
-            batch = Batch(indices=idx, cameras=arrays.cameras[idx])
+            batch = Batch(indices=idx, cameras=arrays.cameras[idx], domains=_domains(arrays, idx))
 
             def loss_fn(p):
                 outputs, new_stats = models.apply_model(
@@ -267,7 +268,11 @@ def make_train_step(
         # The writes wait for the gradients (and aux, e.g. selected candidates,
         # which read the whole memory); a non-finite step writes nothing.
         outputs = computed_after(outputs, (aux, grads))
-        batch = Batch(indices=jnp.where(finite, indices, -1), cameras=arrays.cameras[indices])
+        batch = Batch(
+            indices=jnp.where(finite, indices, -1),
+            cameras=arrays.cameras[indices],
+            domains=_domains(arrays, indices),
+        )
         new_memory = method_update(phase, state.memory, outputs, batch, aux)
         params = keep(params, state.params)
         new_stats = keep(new_stats, state.batch_stats)
@@ -294,6 +299,12 @@ def make_train_step(
         donate_argnums=(0,),
         out_shardings=(replicated, replicated),
     )
+
+
+def _domains(arrays: TrainArrays, indices: jax.Array) -> jax.Array:
+    if arrays.domains is None:
+        return jnp.zeros(indices.shape, jnp.int32)
+    return arrays.domains[indices]
 
 
 def phase_index(method: Method, phase: Hashable) -> np.int32:

@@ -24,14 +24,26 @@ from jax.sharding import PartitionSpec as P
 from jaxreid import models
 from jaxreid.checkpoints import Checkpoints
 from jaxreid.data.images import DecodedSplit
-from jaxreid.data.samplers import CameraGroupSampler, IdentitySampler, ShuffleSampler
+from jaxreid.data.samplers import (
+    CameraGroupSampler,
+    IdentitySampler,
+    ShuffleSampler,
+    TwoDomainSampler,
+)
 from jaxreid.evaluate.protocol import (
     evaluate_model,
     extract_training_set,
     format_metrics,
     output_shapes,
 )
-from jaxreid.methods import EpochPlan, Method, TrainSet, get_method
+from jaxreid.methods import (
+    SOURCE_DOMAIN,
+    TARGET_DOMAIN,
+    EpochPlan,
+    Method,
+    TrainSet,
+    get_method,
+)
 from jaxreid.parallel import make_mesh
 from jaxreid.run_io import MetricWriter, StopRequest, TrainingInterrupted
 from jaxreid.step import (
@@ -54,24 +66,53 @@ class Data:
     train: DecodedSplit
     query: DecodedSplit
     gallery: DecodedSplit
+    # The labelled source of a two-domain run (data.source_root), else None.
+    source: DecodedSplit | None = None
+
+
+def with_source(data: Data) -> tuple[Data, np.ndarray]:
+    """(data, domains): a two-domain run's training split as one set, the
+    target's images first (their rows as in a one-domain run) and the
+    source's after, with the source's cameras numbered after the target's and
+    every target identity hidden (-1): nothing downstream can read one.
+    One domain: `data` unchanged, every row TARGET_DOMAIN."""
+    target = data.train
+    if data.source is None:
+        return data, np.full(len(target.records), TARGET_DOMAIN, np.int32)
+    first_camera = int(target.cameras.max()) + 1 if len(target.records) else 0
+    records = [dataclasses.replace(r, pid=-1, index=i) for i, r in enumerate(target.records)] + [
+        dataclasses.replace(r, camera=r.camera + first_camera, index=len(target.records) + i)
+        for i, r in enumerate(data.source.records)
+    ]
+    train = DecodedSplit(np.concatenate([target.images, data.source.images]), records)
+    domains = np.repeat(
+        np.int32([TARGET_DOMAIN, SOURCE_DOMAIN]), [len(target.records), len(data.source.records)]
+    )
+    return dataclasses.replace(data, train=train, source=None), domains
 
 
 def _host_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
-def _train_set(config, graphdef, data: Data, arrays: TrainArrays, variables: Callable) -> TrainSet:
+def _train_set(
+    config, graphdef, data: Data, arrays: TrainArrays, domains: np.ndarray, variables: Callable
+) -> TrainSet:
     """The method's view of the training set; `variables()` -> (params,
     batch_stats) of the moment the method extracts."""
 
     # Single process: extract from the images already on the devices. A
     # multi-process run extracts on every host from its own host copy.
     images = arrays.images if jax.process_count() == 1 else data.train.images
+    cameras = data.train.cameras
 
-    def extract_train() -> dict[str, np.ndarray]:
+    def extract_train(rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         params, batch_stats = variables()
+        if rows is None:
+            return extract_training_set(config, graphdef, params, batch_stats, images, cameras)
+        rows = np.asarray(rows)
         return extract_training_set(
-            config, graphdef, params, batch_stats, images, data.train.cameras
+            config, graphdef, params, batch_stats, images[rows], cameras[rows]
         )
 
     params, batch_stats = variables()
@@ -82,12 +123,31 @@ def _train_set(config, graphdef, data: Data, arrays: TrainArrays, variables: Cal
         output_shapes=output_shapes(
             graphdef, params, batch_stats, config.data.height, config.data.width
         ),
+        domains=domains,
     )
 
 
-def _sampler(config, plan: EpochPlan, data: Data, steps: int):
+def _sampler(config, plan: EpochPlan, data: Data, domains: np.ndarray, steps: int):
     """The epoch's batch sampler: P x K over the plan's labels (with
-    `train.camera_groups`, one camera per batch-norm group), or a shuffle."""
+    `train.camera_groups`, one camera per batch-norm group), or a shuffle; in
+    a two-domain run a source P x K part and a target part (TwoDomainSampler)."""
+    if np.any(domains == SOURCE_DOMAIN):
+        if plan.sampler_labels is None:
+            raise UserError(
+                f"method {config.method.name} trains on two domains but gave no sampler "
+                "labels: its start_epoch must label the source rows (EpochPlan.sampler_labels)"
+            )
+        batch = config.train.batch_size
+        return TwoDomainSampler(
+            plan.sampler_labels,
+            data.train.cameras,
+            domains,
+            batch,
+            config.train.source_batch_size or batch // 2,
+            config.train.num_instances,
+            seed=config.seed,
+            num_steps=steps,
+        )
     if plan.sampler_labels is None:
         if config.train.camera_groups:
             raise UserError(
@@ -122,6 +182,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains `config.method` and returns the results dict of results.json."""
     start_time = time.time()
+    data, domains = with_source(data)
     method: Method = get_method(config)
     config = method.configure(config, data.train.pids)
     mesh: Mesh = make_mesh(config.train.num_devices)
@@ -138,11 +199,15 @@ def train_and_evaluate(
 
     # The training set goes to the devices once; steps and extraction read it there.
     arrays = jax.device_put(
-        TrainArrays(images=data.train.images, cameras=np.asarray(data.train.cameras, np.int32)),
+        TrainArrays(
+            images=data.train.images,
+            cameras=np.asarray(data.train.cameras, np.int32),
+            domains=domains,
+        ),
         replicated,
     )
     current = {"variables": (params, batch_stats)}
-    train_set = _train_set(config, graphdef, data, arrays, lambda: current["variables"])
+    train_set = _train_set(config, graphdef, data, arrays, domains, lambda: current["variables"])
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -208,7 +273,7 @@ def train_and_evaluate(
                     os.makedirs(folder, exist_ok=True)
                     np.save(os.path.join(folder, f"epoch_{epoch + 1:03d}.npy"), values)
             phase = phase_index(method, plan.phase)
-            batches = _sampler(config, plan, data, steps_per_epoch).epoch_batches(epoch)
+            batches = _sampler(config, plan, data, domains, steps_per_epoch).epoch_batches(epoch)
             batches = put_epoch_batches(batches[:steps_per_epoch], mesh)
             bar = tqdm(
                 total=steps_per_epoch,

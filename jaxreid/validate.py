@@ -76,11 +76,14 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
     if mode == "train" and not problems:
         # The method's own checks, on its declared settings (all present).
         filled = with_method_defaults(config)
-        problems += get_method(filled).problems(filled)
+        method = get_method(filled)
+        problems += method.problems(filled)
+        problems += two_domain_problems(config, method.two_domain)
     problems += choice_problems(
         config,
         ("data.dataset", [*READERS, "auto"]),
         ("data.eval_dataset", [*READERS, "auto"]),
+        ("data.source_dataset", [*READERS, "auto"]),
         ("optimizer.name", OPTIMIZERS),
         ("optimizer.schedule", SCHEDULES),
     )
@@ -164,6 +167,41 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
                 "torch checkpoint, ViT weights or a jaxreid run's workdir, or set it to '' "
                 "for random initialisation"
             )
+    return problems
+
+
+def two_domain_problems(config: ml_collections.ConfigDict, two_domain: bool) -> list[str]:
+    """A labelled source (data.source_root) goes with a method that trains on
+    one (Method.two_domain), and its share of the batch fits."""
+    source = config.data.get("source_root", "")
+    name = config.method.name
+    if not source:
+        if two_domain:
+            return [
+                f"data.source_root = '': method {name!r} trains on a labelled source beside "
+                "the target; point data.source_root at a labelled dataset (e.g. Market-1501)"
+            ]
+        return []
+    if not two_domain:
+        return [
+            f"data.source_root = {source!r}: method {name!r} trains on the target alone; "
+            "choose a method that trains on a labelled source (Method.two_domain; "
+            "docs/results/cross_domain.md lists them) or set data.source_root=''"
+        ]
+    problems = []
+    batch, instances = config.train.batch_size, config.train.num_instances
+    share = config.train.get("source_batch_size", 0) or batch // 2
+    if not (isinstance(share, int) and 0 < share < batch and share % max(instances, 1) == 0):
+        problems.append(
+            f"train.source_batch_size = {share}: must be a multiple of train.num_instances = "
+            f"{instances} below train.batch_size = {batch} (the source's P x K part of each "
+            "batch; 0 = half the batch)"
+        )
+    if config.train.camera_groups:
+        problems.append(
+            "train.camera_groups = True: not with a labelled source (its batch is half "
+            "source, half target); set train.camera_groups=False"
+        )
     return problems
 
 

@@ -32,6 +32,7 @@ def test_config_loads_and_names_a_method(path):
         "cuhk03_vitc": "cap",
         "cuhk03_jcl": "joint",
         "cuhk03_hhcl_mcsl": "hhcl",
+        "cuhk03_to_viper": "sal",
     }
     # Winograd only where the backbone has dense 3x3 convolutions (else build_model raises).
     assert config.model.winograd == config.model.backbone.startswith("resnet")
@@ -42,6 +43,26 @@ def test_config_loads_and_names_a_method(path):
         # sdft trains the stripes of the scl / fusion heads.
         heads = ("scl", "fusion") if method.name == "sdft" else ("bnneck", "fc")
         assert config.model.head in heads
+
+
+def test_cross_domain_rows_share_one_budget():
+    """configs/cuhk03_to_viper.py: every row starts from the MSMT17 OSNet and
+    trains the same steps; the two-domain rows read the CUHK03 source, the
+    others do not."""
+    from recipes import OSNET_MSMT17
+
+    path = CONFIGS[[os.path.basename(p) for p in CONFIGS].index("cuhk03_to_viper.py")]
+    budgets = set()
+    for row in ("source_only", "cluster_contrast", "hhcl", "sal", "clc", "ppan"):
+        config = _load(path, row)
+        method = get_method(config)
+        assert config.model.pretrained == OSNET_MSMT17
+        budgets.add((config.train.epochs, config.train.steps_per_epoch, config.train.batch_size))
+        assert bool(config.data.source_root) == method.two_domain, row
+        assert config.data.root.endswith("viper") != (row == "source_only"), row
+    assert len(budgets) == 1
+    with pytest.raises(ValueError, match="unknown row"):
+        _load(path, "nope")
 
 
 def test_cluster_recipe_settings():

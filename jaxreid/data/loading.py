@@ -13,7 +13,9 @@ def load_data(config: ml_collections.ConfigDict, log: Callable[[str], None]):
     """Reads the dataset and decodes the three splits once (cached). With
     `data.eval_root` the query and gallery come from that labelled dataset
     (`data.eval_dataset`, any supported layout) instead: how a model trained on
-    unlabelled crops (dataset "folder") is measured."""
+    unlabelled crops (dataset "folder") is measured. With `data.source_root`
+    the labelled training split of that dataset (`data.source_dataset`) is
+    decoded too: the source of a two-domain run."""
     from jaxreid.data import load_dataset
     from jaxreid.data.datasets import Record
     from jaxreid.data.images import DecodedSplit, decode_split
@@ -42,6 +44,21 @@ def load_data(config: ml_collections.ConfigDict, log: Callable[[str], None]):
         )
     counts = ", ".join(f"{s} {len(x.records):,}" for s, x in splits.items())
     log(f"dataset {dataset.name} at {dataset.root}: {counts} images")
+    if d.get("source_root"):
+        source = load_dataset(d.source_dataset, d.source_root)
+        splits["source"] = decode_split(
+            source.split("train"),
+            d.height,
+            d.width,
+            cache_dir=cache,
+            max_bad_fraction=d.max_bad_fraction,
+            desc=f"{source.name}-train",
+        )
+        split = splits["source"]
+        log(
+            f"labelled source {source.name} at {source.root}: {len(split.records):,} training "
+            f"images of {len(np.unique(split.pids)):,} identities"
+        )
     if d.eval_root:
         log(f"query and gallery from {labelled.name} at {labelled.root}")
     elif not splits["query"].records:

@@ -208,3 +208,66 @@ class CameraGroupSampler:
                     groups.append(take)
             batches.append(np.concatenate(groups))
         return np.stack(batches).astype(np.int32)
+
+
+class TwoDomainSampler:
+    """Batches of a two-domain run: the first `source_batch_size` images P x K
+    over the labelled source rows, the rest from the target rows, P x K over
+    the target's pseudo-labels where the method gives any (>= 0), else a plain
+    shuffle of the target. Each part draws with its own seed, so an epoch is
+    a pure function of (seed, epoch) as for every sampler."""
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        cameras: Sequence[int],
+        domains: Sequence[int],
+        batch_size: int,
+        source_batch_size: int,
+        num_instances: int,
+        seed: int = 0,
+        num_steps: int | None = None,
+    ):
+        from jaxreid.methods import SOURCE_DOMAIN
+
+        labels, domains = np.asarray(labels), np.asarray(domains)
+        source = domains == SOURCE_DOMAIN
+        target_size = batch_size - source_batch_size
+        if not 0 < source_batch_size < batch_size:
+            raise ValueError(
+                f"source batch size {source_batch_size} must be between 0 and the batch "
+                f"size {batch_size}"
+            )
+        self.source = IdentitySampler(
+            np.where(source, labels, -1),
+            cameras,
+            source_batch_size,
+            num_instances,
+            seed=2 * seed,
+            num_steps=num_steps,
+        )
+        self.num_steps = len(self.source)
+        self.target_rows = np.flatnonzero(~source)
+        if np.any(labels[~source] >= 0):
+            self.target = IdentitySampler(
+                np.where(source, -1, labels),
+                cameras,
+                target_size,
+                num_instances,
+                seed=2 * seed + 1,
+                num_steps=self.num_steps,
+            )
+        else:
+            self.target = ShuffleSampler(
+                len(self.target_rows), target_size, seed=2 * seed + 1, num_steps=self.num_steps
+            )
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(num_steps, batch_size) int32 indices: source part, then target part."""
+        target = self.target.epoch_batches(epoch)
+        if isinstance(self.target, ShuffleSampler):
+            target = self.target_rows[target]
+        return np.concatenate([self.source.epoch_batches(epoch), target], axis=1).astype(np.int32)

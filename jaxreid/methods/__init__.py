@@ -37,7 +37,15 @@ built-in method is one file here; one written elsewhere is named by
 
 `train` is a `TrainSet`: the training images' cameras (and identities, read
 only by the supervised reference), the eval-mode extraction of the training
-set with the current weights, and the model's output shapes. `outputs` are
+set with the current weights, and the model's output shapes.
+
+Two domains: a method registered with `two_domain=True` (sal, clc, ppan)
+trains on a labelled source (data.source_root) beside the unlabelled target.
+Its training set is the target's rows followed by the source's
+(`TrainSet.domains`, `Batch.domains`: TARGET_DOMAIN / SOURCE_DOMAIN); the
+identities of the target rows read -1. Its `start_epoch` labels the source
+rows; each batch is `train.source_batch_size` source images P x K, then
+target images (P x K where the plan labels target rows, else a shuffle). `outputs` are
 the model's outputs for the augmented batch (`update` receives only
 `feature_keys` of them). `phase` is one of `Method.phases` (hashable; SCL's
 warm-up and selection): the step compiles once for all of them, a branch per
@@ -68,6 +76,15 @@ class Batch(struct.PyTreeNode):
 
     indices: jax.Array  # (B,) int32
     cameras: jax.Array  # (B,) int32
+    # (B,) int32: TARGET_DOMAIN (the unlabelled images) or SOURCE_DOMAIN (the
+    # labelled source of a two-domain run, data.source_root).
+    domains: jax.Array | None = None
+
+
+# Batch.domains / TrainSet.domains values. A two-domain run's training set is
+# the target's images (rows 0..N_t-1, the rows of a one-domain run) followed by
+# the source's; source cameras are numbered after the target's.
+TARGET_DOMAIN, SOURCE_DOMAIN = 0, 1
 
 
 @dataclasses.dataclass
@@ -76,16 +93,33 @@ class TrainSet:
 
     cameras: np.ndarray  # (N,) int
     # True identities: read by the supervised reference only (the label-blind
-    # test shuffles them and checks that no unsupervised method changes).
+    # test shuffles them and checks that no unsupervised method changes). In a
+    # two-domain run the source's identities, and -1 on every target row: the
+    # target's are never read.
     identities: np.ndarray
-    # () -> eval-mode model outputs of every training image, current weights.
-    extract: Callable[[], dict[str, np.ndarray]]
+    # (rows=None) -> eval-mode model outputs of the training images (all, or
+    # `rows`), current weights.
+    extract: Callable[..., dict[str, np.ndarray]]
     # Per-sample shapes of the model's eval outputs ({"global": (D,), ...}).
     output_shapes: dict[str, tuple[int, ...]]
+    # (N,) TARGET_DOMAIN / SOURCE_DOMAIN (all TARGET_DOMAIN in a one-domain run).
+    domains: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.domains is None:
+            self.domains = np.full(len(self.cameras), TARGET_DOMAIN, np.int32)
 
     @property
     def num_images(self) -> int:
         return len(self.cameras)
+
+    @property
+    def target_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.domains == TARGET_DOMAIN)
+
+    @property
+    def source_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.domains == SOURCE_DOMAIN)
 
     def zero_outputs(self) -> dict[str, np.ndarray]:
         """Zero float32 outputs of every image, in the extraction's shapes: a
@@ -124,6 +158,9 @@ class Method:
     # Checks of a training config, run before any data is read: every problem
     # as a 'setting = value: fix' line (validate.py collects them).
     problems: Callable[[ml_collections.ConfigDict], list[str]] = lambda config: []
+    # Trains on a labelled source beside the target (data.source_root): True
+    # for the cross-domain methods, which also need it set.
+    two_domain: bool = False
 
 
 def keep_memory(epoch: int, train: TrainSet, memory: Any, resumed: bool) -> EpochPlan:
