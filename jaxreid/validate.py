@@ -158,6 +158,9 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
     for key in ("k1", "k2", "k1_intra", "k1_inter", "k2_intra", "k2_inter"):
         if config.cluster[key] < 1:
             problems.append(f"cluster.{key} = {config.cluster[key]}: must be >= 1")
+    from jaxreid.pseudo_labels.bottom_up import merge_problems
+
+    problems += merge_problems(config)
     pretrained = config.model.pretrained
     if pretrained and pretrained != "imagenet":
         path = os.path.expanduser(pretrained)

@@ -502,13 +502,17 @@ def cluster_training_set(
     train: TrainSet,
     epoch: int,
     eps_offsets: tuple[float, ...] = (),
+    previous_labels: np.ndarray | None = None,
 ) -> EpochClustering:
     """Extracts the training set (eval mode, no augmentation) and clusters it
     at the epoch's eps (and at eps + each of `eps_offsets`, on the same
     Jaccard distance); the camera filter (`cluster.min_cameras`) applies to
     the training labels. A ClusteringError when they are degenerate
-    (`degenerate_clustering`) or cannot fill a batch."""
-    from jaxreid.pseudo_labels import clustering
+    (`degenerate_clustering`) or cannot fill a batch. With
+    `cluster.algorithm = "bottom_up"` the labels come from merging
+    (jaxreid.pseudo_labels.bottom_up), continuing from `previous_labels`
+    (the last epoch's) when given."""
+    from jaxreid.pseudo_labels import bottom_up, clustering
 
     start = time.time()
     features = train.extract()
@@ -518,16 +522,37 @@ def cluster_training_set(
         cluster.eps, cluster.get("final_eps", 0.0), epoch, config.train.epochs
     )
     eps_values = (float(cluster.eps), *(float(cluster.eps + o) for o in eps_offsets))
-    granularities = clustering.multi_eps_labels(
-        features["global"], list(eps_values), cluster, cameras=train.cameras
-    )
+    merge_stats = {}
+    if cluster.get("algorithm", "dbscan") == "bottom_up":
+        if eps_offsets:
+            raise ClusteringError(
+                "cluster.algorithm = 'bottom_up' gives one granularity; this method clusters "
+                "at several eps values: set cluster.algorithm = 'dbscan'"
+            )
+        merged = features["global"]
+        if cluster.camera_centering:
+            merged = clustering.camera_centered(merged, train.cameras)
+        labels, merge_stats = bottom_up.epoch_labels(merged, previous_labels, epoch, cluster)
+        granularities = labels[None]
+    else:
+        granularities = clustering.multi_eps_labels(
+            features["global"], list(eps_values), cluster, cameras=train.cameras
+        )
     min_cameras = int(cluster.get("min_cameras", 1))
     labels, removed = clustering.camera_filter(granularities[0], train.cameras, min_cameras)
     stats = clustering.pseudo_label_stats(labels)
     needed = config.train.batch_size // config.train.num_instances
     problem = degenerate_clustering(stats, needed, cluster.giant_cluster_fraction)
     if problem:
-        if stats["num_outliers"] > stats["num_samples"] / 2:
+        if merge_stats:
+            # Merged too far (outliers come only from the camera filter).
+            advice = (
+                f"Merge less: lower cluster.merge_percent (now {cluster.merge_percent:g}), "
+                f"cluster.merge_rounds (now {cluster.merge_rounds}) or "
+                f"cluster.merge_first_rounds (now {cluster.merge_first_rounds}), or raise "
+                f"cluster.merge_lambda (now {cluster.merge_lambda:g}) against giant clusters"
+            )
+        elif stats["num_outliers"] > stats["num_samples"] / 2:
             # Mostly outliers: the neighbourhoods are too tight.
             advice = (
                 f"Raise cluster.eps (now {cluster.eps:g}) or lower cluster.min_samples "
@@ -558,6 +583,9 @@ def cluster_training_set(
         "extract_s": extracted - start,
         "cluster_s": time.time() - extracted,
     }
+    if merge_stats:
+        stats["merges"] = merge_stats["merges"]
+        stats["merges_wanted"] = merge_stats["merges_wanted"]
     if min_cameras > 1:
         stats["camera_filter_clusters"] = removed["removed_clusters"]
         stats["camera_filter_images"] = removed["removed_images"]
@@ -566,8 +594,11 @@ def cluster_training_set(
 
 def clustering_summary(epoch: int, stats: dict[str, float]) -> str:
     """The epoch's log line of `cluster_training_set`'s stats."""
+    grouping = (
+        f"bottom-up {stats['merges']} merges" if "merges" in stats else f"eps {stats['eps']:.3f}"
+    )
     line = (
-        f"epoch {epoch + 1}: eps {stats['eps']:.3f}, {stats['num_clusters']} clusters, "
+        f"epoch {epoch + 1}: {grouping}, {stats['num_clusters']} clusters, "
         f"{100 * stats['outlier_fraction']:.1f}% outliers, largest "
         f"{stats['largest_cluster']} (extract {stats['extract_s']:.1f}s, "
         f"cluster {stats['cluster_s']:.1f}s)"
@@ -581,11 +612,15 @@ def clustering_summary(epoch: int, stats: dict[str, float]) -> str:
 
 
 def recluster(
-    kind: str, config: ml_collections.ConfigDict, train: TrainSet, epoch: int
+    kind: str,
+    config: ml_collections.ConfigDict,
+    train: TrainSet,
+    epoch: int,
+    previous_labels: np.ndarray | None = None,
 ) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
     """`cluster_training_set` and the memory of `kind` built from its labels:
     (memory, labels, stats)."""
-    result = cluster_training_set(config, train, epoch)
+    result = cluster_training_set(config, train, epoch, previous_labels=previous_labels)
     memory = build_memory(kind, result.features, train.cameras, result.labels)
     return memory, result.labels, result.stats
 
@@ -594,6 +629,8 @@ def check_neighbour_sizes(config: ml_collections.ConfigDict, num_images: int) ->
     """A ClusteringError when a k-reciprocal list size is not below the number
     of training images (known once the data is read)."""
     keys = ("k1_intra", "k1_inter") if config.cluster.camera_aware_jaccard else ("k1",)
+    if config.cluster.get("algorithm", "dbscan") == "bottom_up":
+        keys = ()  # no k-reciprocal lists; merge_k is clipped to the set
     for key in keys:
         if config.cluster[key] >= num_images:
             raise ClusteringError(
@@ -699,7 +736,9 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:  # the checkpoint's memory holds this epoch's clustering
             return EpochPlan(sampler_labels=np.asarray(memory.pseudo_labels))
-        memory, labels, stats = recluster(kind, config, train, epoch)
+        # Bottom-up merging continues from the last epoch's clusters.
+        previous = np.asarray(memory.pseudo_labels)
+        memory, labels, stats = recluster(kind, config, train, epoch, previous)
         return EpochPlan(
             memory=memory,
             # Outliers are never drawn. self_paced keeps them in its memory as

@@ -48,7 +48,14 @@ def default_cluster_config():
     `neighbors.AUTO_EXACT_MAX` images, so every benchmark set clusters exactly), knn_nlist,
     knn_nprobe, knn_hnsw_m, knn_ef_search (the approximate indexes' parameters; 0 = derived
     from N, `neighbors.index_params`). The camera-affinity and camera-aware neighbour lists
-    are per-camera searches and stay exact.
+    are per-camera searches and stay exact. algorithm ("dbscan" | "bottom_up": BUC's
+    merging, `jaxreid.pseudo_labels.bottom_up`, in place of the Jaccard distance and DBSCAN,
+    on the camera-centred features with camera_centering; eps, the k-reciprocal and the
+    camera-affinity settings then do not apply) with merge_percent (each round
+    merges this fraction of N cluster pairs), merge_rounds (rounds at each re-clustering),
+    merge_first_rounds (rounds at the first; 0 = merge_rounds), merge_lambda (the diversity
+    regulariser's weight on the two clusters' sizes) and merge_k (nearest neighbours per
+    image giving the candidate pairs); BUC's defaults 0.05, 1 and 0.005.
     """
     import ml_collections
 
@@ -76,6 +83,12 @@ def default_cluster_config():
             knn_nprobe=0,
             knn_hnsw_m=0,
             knn_ef_search=0,
+            algorithm="dbscan",
+            merge_percent=0.05,
+            merge_rounds=1,
+            merge_first_rounds=0,
+            merge_lambda=0.005,
+            merge_k=20,
         )
     )
 
