@@ -35,6 +35,12 @@ from jaxreid.models.patch_branch import (
     patch_problems,
     patches_enabled,
 )
+from jaxreid.models.patch_grid import (
+    PatchGrid,
+    default_patch_grid_config,
+    patch_grid_enabled,
+    patch_grid_problems,
+)
 from jaxreid.models.pretrained import load_pretrained
 from jaxreid.models.resnet import RESNET_DEPTHS, ResNet
 from jaxreid.models.vit import PATCH_SIZE, VIT_DEPTH, VIT_SIZES, VisionTransformer
@@ -82,6 +88,7 @@ def model_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems += waveblock_problems(config)
     problems += camera_style_problems(config)
     problems += patch_problems(config)
+    problems += patch_grid_problems(config)
     problems += _fusion_problems(config)
     if config.model.head in ("scl", "fusion"):
         stripes, dim = config.model.num_stripes, config.model.embed_dim
@@ -231,6 +238,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.camera_style = default_camera_style_config()  # styles 0 = off
     # PISL's patch branch on the backbone's map (jaxreid/models/patch_branch.py).
     config.patches = default_patch_config()  # num 0 = off
+    # A fixed grid of projected patch features (jaxreid/models/patch_grid.py).
+    config.patch_grid = default_patch_grid_config()  # rows 0 = off
     return config
 
 
@@ -368,6 +377,11 @@ class ReIDModel(nnx.Module):
             if patches_enabled(config)
             else None
         )
+        self.patch_grid = (
+            PatchGrid(channels, config.patch_grid, rngs=rngs, bn_group_size=group)
+            if patch_grid_enabled(config)
+            else None
+        )
 
     def __call__(
         self,
@@ -398,6 +412,9 @@ class ReIDModel(nnx.Module):
         if self.patches is not None:
             grid = features.grid if isinstance(features, TokenMap) else features
             outputs = {**outputs, **self.patches(grid, train, rng)}
+        if self.patch_grid is not None:
+            grid = features.grid if isinstance(features, TokenMap) else features
+            outputs = {**outputs, **self.patch_grid(grid, train)}
         outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
         if restyling:
             outputs = self.camera_style.split(outputs, images.shape[0])
