@@ -405,3 +405,38 @@ def test_short_fcu_training_raises_map(tmp_path):
     labels = np.load(tmp_path / "w" / "pseudo_labels" / "epoch_004.npy")
     assert labels.max() + 1 == 32
     assert after > before + FCU_MIN_GAIN, (before, after)
+
+
+@pytest.mark.slow
+def test_fcu_ignores_identity_labels(tiny_root, tmp_path):
+    """test_label_blind's check for FCU with bottom-up merging: shuffled
+    identity numbers give the same losses, metrics and merged clusters."""
+    from test_label_blind import SHORT, _shuffled_identities
+
+    from jaxreid.train import train_and_evaluate
+
+    def config():
+        return cluster_config(
+            tiny_root,
+            "fcu",
+            **{
+                "cluster.algorithm": "bottom_up",
+                "cluster.merge_percent": 0.2,
+                "cluster.merge_first_rounds": 2,
+                "model.patch_grid.rows": 2,
+                "model.patch_grid.dim": 8,
+                **SHORT,
+            },
+        )
+
+    data = tiny_data(config())
+    a = train_and_evaluate(config(), str(tmp_path / "a"), data, log=lambda s: None)
+    shuffled = _shuffled_identities(data, 7)
+    b = train_and_evaluate(config(), str(tmp_path / "b"), shuffled, log=lambda s: None)
+    assert step_losses(str(tmp_path / "a")) == step_losses(str(tmp_path / "b"))
+    assert a["history"] == b["history"]
+    for epoch in (1, 2):
+        path = f"pseudo_labels/epoch_{epoch:03d}.npy"
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "a" / path), np.load(tmp_path / "b" / path)
+        )
