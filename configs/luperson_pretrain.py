@@ -1,14 +1,16 @@
 """LUPerson-scale self-supervised person pre-training (SSL-KD, `--mode=pretrain`,
 #52) on a GPU: ViT-S/16 with the IBN conv stem at 256x128, from scratch, on
-LUPerson's ~4M unlabelled crops (Fu et al., CVPR 2021) as image files under
-one root at any depth (the release's lmdb must be written out to files
-first); no labels, no cameras. Images are decoded per batch (16 threads), so
-the host holds the file list, not the pixels. The model is
+LUPerson's ~4M unlabelled crops (Fu et al., CVPR 2021) read from the
+release's LMDB database as it unpacks (`lup/lmdb_300_30/{lmdb/, keys.pkl}`;
+data.root may name that folder or one above it; `pip install lmdb`). No
+labels, no cameras. Images are decoded per batch (16 threads), so the host
+holds the key list, not the pixels. Crops already written out as image files
+under one folder: --config.data.dataset=folder. The model is
 configs/market_vit_cc.py's, so the workdir starts TransReID-SSL's
 cluster-contrast recipe in place of its released LUPerson weights:
 
     python -m jaxreid.main --config=configs/luperson_pretrain.py --workdir=/ckpt/lup \\
-        --config.data.root=/data/LUPerson/images
+        --config.data.root=/data/LUPerson
     python -m jaxreid.main --config=configs/market_vit_cc.py --workdir=/ckpt/market \\
         --config.data.root=/data/Market-1501-v15.09.15 --config.model.pretrained=/ckpt/lup
 """
@@ -21,8 +23,8 @@ from jaxreid.pretrain import default_pretrain_config
 def get_config():
     c = market_vit_cc_config()
     c.mode = "pretrain"
-    c.data.dataset = "folder"
-    c.data.root = ""  # --config.data.root=LUPerson's image folder
+    c.data.dataset = "luperson"
+    c.data.root = ""  # --config.data.root=the folder holding lup/ (or lup/lmdb_300_30)
     c.data.cache_dir = ""  # streamed: nothing decoded up front
     c.model.pretrained = ""  # from scratch
     c.model.drop_path = 0.1

@@ -88,6 +88,13 @@ def config_problems(config: ml_collections.ConfigDict, mode: str = "train") -> l
         ("optimizer.schedule", SCHEDULES),
     )
     problems += model_problems(config)
+    if mode != "pretrain":
+        for key in ("data.dataset", "data.eval_dataset", "data.source_dataset"):
+            if config.data.get(key.split(".")[1]) == "luperson":
+                problems.append(
+                    f"{key} = 'luperson': LUPerson has no test split, cameras or identities; "
+                    "pre-train on it (--mode=pretrain) and give the workdir as model.pretrained"
+                )
     _positive(problems, config, "data.height", "data.width", "eval.batch_size")
     if mode == "train":
         _positive(

@@ -423,3 +423,67 @@ def test_the_workdir_starts_a_clustering_method_with_the_teacher(straight_run, t
     assert got.keys() == want.keys()
     for name in got:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+# ---------------------------------------------------------------- LUPerson's release
+
+
+def _write_luperson(base: str, crops: str, count: int) -> list[str]:
+    """LUPerson's release layout under `base` (lup/lmdb_300_30/{lmdb, keys.pkl})
+    holding the first `count` crops' JPEG bytes; returns the files in key order."""
+    import pickle
+
+    lmdb = pytest.importorskip("lmdb")
+    files = sorted(os.listdir(crops))[:count]
+    folder = os.path.join(base, "lup", "lmdb_300_30")
+    os.makedirs(folder)
+    keys = [f"video_{i:03d}/{name}" for i, name in enumerate(files)]
+    with lmdb.open(os.path.join(folder, "lmdb"), map_size=1 << 26) as env:
+        with env.begin(write=True) as txn:
+            for key, name in zip(keys, files, strict=True):
+                with open(os.path.join(crops, name), "rb") as f:
+                    txn.put(key.encode(), f.read())
+    with open(os.path.join(folder, "keys.pkl"), "wb") as f:
+        pickle.dump({"keys": keys, "pids": np.arange(len(keys))}, f)
+    return [os.path.join(crops, name) for name in files]
+
+
+def test_luperson_release_is_read_from_its_database(crops, tmp_path):
+    import pickle
+
+    from jaxreid.data.datasets import DataError, load_dataset
+    from jaxreid.data.images import decode_image
+
+    files = _write_luperson(str(tmp_path), crops, 5)
+    # The root may be the folder above lup/, lup/ or the database's own folder.
+    for root in (tmp_path, tmp_path / "lup", tmp_path / "lup" / "lmdb_300_30"):
+        dataset = load_dataset("luperson", str(root))
+        assert len(dataset.train) == 5 and not dataset.query and not dataset.gallery
+        assert {r.pid for r in dataset.train} == {-1}  # the tracklet ids are not read
+    for record, path in zip(dataset.train, files, strict=True):
+        got, _ = decode_image(record.path, 32, 16)
+        np.testing.assert_array_equal(got, decode_image(path, 32, 16)[0])
+    with pytest.raises(DataError, match="does not exist"):
+        decode_image(dataset.train[0].path + "_missing", 32, 16)
+    # A keys.pkl that names anything but plain data is refused, not run.
+    with open(tmp_path / "lup" / "lmdb_300_30" / "keys.pkl", "wb") as f:
+        pickle.dump({"keys": [os.getcwd]}, f)
+    with pytest.raises(DataError, match="not a LUPerson key list"):
+        load_dataset("luperson", str(tmp_path))
+    with pytest.raises(DataError, match="keys.pkl"):
+        load_dataset("luperson", crops)
+
+
+def test_pretraining_reads_luperson_and_other_modes_refuse_it(crops, tmp_path):
+    from jaxreid.pretrain import pretrain
+    from jaxreid.validate import config_problems
+
+    _write_luperson(str(tmp_path / "data"), crops, 16)
+    config = _tiny_pretrain_config(
+        str(tmp_path / "data"), **{"data.dataset": "luperson", "train.epochs": 1}
+    )
+    results = pretrain(config, str(tmp_path / "run"), lambda _: None)
+    assert results["steps"] == 3 and results["images"] == 16 and results["bad_images"] == 0
+    assert all(np.isfinite(row["loss"]) for row in _metrics(str(tmp_path / "run")).values())
+    config.mode = "train"
+    assert any("data.dataset = 'luperson'" in p for p in config_problems(config, "train"))

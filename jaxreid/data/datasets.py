@@ -1,5 +1,6 @@
 """Dataset readers: Market-1501, DukeMTMC-reID, MSMT17 (v1 and v2), any folder
-in Market-1501 layout, and the synthetic sets.
+in Market-1501 layout, the synthetic sets, and LUPerson's database
+(jaxreid.data.luperson, pre-training only).
 
 A reader turns a root folder into three lists of `Record`s (train, query,
 gallery). It only parses names and list files; images are decoded later, once,
@@ -387,6 +388,12 @@ def _read_synthetic(root: str) -> ReidDataset:
     return read_market_layout(root, kind="synthetic")
 
 
+def _read_luperson(root: str) -> ReidDataset:
+    from jaxreid.data.luperson import read_luperson  # lmdb stays an optional import
+
+    return read_luperson(root)
+
+
 READERS: dict[str, Callable[[str], ReidDataset]] = {
     "market1501": lambda root: read_market_layout(root, kind="market1501"),
     "dukemtmc": lambda root: read_market_layout(root, kind="dukemtmc"),
@@ -396,6 +403,7 @@ READERS: dict[str, Callable[[str], ReidDataset]] = {
     "msmt17_v2": lambda root: read_msmt17(root, version=2),
     "synthetic": _read_synthetic,
     "folder": read_folder,
+    "luperson": _read_luperson,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -82,7 +83,12 @@ def decode_image(path: str, height: int, width: int) -> tuple[np.ndarray, bool]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        source = path
+        if path.startswith("lmdb:"):  # a crop inside LUPerson's database
+            from jaxreid.data.luperson import image_bytes
+
+            source = io.BytesIO(image_bytes(path))
+        with Image.open(source) as image:
             image.load()
             converted = image.mode != "RGB"
             if converted:
