@@ -297,6 +297,13 @@ def test_eps_offsets_are_checked(tmp_path, offsets, message):
     assert len(problems) == 1 and re.search(message, problems[0]), problems
 
 
+def test_bottom_up_merging_is_refused_before_training(tmp_path):
+    config = cluster_config(str(tmp_path), "mgce")
+    config.cluster.algorithm = "bottom_up"
+    problems = [p for p in config_problems(config) if p.startswith("cluster.algorithm")]
+    assert len(problems) == 1 and "several eps values" in problems[0], problems
+
+
 # --------------------------------------------------------------- learning
 
 

@@ -179,6 +179,11 @@ def mgce_settings() -> dict:
 
 def mgce_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems = cluster_problems(config)
+    if config.cluster.get("algorithm", "dbscan") != "dbscan":
+        problems.append(
+            f"cluster.algorithm = {config.cluster.algorithm!r}: mgce clusters with DBSCAN at "
+            "several eps values; set cluster.algorithm = 'dbscan'"
+        )
     offsets = config.method.eps_offsets
     if not isinstance(offsets, (tuple, list)) or not offsets:
         return [
