@@ -411,9 +411,7 @@ def test_short_fcu_training_raises_map(tmp_path):
 def test_fcu_ignores_identity_labels(tiny_root, tmp_path):
     """test_label_blind's check for FCU with bottom-up merging: shuffled
     identity numbers give the same losses, metrics and merged clusters."""
-    from test_label_blind import SHORT, _shuffled_identities
-
-    from jaxreid.train import train_and_evaluate
+    from test_label_blind import SHORT, check_label_blind
 
     def config():
         return cluster_config(
@@ -429,14 +427,4 @@ def test_fcu_ignores_identity_labels(tiny_root, tmp_path):
             },
         )
 
-    data = tiny_data(config())
-    a = train_and_evaluate(config(), str(tmp_path / "a"), data, log=lambda s: None)
-    shuffled = _shuffled_identities(data, 7)
-    b = train_and_evaluate(config(), str(tmp_path / "b"), shuffled, log=lambda s: None)
-    assert step_losses(str(tmp_path / "a")) == step_losses(str(tmp_path / "b"))
-    assert a["history"] == b["history"]
-    for epoch in (1, 2):
-        path = f"pseudo_labels/epoch_{epoch:03d}.npy"
-        np.testing.assert_array_equal(
-            np.load(tmp_path / "a" / path), np.load(tmp_path / "b" / path)
-        )
+    check_label_blind(config, tmp_path)
