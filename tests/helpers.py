@@ -279,6 +279,22 @@ def cluster_config(root, method="cluster_contrast", **overrides):
     )
 
 
+def train_on_learning_set(tmp_path, method: str, log=print, **overrides) -> tuple[dict, str]:
+    """A short training of `method` (test_cluster_training's LEARN budget and
+    `overrides`) on its learning set, generated under `tmp_path`: the results
+    and the workdir (tmp_path / "w")."""
+    from test_cluster_training import LEARN, LEARN_SET
+
+    from jaxreid.data import synthetic
+    from jaxreid.train import train_and_evaluate
+
+    root = str(tmp_path / "synthetic")
+    synthetic.generate(root, **LEARN_SET)
+    config = cluster_config(root, method, **{**LEARN, **overrides})
+    workdir = str(tmp_path / "w")
+    return train_and_evaluate(config, workdir, tiny_data(config), log=log), workdir
+
+
 # Dense k-reciprocal references (test_kreciprocal, test_camera_affinity).
 def dense_rank(distance: np.ndarray) -> np.ndarray:
     """Neighbour order of every row: itself first, then by distance, ties by index."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cluster_config, step_losses, tiny_data, unit
+from helpers import cluster_config, step_losses, train_on_learning_set, unit
 
 from jaxreid.methods import fcu
 from jaxreid.pseudo_labels import bottom_up
@@ -382,23 +382,15 @@ def test_short_fcu_training_raises_map(tmp_path):
     """FCU in the training loop on the learning set of test_cluster_training
     (EfficientNet-Lite0 from ImageNet); the mAP must rise and each epoch's
     merge count is logged."""
-    from test_cluster_training import LEARN, LEARN_SET
-
-    from jaxreid.data import synthetic
-    from jaxreid.train import train_and_evaluate
-
-    root = str(tmp_path / "synthetic")
-    synthetic.generate(root, **LEARN_SET)
-    config = cluster_config(root, "fcu", **LEARN, **FCU_SHORT)
     lines = []
 
     def log(line):
         lines.append(line)
         print(line)
 
-    result = train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=log)
+    result, workdir = train_on_learning_set(tmp_path, "fcu", log=log, **FCU_SHORT)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    losses = step_losses(str(tmp_path / "w"))
+    losses = step_losses(workdir)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert sum("bottom-up 70 merges, 74 clusters" in line for line in lines) == 1
     assert sum("bottom-up 14 merges" in line for line in lines) == 3

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cluster_config, step_losses, tiny_data, unit
+from helpers import cluster_config, step_losses, train_on_learning_set, unit
 
 from jaxreid.methods import pisl
 
@@ -282,23 +282,15 @@ def test_short_pisl_training_raises_map(tmp_path):
     """PISL in the training loop on the learning set of test_cluster_training
     (EfficientNet-Lite0 from ImageNet, a 4-step diffusion); the mAP must rise
     and the per-epoch relabelling count is logged."""
-    from test_cluster_training import LEARN, LEARN_SET
-
-    from jaxreid.data import synthetic
-    from jaxreid.train import train_and_evaluate
-
-    root = str(tmp_path / "synthetic")
-    synthetic.generate(root, **LEARN_SET)
-    config = cluster_config(root, "pisl", **LEARN, **PISL_SHORT)
     lines = []
 
     def log(line):
         lines.append(line)
         print(line)
 
-    result = train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=log)
+    result, workdir = train_on_learning_set(tmp_path, "pisl", log=log, **PISL_SHORT)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    losses = step_losses(str(tmp_path / "w"))
+    losses = step_losses(workdir)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert sum("labels moved by the patch vote" in line for line in lines) == 4
     assert after > before + PISL_MIN_GAIN, (before, after)

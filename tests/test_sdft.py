@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cluster_config, step_losses, tiny_data, unit
+from helpers import cluster_config, step_losses, tiny_data, train_on_learning_set, unit
 
 from jaxreid.methods import sdft
 
@@ -230,24 +230,17 @@ def test_short_sdft_training_raises_map(tmp_path):
     """SDFT's terms in the training loop on the learning set of
     test_cluster_training (its recipe: EfficientNet-Lite0 from ImageNet,
     camera-centred clustering); the mAP must rise."""
-    from test_cluster_training import LEARN, LEARN_SET, MIN_GAIN
+    from test_cluster_training import MIN_GAIN
 
-    from jaxreid.data import synthetic
-    from jaxreid.train import train_and_evaluate
-
-    root = str(tmp_path / "synthetic")
-    synthetic.generate(root, **LEARN_SET)
     overrides = {
-        **LEARN,
         "cluster.camera_centering": True,
         "model.head": "scl",
         "model.embed_dim": 256,
         "model.num_stripes": 4,
     }
-    config = cluster_config(root, "sdft", **overrides)
-    result = train_and_evaluate(config, str(tmp_path / "w"), tiny_data(config), log=print)
+    result, workdir = train_on_learning_set(tmp_path, "sdft", **overrides)
     before, after = result["initial"]["plain"]["mAP"], result["final"]["plain"]["mAP"]
-    losses = step_losses(str(tmp_path / "w"))
+    losses = step_losses(workdir)
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert after > before + MIN_GAIN, (before, after)
 
