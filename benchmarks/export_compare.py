@@ -38,7 +38,10 @@ jaxreid's| over --images random uint8 images, and images/s at batch 1 and
 --batch. Every engine runs with as many threads as cores (onnxruntime
 intra_op_num_threads, XLA's default). The timings are interleaved: each of
 --repeats rounds times every engine once at each batch size, and the table
-shows the medians, so load from other processes hits all columns alike.
+shows the medians, so load from other processes hits all columns alike. A
+timed sample covers --batch images: one call at --batch, --batch calls in a
+row at batch 1 (a single call of a few ms measures thread wake-ups and the
+timer more than the graph); each engine first runs 3 warm-up calls.
 """
 
 from __future__ import annotations
@@ -291,19 +294,27 @@ def interleaved_rates(
     images: np.ndarray,
     batches: tuple[int, ...],
     repeats: int,
+    images_per_sample: int = 32,
+    warmup_calls: int = 3,
 ) -> dict[tuple[str, int], float]:
     """Median images/s of each engine at each batch size; every round times
-    each (engine, batch) once, after one warm-up call of each."""
+    each (engine, batch) once, after `warmup_calls` calls of each. A timed
+    sample is ceil(images_per_sample / batch) calls in a row: one batch-1
+    call (a few ms) is at the mercy of thread wake-ups and the timer, so
+    batch 1 is timed over as many images as the large batch."""
     for engine in engines.values():
         for batch in batches:
-            engine(images[:batch])
+            for _ in range(warmup_calls):
+                engine(images[:batch])
     times = collections.defaultdict(list)
     for _ in range(repeats):
         for batch in batches:
+            calls = -(-images_per_sample // batch)
             for name, engine in engines.items():
                 start = time.perf_counter()
-                engine(images[:batch])
-                times[name, batch].append(time.perf_counter() - start)
+                for _ in range(calls):
+                    engine(images[:batch])
+                times[name, batch].append((time.perf_counter() - start) / calls)
     return {key: key[1] / statistics.median(t) for key, t in times.items()}
 
 
@@ -419,7 +430,7 @@ def measure_backbone(backbone: str, args, out_dir: str) -> tuple[list[dict], dic
             for name, a in accuracy.items()
         )
     batches = (1, args.batch)
-    rates = interleaved_rates(engines, images, batches, args.repeats)
+    rates = interleaved_rates(engines, images, batches, args.repeats, args.batch)
     for row in rows:
         for batch in batches:
             rate = rates.get((row["graph"], batch))
