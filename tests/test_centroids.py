@@ -99,3 +99,32 @@ def test_hard_update_uses_least_similar_sample():
     np.testing.assert_allclose(new[0], unit(0.5 * c[0] + 0.5 * unit(f[2])), atol=1e-6)
     with pytest.raises(ValueError, match="mode must be one of"):
         cluster_memory.update_centroids(c, f, y, 0.5, "median")
+
+
+def _numpy_batch_rule(c, f, y, m, mode):
+    """The update rules of the module doc, row by row, for every row the batch names."""
+    c, f = c.astype(np.float64), unit(f.astype(np.float64))
+    new = c.copy()
+    for row in np.unique(y[y >= 0]):
+        members = np.flatnonzero(y == row)
+        if mode == "mean":
+            step = f[members].mean(axis=0)
+        else:
+            step = f[members[np.argmin(f[members] @ c[row])]]
+        new[row] = unit(m * c[row] + (1 - m) * step)
+    return new
+
+
+@pytest.mark.parametrize("mode", ["mean", "hard"])
+def test_update_writes_only_the_batch_rows_and_matches_the_rule(mode):
+    rng = np.random.default_rng(3)
+    c = unit(rng.normal(size=(40, 8))).astype(np.float32)
+    f = rng.normal(size=(10, 8)).astype(np.float32)
+    y = np.array([5, 17, 5, -1, 39, 17, 5, 0, -1, 22])  # repeats, outliers, first and last rows
+    update = jax.jit(cluster_memory.update_centroids, static_argnames="mode", donate_argnums=0)
+    new = np.asarray(update(jnp.asarray(c), f, y, 0.3, mode=mode))
+    np.testing.assert_allclose(new, _numpy_batch_rule(c, f, y, 0.3, mode), atol=1e-6)
+    untouched = np.setdiff1d(np.arange(40), y)
+    np.testing.assert_array_equal(new[untouched], c[untouched])  # bit for bit
+    only_outliers = cluster_memory.update_centroids(c, f[:2], np.array([-1, -1]), 0.3, mode)
+    np.testing.assert_array_equal(only_outliers, c)
