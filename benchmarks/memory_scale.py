@@ -1,0 +1,164 @@
+"""The clustering family's memory at 10^4-10^6 training images (issue #49).
+
+    python benchmarks/memory_scale.py                                   # 10^4, 10^5, 10^6 x 2048
+    python benchmarks/memory_scale.py --sizes 1000000 --kinds hhcl --dim 512
+
+Every method of jaxreid.methods.cluster carries a `ClusterMemory` whose
+prototype table has one row per training image (an upper bound on the
+clusters, so the step compiles once), and hhcl / joint an instance bank of
+the same size. For each kind and N this times, on the default device, one
+compiled function doing what the train step does with the memory: the
+method's loss on a batch of features (forward + gradient with respect to
+the features) and its memory update, with the memory donated (updated in
+place). Rows:
+
+- `table = N` is the training layout;
+- `table = clusters` sizes the prototype table by the clusters present
+  (N / --images_per_cluster), what a table grown by buckets would cost.
+
+Columns: the memory's size (all its arrays), median and [min-max] ms of
+--repeats calls after two warm-up calls, and the floating-point work of the
+(B, rows) similarity products per step (forward and gradient). The memory is
+random unit rows made on the device (no host copy); the cluster of every
+image is drawn uniformly, 18% outliers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from jaxreid.command_line import parse, run
+from jaxreid.host import configure_host
+from jaxreid.methods import cluster
+from jaxreid.utils import machine_description
+
+PROG = "benchmarks/memory_scale.py"
+OUTLIER_SHARE = 0.18
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The clustering family's memory at scale (see the module docstring)."""
+    flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "training images N", flag_values=fv)
+    flags.DEFINE_list("kinds", ["cluster_contrast", "hhcl"], "cluster methods", flag_values=fv)
+    flags.DEFINE_integer("dim", 2048, "feature dimension D", flag_values=fv)
+    flags.DEFINE_integer("batch", 64, "batch size B", flag_values=fv)
+    flags.DEFINE_integer("images_per_cluster", 17, "N / clusters", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed calls", flag_values=fv)
+    flags.DEFINE_bool(
+        "cluster_table", True, "also the rows of a table sized by clusters", flag_values=fv
+    )
+
+
+def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: int):
+    """A ClusterMemory of `kind` for n images whose prototype table has `rows` rows."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+
+    def unit_rows(key, count):
+        x = jax.random.normal(key, (count, dim), jnp.float32)
+        return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+    labels = jax.random.randint(keys[2], (n,), 0, clusters, jnp.int32)
+    outlier = jax.random.uniform(jax.random.fold_in(keys[2], 1), (n,)) < OUTLIER_SHARE
+    labels = jnp.where(outlier, -1, labels)
+    instance_bank = cluster.KIND_RECORDS[kind].instance_bank
+    return cluster.ClusterMemory(
+        prototypes=unit_rows(keys[0], rows),
+        valid=jnp.arange(rows) < clusters,
+        row_cluster=jnp.where(jnp.arange(rows) < clusters, jnp.arange(rows), -1).astype(jnp.int32),
+        row_camera=jnp.full((rows,), -1, jnp.int32),
+        rows=labels,
+        pseudo_labels=jnp.copy(labels),  # its own buffer: the memory is donated
+        cameras=jnp.zeros((n,), jnp.int32),
+        instances=unit_rows(keys[1], n if instance_bank else 1),
+    )
+
+
+def memory_step(kind: str):
+    """memory, features, indices, cameras -> (memory, loss, gradient): the
+    method's loss and gradient, then its update (momenta of the recipes)."""
+    settings = cluster.cluster_settings(kind)
+    loss_fields = {f.name for f in dataclasses.fields(cluster.LossSettings)}
+    loss_settings = {k: v for k, v in settings.items() if k in loss_fields}
+
+    def step(memory, features, indices, cams):
+        def loss(f):
+            value, _ = cluster.cluster_loss(
+                kind, {"global": f}, memory, indices, cams, **loss_settings
+            )
+            return value
+
+        value, grad = jax.value_and_grad(loss)(features)
+        memory = cluster.update_cluster_memory(
+            kind,
+            memory,
+            features,
+            indices,
+            momentum=settings["momentum"],
+            mode=settings["memory_update"],
+            instance_momentum=settings.get("instance_momentum", 0.0),
+        )
+        return memory, value, grad
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def time_memory(kind: str, n: int, rows: int, args) -> dict:
+    clusters = max(1, n // args.images_per_cluster)
+    memory = random_memory(kind, n, rows, args.dim, clusters, seed=n)
+    size_gib = sum(x.nbytes for x in jax.tree.leaves(memory)) / 2**30
+    rng = np.random.default_rng(0)
+    features = jnp.asarray(rng.standard_normal((args.batch, args.dim), np.float32))
+    indices = jnp.asarray(rng.choice(n, args.batch, replace=False).astype(np.int32))
+    cams = jnp.zeros((args.batch,), jnp.int32)
+    step = memory_step(kind)
+    times = []
+    for call in range(2 + args.repeats):
+        start = time.perf_counter()
+        memory, value, grad = step(memory, features, indices, cams)
+        jax.block_until_ready((memory, value, grad))
+        if call >= 2:
+            times.append(time.perf_counter() - start)
+    similarity_rows = rows + (n if cluster.KIND_RECORDS[kind].instance_bank else 0)
+    return {
+        "gib": size_gib,
+        "ms": 1000 * statistics.median(times),
+        "range": (1000 * min(times), 1000 * max(times)),
+        "gflop": 2 * 2 * args.batch * similarity_rows * args.dim / 1e9,
+        "finite": bool(jnp.isfinite(value)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = parse(define_flags, argv, PROG)
+    configure_host()
+    print(f"{machine_description()}; B = {args.batch}, D = {args.dim}")
+    print(
+        "| kind | N | table | memory GiB | step ms (loss fwd + grad + update) | "
+        "similarity GFLOP / step |"
+    )
+    print("|---|---:|---|---:|---:|---:|")
+    for n in (int(s) for s in args.sizes):
+        for kind in args.kinds:
+            tables = [("N", n)]
+            if args.cluster_table:
+                tables.append(("clusters", max(1, n // args.images_per_cluster)))
+            for name, rows in tables:
+                r = time_memory(kind, n, rows, args)
+                low, high = r["range"]
+                print(
+                    f"| {kind} | {n:,} | {name} ({rows:,} rows) | {r['gib']:.2f} | "
+                    f"{r['ms']:.1f} [{low:.1f}-{high:.1f}] | {r['gflop']:.1f} |"
+                    + ("" if r["finite"] else " (loss not finite)"),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    run(main)
