@@ -238,7 +238,17 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 def avg_pool(feature_map: jax.Array) -> jax.Array:
     """Global average pool (B, H, W, C) -> (B, C) in float32."""
-    return feature_map.astype(jnp.float32).mean((1, 2))
+    return _spatial_mean(feature_map.astype(jnp.float32))
+
+
+def _spatial_mean(x: jax.Array) -> jax.Array:
+    """x.mean((1, 2)) of a (B, H, W, C) map. Under `export_mode()` the mean
+    is taken over an NCHW view: the transpose cancels against the one jax2onnx
+    writes after the last NCHW Conv, and the runtime reduces contiguous
+    planes instead of transposing the map back to NHWC first."""
+    if exporting():
+        return jnp.transpose(x, (0, 3, 1, 2)).mean((2, 3))
+    return x.mean((1, 2))
 
 
 class GeM(nnx.Module):
@@ -256,7 +266,7 @@ class GeM(nnx.Module):
             # lax.pow with a scalar exponent: one ONNX Pow each way (jax2onnx's
             # jnp.power cannot broadcast against a symbolic batch dimension).
             (p,) = host_constants(p[0])
-            return jax.lax.pow(jax.lax.pow(x, p).mean((1, 2)), 1.0 / p)
+            return jax.lax.pow(_spatial_mean(jax.lax.pow(x, p)), 1.0 / p)
         return jnp.power(jnp.power(x, p).mean((1, 2)), 1.0 / p)
 
 
