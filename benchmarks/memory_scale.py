@@ -61,8 +61,21 @@ def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: i
     keys = jax.random.split(jax.random.key(seed), 3)
 
     def unit_rows(key, count):
-        x = jax.random.normal(key, (count, dim), jnp.float32)
-        return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+        # Made chunk by chunk inside one program: the (count, D) result is the
+        # only table-sized buffer (10^6 x 2048 float32 is 8 GiB).
+        chunk = next(c for c in range(min(count, 8192), 0, -1) if count % c == 0)
+        num_chunks = count // chunk
+
+        @jax.jit
+        def make(key):
+            def one(k):
+                x = jax.random.normal(k, (chunk, dim), jnp.float32)
+                return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+            rows = jax.lax.map(one, jax.random.split(key, num_chunks))
+            return rows.reshape(count, dim)
+
+        return make(key)
 
     labels = jax.random.randint(keys[2], (n,), 0, clusters, jnp.int32)
     outlier = jax.random.uniform(jax.random.fold_in(keys[2], 1), (n,)) < OUTLIER_SHARE
