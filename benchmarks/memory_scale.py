@@ -9,8 +9,9 @@ clusters, so the step compiles once), and hhcl / joint an instance bank of
 the same size. For each kind and N this times, on the default device, one
 compiled function doing what the train step does with the memory: the
 method's loss on a batch of features (forward + gradient with respect to
-the features) and its memory update, with the memory donated (updated in
-place). Rows:
+the features) and its memory update, with the memory donated and the
+writes ordered after the gradient (`jaxreid.step.computed_after`), as the
+train step does. Rows:
 
 - `table = N` is the training layout;
 - `table = clusters` sizes the prototype table by the clusters present
@@ -37,6 +38,7 @@ from absl import flags
 from jaxreid.command_line import parse, run
 from jaxreid.host import configure_host
 from jaxreid.methods import cluster
+from jaxreid.step import computed_after
 from jaxreid.utils import machine_description
 
 PROG = "benchmarks/memory_scale.py"
@@ -108,10 +110,12 @@ def memory_step(kind: str):
             return value
 
         value, grad = jax.value_and_grad(loss)(features)
+        # As the train step: the writes wait for the gradient, so XLA updates
+        # the donated memory in place instead of copying it first.
         memory = cluster.update_cluster_memory(
             kind,
             memory,
-            features,
+            computed_after(features, grad),
             indices,
             momentum=settings["momentum"],
             mode=settings["memory_update"],
