@@ -53,9 +53,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch", 64, "batch size B", flag_values=fv)
     flags.DEFINE_integer("images_per_cluster", 17, "N / clusters", flag_values=fv)
     flags.DEFINE_integer("repeats", 5, "timed calls", flag_values=fv)
-    flags.DEFINE_bool(
-        "cluster_table", True, "also the rows of a table sized by clusters", flag_values=fv
-    )
+    flags.DEFINE_list("tables", ["N", "clusters"], "prototype tables: N, clusters", flag_values=fv)
 
 
 def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: int):
@@ -163,9 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---|---:|---:|---:|")
     for n in (int(s) for s in args.sizes):
         for kind in args.kinds:
-            tables = [("N", n)]
-            if args.cluster_table:
-                tables.append(("clusters", max(1, n // args.images_per_cluster)))
+            sizes = {"N": n, "clusters": max(1, n // args.images_per_cluster)}
+            tables = [(name, sizes[name]) for name in args.tables]
             for name, rows in tables:
                 r = time_memory(kind, n, rows, args)
                 low, high = r["range"]
