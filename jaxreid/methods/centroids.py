@@ -70,8 +70,8 @@ def update_centroids(
     segment = jnp.where(valid, jnp.argmax(same, axis=1), batch)  # outliers: dropped
     target = jnp.where(valid, labels, num_clusters)  # out of range: not written
     old = centroids[jnp.minimum(target, num_clusters - 1)]
-    counts = jax.ops.segment_sum(valid.astype(f.dtype), segment, num_segments=batch + 1)
     if mode == "mean":
+        counts = jax.ops.segment_sum(valid.astype(f.dtype), segment, num_segments=batch + 1)
         sums = jax.ops.segment_sum(f, segment, num_segments=batch + 1)
         step = (sums / jnp.maximum(counts, 1.0)[:, None])[segment]
     else:  # hard: the batch sample of each row least similar to its prototype
