@@ -26,7 +26,6 @@ image is drawn uniformly, 18% outliers.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 
@@ -36,8 +35,9 @@ import numpy as np
 from absl import flags
 
 from jaxreid.command_line import parse, run
+from jaxreid.config_base import base_config
 from jaxreid.host import configure_host
-from jaxreid.methods import cluster
+from jaxreid.methods import Batch, cluster, get_method, set_method
 from jaxreid.step import computed_after
 from jaxreid.utils import machine_description
 
@@ -94,38 +94,29 @@ def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: i
 
 
 def memory_step(kind: str):
-    """memory, features, indices, cameras -> (memory, loss, gradient): the
-    method's loss and gradient, then its update (momenta of the recipes)."""
-    settings = cluster.cluster_settings(kind)
-    loss_fields = {f.name for f in dataclasses.fields(cluster.LossSettings)}
-    loss_settings = {k: v for k, v in settings.items() if k in loss_fields}
+    """memory, features, indices, cameras -> (memory, loss, gradient) through
+    the method's own hooks at its default settings: its loss and gradient,
+    then its update."""
+    method = get_method(set_method(base_config(), kind))
+    phase = method.phases[0]
+    key = jax.random.key(0)
 
     def step(memory, features, indices, cams):
+        batch = Batch(indices=indices, cameras=cams)
+
         def loss(f):
-            value, _ = cluster.cluster_loss(
-                kind, {"global": f}, memory, indices, cams, **loss_settings
-            )
-            return value
+            return method.loss({"global": f}, memory, batch, key, phase)[0]
 
         value, grad = jax.value_and_grad(loss)(features)
         # As the train step: the writes wait for the gradient, so XLA updates
         # the donated memory in place instead of copying it first.
-        memory = cluster.update_cluster_memory(
-            kind,
-            memory,
-            computed_after(features, grad),
-            indices,
-            momentum=settings["momentum"],
-            mode=settings["memory_update"],
-            instance_momentum=settings.get("instance_momentum", 0.0),
-        )
-        return memory, value, grad
+        outputs = {"global": computed_after(features, grad)}
+        return method.update(memory, outputs, batch, None, phase), value, grad
 
     return jax.jit(step, donate_argnums=0)
 
 
-def time_memory(kind: str, n: int, rows: int, args) -> dict:
-    clusters = max(1, n // args.images_per_cluster)
+def time_memory(kind: str, n: int, rows: int, clusters: int, args) -> dict:
     memory = random_memory(kind, n, rows, args.dim, clusters, seed=n)
     size_gib = sum(x.nbytes for x in jax.tree.leaves(memory)) / 2**30
     rng = np.random.default_rng(0)
@@ -161,10 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---|---:|---:|---:|")
     for n in (int(s) for s in args.sizes):
         for kind in args.kinds:
-            sizes = {"N": n, "clusters": max(1, n // args.images_per_cluster)}
-            tables = [(name, sizes[name]) for name in args.tables]
-            for name, rows in tables:
-                r = time_memory(kind, n, rows, args)
+            clusters = max(1, n // args.images_per_cluster)
+            sizes = {"N": n, "clusters": clusters}
+            for name in args.tables:
+                rows = sizes[name]
+                r = time_memory(kind, n, rows, clusters, args)
                 low, high = r["range"]
                 print(
                     f"| {kind} | {n:,} | {name} ({rows:,} rows) | {r['gib']:.2f} | "
