@@ -118,16 +118,16 @@ def test_float16_memmap_database_is_read_in_chunks(monkeypatch, tmp_path):
 
 
 def test_derived_parameters_by_hand():
-    # N = 10^6: sqrt = 1000 -> 2^10 lists, nprobe 1024 // 16 = 64.
+    # N = 10^6: 2 sqrt = 2000, log2 = 10.97 -> 2^11 lists; nprobe 16.
     assert neighbors.index_params(10**6, 38) == dict(
-        nlist=1024, nprobe=64, hnsw_m=32, ef_construction=64, ef_search=152
+        nlist=2048, nprobe=16, hnsw_m=32, ef_construction=64, ef_search=152
     )
-    # N = 20,000: sqrt = 141.4, log2 = 7.14 -> 128 lists; 128 // 16 = 8 = the minimum nprobe.
+    # N = 20,000: 2 sqrt = 282.8, log2 = 8.14 -> 256 lists.
     p = neighbors.index_params(20_000, 20)
-    assert (p["nlist"], p["nprobe"], p["ef_search"]) == (128, 8, 128)
-    # N = 1,000: 32 lists would train on < 39 points each -> 1000 // 39 = 25; nprobe 8.
+    assert (p["nlist"], p["nprobe"], p["ef_search"]) == (256, 16, 128)
+    # N = 1,000: 64 lists would train on < 39 points each -> 1000 // 39 = 25; nprobe 16.
     assert neighbors.index_params(1000, 10)["nlist"] == 25
-    assert neighbors.index_params(1000, 10)["nprobe"] == 8
+    assert neighbors.index_params(1000, 10)["nprobe"] == 16
     # N = 100: 2 lists, nprobe clipped to them.
     assert neighbors.index_params(100, 10)["nprobe"] == 2
     overridden = neighbors.index_params(
@@ -138,6 +138,43 @@ def test_derived_parameters_by_hand():
     x, _ = _identities(1200, 24, seed=5)
     full = neighbors.knn(x, 15, index="ivf", params=neighbors.IndexParams(nlist=16, nprobe=16))
     np.testing.assert_array_equal(full[1], neighbors.knn(x, 15)[1])
+
+
+def test_cpu_ivf_finds_the_candidates_of_faiss_index_ivf_flat():
+    """The list-by-list BLAS search scans what FAISS's IndexIVFFlat scans: with the same
+    centroids and nprobe, every query gets the same best candidates (ids and similarities),
+    for the self search of a float16 memory map and for separate queries."""
+    import faiss
+
+    x, _ = _identities(3000, 40, seed=6)
+    queries = _identities(500, 40, seed=7)[0]
+    nlist, nprobe, k = 32, 5, 25
+    centroids = neighbors.ivf_centroids(x, nlist)
+    reference = faiss.IndexIVFFlat(faiss.IndexFlatIP(40), 40, nlist, faiss.METRIC_INNER_PRODUCT)
+    reference.quantizer.add(centroids)
+    reference.is_trained = True
+    reference.add(x)
+    reference.nprobe = nprobe
+    params = dict(nlist=nlist, nprobe=nprobe)
+    for q in (x, queries):
+        want_sims, want = reference.search(q, k)
+        sims, idx = neighbors._blocked_ivf_search(q, x, k, params, centroids=centroids)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        sims, idx = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+        np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+        # Ids agree wherever the similarity is not tied with a neighbour in the row.
+        gaps = np.minimum(
+            np.abs(np.diff(want_sims, axis=1, prepend=np.inf)),
+            np.abs(np.diff(want_sims, axis=1, append=-np.inf)),
+        )
+        clear = gaps > 1e-5
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(idx[clear], want[clear])
+        # The scan is a small share of the data, so this is not the exact search.
+        assert not np.array_equal(idx[:, :10], neighbors.knn_query(q, x, k)[1][:, :10])
+    # Lists shorter than k pad with (-inf, -1), as FAISS does with (-inf or -3.4e38, -1).
+    sims, idx = neighbors._blocked_ivf_search(x[:200], x[:200], 60, dict(nlist=8, nprobe=1))
+    assert (idx == -1).any() and np.all(np.isneginf(sims[idx == -1]))
 
 
 def test_knn_setting_is_validated():

@@ -17,28 +17,37 @@ Conventions shared by both backends (so the k-reciprocal code downstream sees th
   a group of ties extends beyond the `k + extra_candidates` candidates fetched.
 
 Approximate search (`index="ivf" | "hnsw"`, or `"auto"` above `AUTO_EXACT_MAX` database rows):
-the candidates come from a FAISS `IndexIVFFlat` (k-means coarse quantiser, `nprobe` of `nlist`
-lists scanned) or `IndexHNSWFlat` (graph of `hnsw_m` links, `ef_search` beam); both store the
-vectors uncompressed, so a candidate's similarity is the same float32 inner product as the
-exact search's, and the same ordering step runs on them: self first (a point its index did not
-return replaces its last candidate), ties by index, near-ties re-ranked in float64. What does
-not hold: the candidate SET may miss true neighbours (recall < 1; `benchmarks/
-clustering_scale.py` measures it), so a returned list is the exact order of the neighbours
-found, and a tie group can be cut differently than the exact search would. Below
+the candidates come from an IVF-Flat index (k-means coarse quantiser, the rows of the `nprobe`
+nearest of `nlist` lists scanned) or FAISS's `IndexHNSWFlat` (graph of `hnsw_m` links,
+`ef_search` beam); both keep the vectors uncompressed, so a candidate's similarity is the same
+float32 inner product as the exact search's, and the same ordering step runs on them: self first
+(a point its index did not return replaces its last candidate), ties by index, near-ties
+re-ranked in float64. What does not hold: the candidate SET may miss true neighbours (recall < 1;
+`benchmarks/clustering_scale.py` measures it), so a returned list is the exact order of the
+neighbours found, and a tie group can be cut differently than the exact search would. Below
 `AUTO_EXACT_MAX`, `"auto"` IS the exact search (same code path, bit-identical results).
+
+On the CPU the IVF search is `_blocked_ivf_search`: FAISS k-means lists, scanned list by list
+with one BLAS product per list, the candidates of FAISS's `IndexIVFFlat` with the same centroids
+at ~20x its speed for D = 2048 (FAISS scans a list one vector pair at a time). Where FAISS sees
+a GPU it is FAISS's `GpuIndexIVFFlat`. HNSW has no FAISS GPU index and stays on the host.
+
 Parameters derived from N when 0 (`index_params`):
 
-- IVF: nlist = the power of two nearest sqrt(N) (at least 1, at most N // 39, FAISS's minimum
-  of training points per list), trained on min(N, 64 nlist) evenly spaced rows; nprobe =
-  clip(nlist // 16, 8, nlist). Why: sqrt(N) lists balance the coarse assignment (N nlist D)
-  and the scan (N nprobe N / nlist D); identities of 5-30 images sit in one or two lists.
+- IVF: nlist = the power of two nearest 2 sqrt(N) (at least 1, at most N // 39, FAISS's minimum
+  of training points per list), k-means on min(N, 64 nlist) evenly spaced rows; nprobe = 16
+  (at most nlist). Why: the work is k-means (640 nlist^2 D), the assignment to lists
+  (N nlist D) and the scan (N nprobe (N / nlist) D). A fixed nprobe over lists of ~sqrt(N) / 2
+  rows keeps the scan at 8 sqrt(N) rows per query; an identity of 5-30 images and its
+  look-alikes sit in one or two lists. On the identity sets of `benchmarks/clustering_scale.py`
+  the exact neighbours of every identity image are found at 10^5 and 10^6 rows; the misses
+  are the outliers' neighbours, random rows at near-equal similarity.
 - HNSW: M = 32 (FAISS's recommended 16-64 for high-dimensional data), efConstruction = 2 M,
   efSearch = max(128, 4 (k + extra_candidates)) (at 2 (k + extra), 76 for k = 30, recall@20 was
   0.88 on the 10^5 x 512 identity set of `benchmarks/clustering_scale.py`).
 
-Approximate indexes read `database` in row chunks (float16 or memory-mapped arrays are not
-copied whole to float32); on a host where FAISS sees a GPU the IVF index is a GpuIndexIVFFlat
-(HNSW has no FAISS GPU index and stays on the host).
+Approximate indexes read `database` and the queries in row chunks (float16 or memory-mapped
+arrays are never copied whole to float32).
 """
 
 from __future__ import annotations
@@ -57,11 +66,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("faiss", "jax")
 INDEXES = ("exact", "ivf", "hnsw", "auto")
 # "auto" searches exactly up to this many database rows (CUHK03's 7,365, Market's 12,936 and
-# MSMT17's 32,621 training images are far below), approximately (AUTO_INDEX) above: HNSW,
-# whose cost per query grows ~log N where IVF-Flat's (nlist ~ sqrt N) grows ~sqrt N (10^5 x 512
-# on 2 busy cores: kNN 66 s against IVF's 155 s and the exact 198 s).
-AUTO_EXACT_MAX = 200_000
-AUTO_INDEX = "hnsw"
+# MSMT17's 32,621 training images are far below), with IVF above: MEASURED_AUTO.
+AUTO_EXACT_MAX = 100_000
+AUTO_INDEX = "ivf"
 # Rows per chunk when an approximate index reads the database or the queries.
 _CHUNK_ROWS = 16384
 
@@ -91,9 +98,9 @@ def index_params(
     """The IVF and HNSW parameters for a database of N rows (module doc), overrides applied."""
     params = params or IndexParams()
     n = max(int(num_database), 1)
-    nlist = 2 ** int(round(np.log2(max(np.sqrt(n), 1.0))))
+    nlist = 2 ** int(round(np.log2(max(2 * np.sqrt(n), 1.0))))
     nlist = int(params.nlist) or max(1, min(nlist, n // 39))
-    nprobe = int(params.nprobe) or int(np.clip(nlist // 16, 8, nlist))
+    nprobe = int(params.nprobe) or 16
     hnsw_m = int(params.hnsw_m) or 32
     ef_search = int(params.ef_search) or max(128, 4 * int(num_candidates))
     return dict(
@@ -271,21 +278,19 @@ def _rows_f32(array, start, stop):
 
 
 def _approximate_search(queries, database, num_candidates, index, params):
-    """Candidates from a FAISS IVF-Flat or HNSW-Flat index built on `database` (module doc)."""
+    """Candidates from an IVF (k-means lists) or a FAISS HNSW-Flat index on `database`."""
     faiss = _import_faiss()
+    if index == "ivf" and faiss.get_num_gpus() == 0:
+        return _blocked_ivf_search(queries, database, num_candidates, params)
     n, dim = database.shape
     tick = time.perf_counter()
     if index == "ivf":
-        nlist = params["nlist"]
-        quantizer = faiss.IndexFlatIP(dim)
-        searcher = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if faiss.get_num_gpus() > 0:
-            searcher = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, searcher)
-        # k-means on evenly spaced rows: FAISS would otherwise sample 256 per list itself,
-        # which at 10^6 rows costs more than the search.
-        train_rows = np.linspace(0, n - 1, min(n, 64 * nlist)).astype(np.int64)
-        searcher.train(np.ascontiguousarray(database[train_rows], dtype=np.float32))
-        searcher.nprobe = params["nprobe"]  # IndexIVFFlat and GpuIndexIVFFlat alike
+        searcher = faiss.IndexIVFFlat(
+            faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT
+        )
+        searcher = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, searcher)
+        searcher.train(_training_rows(database, params["nlist"]))
+        searcher.nprobe = params["nprobe"]
     elif index == "hnsw":
         searcher = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
         searcher.hnsw.efConstruction = params["ef_construction"]
@@ -322,6 +327,119 @@ def _approximate_search(queries, database, num_candidates, index, params):
     short = idx < 0
     if short.any():
         sims[short] = -np.inf
+    return sims, idx
+
+
+def _training_rows(database, nlist):
+    """min(N, 64 nlist) evenly spaced rows as float32, the k-means training set: FAISS would
+    otherwise sample 256 per list itself, which at 10^6 rows costs more than the search."""
+    n = len(database)
+    rows = np.linspace(0, n - 1, min(n, 64 * nlist)).astype(np.int64)
+    return np.ascontiguousarray(database[rows], dtype=np.float32)
+
+
+def ivf_centroids(database: np.ndarray, nlist: int) -> np.ndarray:
+    """(nlist, D) float32 coarse centroids: FAISS spherical k-means (10 iterations, seed 1234)
+    on `_training_rows`, the lists of the CPU IVF search."""
+    faiss = _import_faiss()
+    kmeans = faiss.Kmeans(
+        database.shape[1],
+        int(nlist),
+        niter=10,
+        spherical=True,
+        seed=1234,
+        max_points_per_centroid=64,
+    )
+    kmeans.train(_training_rows(database, nlist))
+    return kmeans.centroids
+
+
+def _nearest_lists(array, centroids, num_lists):
+    """(len(array), num_lists) ids of the nearest centroids by inner product, read in chunks."""
+    faiss = _import_faiss()
+    out = np.empty((len(array), num_lists), np.int64)
+    for s in range(0, len(array), _CHUNK_ROWS):
+        _, out[s : s + _CHUNK_ROWS] = faiss.knn(
+            _rows_f32(array, s, s + _CHUNK_ROWS),
+            centroids,
+            num_lists,
+            metric=faiss.METRIC_INNER_PRODUCT,
+        )
+    return out
+
+
+def _group_by_list(list_ids, nlist):
+    """Positions of `list_ids` sorted by list (stable) and the (nlist + 1) list offsets."""
+    order = np.argsort(list_ids, kind="stable")
+    return order, np.searchsorted(list_ids[order], np.arange(nlist + 1))
+
+
+def _gather_f32(array, rows, out):
+    """array[rows] as float32 into the first len(rows) rows of the reused buffer `out`; reusing
+    it avoids faulting in fresh pages for every list."""
+    view = out[: len(rows)]
+    if array.dtype == np.float32:
+        np.take(array, rows, axis=0, out=view)
+    else:
+        view[...] = np.take(array, rows, axis=0)
+    return view
+
+
+def _blocked_ivf_search(queries, database, num_candidates, params, centroids=None):
+    """IVF-Flat search computed list by list with BLAS (the CPU "ivf" index).
+
+    The candidates are those of a FAISS `IndexIVFFlat` with the same centroids and nprobe: every
+    query scans the database rows of its `nprobe` nearest lists. FAISS's CPU IVF computes those
+    inner products one vector pair at a time (~6 GFLOP/s at D = 2048 on two cores); here the
+    search is inverted: for each list, the queries that probe it form one matrix, and one
+    `faiss.knn` call (a BLAS matrix product, ~120 GFLOP/s) gives their best rows of the list,
+    merged into each query's running top `num_candidates`.
+    """
+    faiss = _import_faiss()
+    nlist, nprobe = params["nlist"], params["nprobe"]
+    num_queries, dim = queries.shape
+    tick = time.perf_counter()
+    if centroids is None:
+        centroids = ivf_centroids(database, nlist)
+    nlist = len(centroids)
+    trained = time.perf_counter()
+    probes = _nearest_lists(queries, centroids, nprobe)
+    primary = probes[:, 0] if queries is database else _nearest_lists(database, centroids, 1)[:, 0]
+    members, member_offsets = _group_by_list(primary, nlist)
+    probe_order, probe_offsets = _group_by_list(probes.ravel(), nlist)
+    probing_queries = probe_order // nprobe  # ascending within a list: the sort is stable
+    del probes, probe_order
+    assigned = time.perf_counter()
+    sims = np.full((num_queries, num_candidates), -np.inf, np.float32)
+    idx = np.full((num_queries, num_candidates), -1, np.int64)
+    query_buffer = np.empty((int(np.diff(probe_offsets).max(initial=0)), dim), np.float32)
+    list_buffer = np.empty((int(np.diff(member_offsets).max(initial=0)), dim), np.float32)
+    report = max(1, nlist // 8)
+    for list_id in range(nlist):
+        rows = members[member_offsets[list_id] : member_offsets[list_id + 1]]
+        asking = probing_queries[probe_offsets[list_id] : probe_offsets[list_id + 1]]
+        if len(rows) and len(asking):
+            found_sims, found = faiss.knn(
+                _gather_f32(queries, asking, query_buffer),
+                _gather_f32(database, rows, list_buffer),
+                min(num_candidates, len(rows)),
+                metric=faiss.METRIC_INNER_PRODUCT,
+            )
+            both_sims = np.concatenate([sims[asking], found_sims], axis=1)
+            both = np.concatenate([idx[asking], rows[found]], axis=1)
+            keep = np.argpartition(-both_sims, num_candidates - 1, axis=1)[:, :num_candidates]
+            sims[asking] = np.take_along_axis(both_sims, keep, axis=1)
+            idx[asking] = np.take_along_axis(both, keep, axis=1)
+        if num_queries > 4 * _CHUNK_ROWS and (list_id + 1) % report == 0:
+            logger.info("knn ivf: searched %d of %d lists", list_id + 1, nlist)
+    logger.info(
+        "knn ivf %s: k-means %.1fs, %d queries assigned to lists in %.1fs, searched in %.1fs",
+        params,
+        trained - tick,
+        num_queries,
+        assigned - trained,
+        time.perf_counter() - assigned,
+    )
     return sims, idx
 
 
