@@ -103,7 +103,12 @@ def measure(index: str, path: str, out_prefix: str, overrides: dict[str, int]) -
     params = neighbors.IndexParams(**overrides)
     sims, order = neighbors.knn(features, K1, index=index, params=params)
     knn_s = time.perf_counter() - start
-    print(f"  {index} N={n:,}: kNN {knn_s:.1f} s", file=sys.stderr, flush=True)
+    knn_peak = _peak_rss_gib()
+    print(
+        f"  {index} N={n:,}: kNN {knn_s:.1f} s, peak RSS {knn_peak:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     np.save(out_prefix + "-sample-knn.npy", order[_sample(n), :RECALL_K])
     tick = time.perf_counter()
     distance = kreciprocal.jaccard_distance(
@@ -114,7 +119,12 @@ def measure(index: str, path: str, out_prefix: str, overrides: dict[str, int]) -
         neighbors_result=(sims, order),
     )
     jaccard_s = time.perf_counter() - tick
-    print(f"  {index} N={n:,}: Jaccard {jaccard_s:.1f} s", file=sys.stderr, flush=True)
+    jaccard_peak = _peak_rss_gib()
+    print(
+        f"  {index} N={n:,}: Jaccard {jaccard_s:.1f} s, peak RSS {jaccard_peak:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     del sims, order
     tick = time.perf_counter()
     labels = clustering.dbscan(distance, EPS, MIN_SAMPLES)
@@ -133,6 +143,8 @@ def measure(index: str, path: str, out_prefix: str, overrides: dict[str, int]) -
         dbscan_s=dbscan_s,
         total_s=knn_s + jaccard_s + dbscan_s,
         peak_gib=_peak_rss_gib(),
+        knn_peak_gib=knn_peak,
+        jaccard_peak_gib=jaccard_peak,
         base_gib=base,
         stored_pairs=int(distance.nnz),
         clusters=stats["num_clusters"],

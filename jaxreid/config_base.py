@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = method_config(DEFAULT_METHOD)
 
     # Re-clustering between epochs (jaxreid.pseudo_labels.clustering.cluster_features).
-    # cluster.knn = "auto": exact kNN up to 200,000 images, FAISS HNSW above (#49).
+    # cluster.knn = "auto": exact kNN up to 100,000 images, IVF above (#49).
     c.cluster = default_cluster_config()
 
     c.optimizer = ml_collections.ConfigDict()

@@ -63,6 +63,19 @@ def test_backends_agree_with_duplicates_and_ties():
     np.testing.assert_array_equal(idx[21, :3], [21, 3, 20])
 
 
+def test_ordering_in_row_chunks_changes_nothing(monkeypatch):
+    # The candidates are ordered _CHUNK_ROWS rows at a time (bounded work copies at 10^6
+    # rows); chunks of 32 over 300 rows, the copies and ties of the test above included.
+    x = _random_unit(300, 8, seed=1)
+    x[[5, 7, 9, 100, 250]] = x[7]
+    x[[20, 21]] = x[3]
+    whole = neighbors.knn(x, 10), neighbors.knn_query(x[:40], x, 10)
+    monkeypatch.setattr(neighbors, "_CHUNK_ROWS", 32)
+    chunked = neighbors.knn(x, 10), neighbors.knn_query(x[:40], x, 10)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+
+
 @pytest.mark.parametrize("backend,kwargs", VARIANTS, ids=IDS)
 def test_knn_query_equals_brute_force(backend, kwargs):
     kwargs = {k: v for k, v in kwargs.items() if k != "symmetric"}

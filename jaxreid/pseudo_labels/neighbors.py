@@ -138,8 +138,8 @@ def knn(
       symmetric: JAX backend only: compute each (block_i, block_j) similarity block once for
         i <= j and use it for the rows of both blocks (S_ji = S_ij^T), half the matmul work.
         False runs the query-block path of `knn_query` (block x N similarities).
-      index: "exact", "ivf", "hnsw" or "auto" (module doc); approximate indexes are FAISS's
-        whatever `backend` says.
+      index: "exact", "ivf", "hnsw" or "auto" (module doc); the approximate indexes ignore
+        `backend` (host BLAS, or FAISS's GPU IVF where FAISS sees a GPU).
       params: approximate-index parameters (0 fields derived from N).
 
     Returns:
@@ -355,9 +355,10 @@ def ivf_centroids(database: np.ndarray, nlist: int) -> np.ndarray:
 
 
 def _nearest_lists(array, centroids, num_lists):
-    """(len(array), num_lists) ids of the nearest centroids by inner product, read in chunks."""
+    """(len(array), num_lists) int32 ids of the nearest centroids by inner product, read in
+    chunks."""
     faiss = _import_faiss()
-    out = np.empty((len(array), num_lists), np.int64)
+    out = np.empty((len(array), num_lists), np.int32)
     for s in range(0, len(array), _CHUNK_ROWS):
         _, out[s : s + _CHUNK_ROWS] = faiss.knn(
             _rows_f32(array, s, s + _CHUNK_ROWS),
@@ -556,10 +557,26 @@ def _jax_symmetric_search(features, num_candidates, block_size, memory_budget_by
 
 
 def _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance):
-    """Self first, ties by index, near-ties resolved in float64; keeps the first k."""
+    """Self first, ties by index, near-ties resolved in float64; keeps the first k. Rows are
+    independent: done `_CHUNK_ROWS` at a time, so the work copies stay small at 10^6 rows."""
+    num_queries = len(idx)
+    out_sims = np.empty((num_queries, min(k, idx.shape[1])), np.float32)
+    out_idx = np.empty(out_sims.shape, np.int64)
+    num_tied = 0
+    for s in range(0, num_queries, _CHUNK_ROWS):
+        rows = np.arange(s, min(s + _CHUNK_ROWS, num_queries))
+        out_sims[rows], out_idx[rows], tied = _order_rows(
+            queries, database, sims[rows], idx[rows], rows, k, self_first, tie_tolerance
+        )
+        num_tied += tied
+    logger.debug("knn: %d of %d rows with near-ties re-ranked in float64", num_tied, num_queries)
+    return out_sims, out_idx
+
+
+def _order_rows(queries, database, sims, idx, rows, k, self_first, tie_tolerance):
+    """`_order_candidates` of the query rows `rows`; also returns how many had near-ties."""
     sims = np.array(sims, dtype=np.float32)
     idx = np.array(idx, dtype=np.int64)
-    rows = np.arange(len(queries))
     if self_first:
         is_self = idx == rows[:, None]
         # A point missing from its own candidates (only possible with many duplicates)
@@ -575,18 +592,17 @@ def _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance
     head = sims[:, : k + 1]
     gaps = head[:, :-1] - head[:, 1:]
     tied = np.flatnonzero((gaps <= tie_tolerance).any(axis=1))
-    logger.debug("knn: %d of %d rows with near-ties re-ranked in float64", len(tied), len(idx))
     if len(tied):
-        exact = _exact_similarities(queries, tied, database, idx[tied])
+        exact = _exact_similarities(queries, rows[tied], database, idx[tied])
         if self_first:
-            exact[idx[tied] == tied[:, None]] = np.inf
+            exact[idx[tied] == rows[tied][:, None]] = np.inf
         order = np.lexsort((idx[tied], -exact), axis=1)
         idx[tied] = np.take_along_axis(idx[tied], order, axis=1)
         sims[tied] = np.take_along_axis(exact, order, axis=1).astype(np.float32)
     sims, idx = sims[:, :k], idx[:, :k]
     if self_first:
         sims[:, 0] = _exact_similarities(queries, rows, database, rows[:, None])[:, 0]
-    return np.ascontiguousarray(sims), np.ascontiguousarray(idx)
+    return sims, idx, len(tied)
 
 
 def _exact_similarities(queries, query_rows, database, idx, max_elements=2**21):
