@@ -202,14 +202,15 @@ def jaccard_upper(encoding: sp.csr_matrix, max_distance: float | None = None):
     csr = encoding.tocsr()
     csr.sort_indices()
     csc = csr.tocsc()  # row indices ascending within each column
-    # Where each CSR entry sits in the CSC arrays, to start its column scan at its own row.
-    entry_ids = sp.csr_matrix(
-        (np.arange(1, csr.nnz + 1, dtype=np.int64), csr.indices, csr.indptr), shape=csr.shape
-    ).tocsc()
-    csc_pos = np.empty(csr.nnz, np.int64)
-    csc_pos[entry_ids.data - 1] = np.arange(csr.nnz)
+    # Where each CSR entry sits in the CSC arrays, to start its column scan at its own row: CSC
+    # order is by column, rows ascending, i.e. a stable sort of the CSR entries by column.
+    # Positions and row ids in int32 where they fit: at 10^6 rows these arrays are the stage's
+    # memory (4 x 10^7 entries).
+    index_dtype = np.int32 if max(csr.nnz, n) < 2**31 else np.int64
+    csc_pos = np.empty(csr.nnz, index_dtype)
+    csc_pos[np.argsort(csr.indices, kind="stable")] = np.arange(csr.nnz, dtype=index_dtype)
     rest = csc.indptr[csr.indices + 1] - csc_pos  # entries j >= i in the same column
-    csr_rows = _row_ids(csr)
+    csr_rows = np.repeat(np.arange(n, dtype=index_dtype), np.diff(csr.indptr))
     out = []
     aggregator = _PairSums(n)
     for start, stop in _row_chunks(csr.indptr, rest, max_rows=aggregator.max_rows):
@@ -522,6 +523,7 @@ def _sparse_jaccard(
         expanded.nnz / n,
         encoding.nnz / n,
     )
+    del reciprocal, reciprocal_half, expanded, e_rows, dist  # freed before the largest stage
     if query_rows is None:
         result = jaccard_upper(encoding, max_distance)
     else:
