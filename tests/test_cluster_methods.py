@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import unit
+from helpers import cluster_config, unit
 
+from jaxreid.methods import TrainSet, get_method
 from jaxreid.methods import cluster as cluster_methods
 from jaxreid.methods.cluster import KINDS
+from jaxreid.validate import config_problems
 
 # ------------------------------------------------------------------ helpers
 
@@ -814,3 +816,46 @@ def test_cap_camera_negatives_match_numpy():
     np.testing.assert_allclose(
         float(total), intra + PARAMS["inter_camera_weight"] * inter, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("kind", ["hhcl", "joint"])
+def test_partial_extraction_takes_a_seeded_subset_and_the_rest_from_the_bank(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16))
+    fresh = unit(np.repeat(centres, 5, axis=0) + 0.2 * rng.normal(size=(40, 16)), dtype=np.float32)
+    cameras = np.arange(40) % 2
+    asked = []
+
+    def extract(rows=None):
+        asked.append(None if rows is None else np.asarray(rows))
+        return {"global": fresh if rows is None else fresh[rows]}
+
+    train = TrainSet(cameras, np.zeros(40, int), extract, {"global": (16,)})
+    config = cluster_config(
+        str(tmp_path), kind, **{"train.batch_size": 8, "method.extract_fraction": 0.25}
+    )
+    assert not config_problems(config)
+    method = get_method(config)
+    # Epoch 0 extracts every image: the bank is still a placeholder.
+    first = method.start_epoch(0, train, method.init_memory(train), False)
+    assert asked == [None] and first.stats["cluster/extracted_fraction"] == 1.0
+    # Epoch 1: 10 of 40 images, drawn from (seed, epoch); the other 30 rows of the
+    # clustered features (the new bank) are the old bank's.
+    bank = np.asarray(first.memory.instances).copy()
+    bank[::3] = -bank[::3]  # as if training had moved these rows
+    memory = first.memory.replace(instances=jnp.asarray(bank))
+    second = method.start_epoch(1, train, memory, False)
+    rows = asked[1]
+    assert len(rows) == 10 and np.all(np.diff(rows) > 0)
+    assert second.stats["cluster/extracted_fraction"] == 0.25
+    instances = np.asarray(second.memory.instances)  # re-normalised: 1-ulp changes
+    np.testing.assert_allclose(instances[rows], fresh[rows], atol=1e-6)
+    rest = np.setdiff1d(np.arange(40), rows)
+    np.testing.assert_allclose(instances[rest], bank[rest], atol=1e-6)
+    # The same draw again at epoch 1, another at epoch 2.
+    method.start_epoch(1, train, memory, False)
+    np.testing.assert_array_equal(asked[2], rows)
+    method.start_epoch(2, train, memory, False)
+    assert not np.array_equal(asked[3], rows)
+    config.method.extract_fraction = 0.0
+    assert [p for p in config_problems(config) if p.startswith("method.extract_fraction")]

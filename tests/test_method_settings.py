@@ -53,7 +53,7 @@ def test_validate_refuses_another_methods_keys_with_the_methods_list():
     (problem,) = config_problems(config)
     assert "method.alpha, method.approx_topk" in problem
     assert "not a setting of method 'joint'" in problem
-    assert "its settings: camera_negatives, instance_momentum, instance_weight" in problem
+    assert "its settings: camera_negatives, extract_fraction, instance_momentum" in problem
     assert config_problems(set_method(config, "joint")) == []
 
 

@@ -611,6 +611,29 @@ def clustering_summary(epoch: int, stats: dict[str, float]) -> str:
     return line
 
 
+def partial_extraction(
+    train: TrainSet, memory: ClusterMemory, fraction: float, *, seed: int, epoch: int
+) -> TrainSet:
+    """`train` whose extraction runs the model on round(fraction N) images only,
+    a random subset drawn from (seed, epoch), and takes every other image's
+    feature from the instance bank (its latest training feature, or its last
+    extracted one). At 10^6 images a full extraction is most of an epoch's
+    host time; the bank is part of the checkpoint, so a resumed run draws and
+    mixes the same features."""
+    n = train.num_images
+    rows = np.random.default_rng([seed, epoch]).choice(n, max(1, round(fraction * n)), False)
+    rows.sort()
+
+    def extract(subset: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        if subset is not None:
+            raise ValueError("partial_extraction: a subset of a partial extraction")
+        features = np.array(memory.instances, np.float32)
+        features[rows] = train.extract(rows)["global"]
+        return {"global": features}
+
+    return dataclasses.replace(train, extract=extract)
+
+
 def recluster(
     kind: str,
     config: ml_collections.ConfigDict,
@@ -661,7 +684,10 @@ def cluster_settings(kind: str) -> dict:
     """The settings of family member `kind`, at the published implementations'
     values (cluster-family.md): ClusterNCE at temperature 0.05, prototypes
     updated with momentum 0.1 (the weight of the old prototype) by the batch
-    mean."""
+    mean. The instance-bank members (hhcl, joint) also have extract_fraction:
+    at each re-clustering after the first, extract only this fraction of the
+    training images (`partial_extraction`) and take the rest from the bank;
+    1.0 (the published recipe) extracts every image every epoch."""
     settings = dict(
         temperature=0.05,
         momentum=0.1,
@@ -686,8 +712,9 @@ def cluster_settings(kind: str) -> dict:
                 # Weight of a ClusterNCE whose positive is the mean of the sample's
                 # cluster's instances from the other cameras (cross_camera_loss).
                 cross_camera_weight=0.0,
+                extract_fraction=1.0,
             ),
-            "joint": dict(instance_weight=0.5, instance_momentum=0.2),
+            "joint": dict(instance_weight=0.5, instance_momentum=0.2, extract_fraction=1.0),
         }[kind]
     )
     return settings
@@ -701,6 +728,8 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
         ("method.temperature", 0, None, "()", "0.05 is usual"),
         ("method.momentum", 0, 1, "[]", "the old prototype's weight; 0.1 is usual"),
         *[("method.instance_momentum", 0, 1, "[]")] * ("instance_momentum" in m),
+        *[("method.extract_fraction", 0, 1, "(]", "1.0 extracts every image")]
+        * ("extract_fraction" in m),
         *[
             (f"method.{key}", 0, None, "[)")
             for key in ("instance_weight", "inter_camera_weight", "cross_camera_weight")
@@ -738,7 +767,12 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             return EpochPlan(sampler_labels=np.asarray(memory.pseudo_labels))
         # Bottom-up merging continues from the last epoch's clusters.
         previous = np.asarray(memory.pseudo_labels)
+        fraction = float(m.get("extract_fraction", 1.0))
+        if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
+            train = partial_extraction(train, memory, fraction, seed=config.seed, epoch=epoch)
         memory, labels, stats = recluster(kind, config, train, epoch, previous)
+        if fraction < 1.0:
+            stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
         return EpochPlan(
             memory=memory,
             # Outliers are never drawn. self_paced keeps them in its memory as
