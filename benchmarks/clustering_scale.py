@@ -275,8 +275,10 @@ def main(argv: list[str] | None = None) -> None:
             generate(n, args.dim, args.seed, path, truth_path, np.float16 if f16 else np.float32)
             print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
         features = np.load(path, mmap_mode="r")
-        truth = _singletons(np.load(truth_path))
+        identity = np.load(truth_path)
+        truth = _singletons(identity)
         sample = _sample(n)
+        is_outlier = identity[sample] < 0
         tick = time.perf_counter()
         exact_sample = exact_sample_neighbors(features, sample, RECALL_K)
         print(f"exact lists of {len(sample):,} queries: {time.perf_counter() - tick:.0f} s")
@@ -296,7 +298,6 @@ def main(argv: list[str] | None = None) -> None:
             hits = np.array(
                 [len(set(a) & set(b)) / RECALL_K for a, b in zip(found, exact_sample, strict=True)]
             )
-            is_outlier = np.load(truth_path)[sample] < 0
             result["recall"] = float(hits.mean())
             result["recall_identity"] = float(hits[~is_outlier].mean())
             result["recall_outlier"] = float(hits[is_outlier].mean())

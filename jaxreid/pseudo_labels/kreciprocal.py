@@ -210,7 +210,7 @@ def jaccard_upper(encoding: sp.csr_matrix, max_distance: float | None = None):
     csc_pos = np.empty(csr.nnz, index_dtype)
     csc_pos[np.argsort(csr.indices, kind="stable")] = np.arange(csr.nnz, dtype=index_dtype)
     rest = csc.indptr[csr.indices + 1] - csc_pos  # entries j >= i in the same column
-    csr_rows = np.repeat(np.arange(n, dtype=index_dtype), np.diff(csr.indptr))
+    csr_rows = _row_ids(csr, index_dtype)
     out = []
     aggregator = _PairSums(n)
     for start, stop in _row_chunks(csr.indptr, rest, max_rows=aggregator.max_rows):
@@ -617,8 +617,8 @@ def _contains(sorted_keys, queries):
     return sorted_keys[pos] == queries
 
 
-def _row_ids(matrix: sp.csr_matrix) -> np.ndarray:
-    return np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+def _row_ids(matrix: sp.csr_matrix, dtype=np.int64) -> np.ndarray:
+    return np.repeat(np.arange(matrix.shape[0], dtype=dtype), np.diff(matrix.indptr))
 
 
 def _csr_from_sorted(rows, cols, data, n):

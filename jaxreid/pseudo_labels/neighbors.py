@@ -566,9 +566,16 @@ def _order_candidates(queries, database, sims, idx, k, self_first, tie_tolerance
     out_idx = np.empty(out_sims.shape, np.int64)
     num_tied = 0
     for s in range(0, num_queries, _CHUNK_ROWS):
-        rows = np.arange(s, min(s + _CHUNK_ROWS, num_queries))
-        out_sims[rows], out_idx[rows], tied = _order_rows(
-            queries, database, sims[rows], idx[rows], rows, k, self_first, tie_tolerance
+        chunk = slice(s, s + _CHUNK_ROWS)  # views: _order_rows makes the one work copy
+        out_sims[chunk], out_idx[chunk], tied = _order_rows(
+            queries,
+            database,
+            sims[chunk],
+            idx[chunk],
+            np.arange(s, min(s + _CHUNK_ROWS, num_queries)),
+            k,
+            self_first,
+            tie_tolerance,
         )
         num_tied += tied
     logger.debug("knn: %d of %d rows with near-ties re-ranked in float64", num_tied, num_queries)
