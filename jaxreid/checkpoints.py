@@ -34,9 +34,20 @@ class Checkpoints:
                 max_to_keep=keep, create=True, enable_async_checkpointing=False
             )
 
+        # Handlers named up front: a fresh manager reads a checkpoint's shapes
+        # (item_metadata) only when it knows how each item was written.
+        def manager(folder: str, keep: int):
+            handlers = {
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            }
+            return ocp.CheckpointManager(
+                os.path.join(root, folder), options=options(keep), item_handlers=handlers
+            )
+
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(keep))
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
+        self.latest = manager("latest", keep)
+        self.best = manager("best", 1)
 
     def save(self, manager, state, meta: dict) -> None:
         ocp = self._ocp
@@ -52,10 +63,18 @@ class Checkpoints:
         manager.wait_until_finished()
 
     def restore(self, manager, abstract_state, step: int | None = None):
+        """(state, meta) of `step` (default: the latest), or (None, None). The
+        state's `memory` comes back in the shapes it was saved with (a
+        method's memory may change shape between epochs, e.g. a prototype
+        table grown with the clusters); everything else must fit
+        `abstract_state`."""
         ocp = self._ocp
         step = manager.latest_step() if step is None else step
         if step is None:
             return None, None
+        abstract_state = _with_saved_shapes(
+            abstract_state, manager.item_metadata(step)["state"], "memory"
+        )
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
@@ -118,6 +137,30 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _with_saved_shapes(abstract_state, saved, field: str):
+    """`abstract_state` whose leaves under its top-level `field` take the
+    shapes and dtypes of the checkpoint's tree metadata `saved` (their
+    shardings kept); leaves the checkpoint lacks stay as they are, for
+    orbax's own error."""
+    tree = getattr(saved, "tree", saved)
+    flat = {
+        _path_names(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+        )[0]
+    }
+
+    def leaf(path, x):
+        names = _path_names(path)
+        if names[:1] != (field,) or names not in flat:
+            return x
+        m = flat[names]
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
 def saved_steps(workdir: str) -> list[int]:
