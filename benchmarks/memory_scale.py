@@ -3,19 +3,19 @@
     python benchmarks/memory_scale.py                                   # 10^4, 10^5, 10^6 x 2048
     python benchmarks/memory_scale.py --sizes 1000000 --kinds hhcl --dim 512
 
-Every method of jaxreid.methods.cluster carries a `ClusterMemory` whose
-prototype table has one row per training image (an upper bound on the
-clusters, so the step compiles once), and hhcl / joint an instance bank of
-the same size. For each kind and N this times, on the default device, one
+Every method of jaxreid.methods.cluster carries a `ClusterMemory` with a
+prototype table (`method.prototype_table`, laid out by
+`cluster.table_rows`), and hhcl / joint an instance bank of one row per
+training image. For each kind and N this times, on the default device, one
 compiled function doing what the train step does with the memory: the
 method's loss on a batch of features (forward + gradient with respect to
 the features) and its memory update, with the memory donated and the
 writes ordered after the gradient (`jaxreid.step.computed_after`), as the
-train step does. Rows:
+train step does. Rows, one per layout of the prototype table for the N / --images_per_cluster
+clusters present:
 
-- `table = N` is the training layout;
-- `table = clusters` sizes the prototype table by the clusters present
-  (N / --images_per_cluster), what a table grown by buckets would cost.
+- `images`: N rows (one compile per run);
+- `buckets`: the power of two at or above the clusters (the default).
 
 Columns: the memory's size (all its arrays), median and [min-max] ms of
 --repeats calls after two warm-up calls, and the floating-point work of the
@@ -53,7 +53,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch", 64, "batch size B", flag_values=fv)
     flags.DEFINE_integer("images_per_cluster", 17, "N / clusters", flag_values=fv)
     flags.DEFINE_integer("repeats", 5, "timed calls", flag_values=fv)
-    flags.DEFINE_list("tables", ["N", "clusters"], "prototype tables: N, clusters", flag_values=fv)
+    flags.DEFINE_list(
+        "tables", list(cluster.TABLE_LAYOUTS), "prototype table layouts", flag_values=fv
+    )
 
 
 def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: int):
@@ -153,9 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in (int(s) for s in args.sizes):
         for kind in args.kinds:
             clusters = max(1, n // args.images_per_cluster)
-            sizes = {"N": n, "clusters": clusters}
             for name in args.tables:
-                rows = sizes[name]
+                rows = cluster.table_rows(clusters, n, name)
                 r = time_memory(kind, n, rows, clusters, args)
                 low, high = r["range"]
                 print(

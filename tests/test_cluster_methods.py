@@ -295,6 +295,50 @@ def _jax_loss(kind, memory, indices, cams, params=PARAMS, tau=TAU):
     return memory, loss
 
 
+def test_table_rows_are_the_power_of_two_at_or_above_the_rows_in_use():
+    rows = [cluster_methods.table_rows(r, 100, "buckets") for r in (0, 1, 2, 3, 4, 5, 64, 65, 99)]
+    assert rows == [1, 1, 2, 4, 4, 8, 64, 100, 100]  # never above the images
+    assert cluster_methods.table_rows(3, 100, "images") == 100
+    with pytest.raises(ValueError, match="buckets, images|'buckets', 'images'"):
+        cluster_methods.table_rows(3, 100, "dense")
+
+
+@pytest.mark.parametrize("camera_negatives", [False, True], ids=["all", "own_camera"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bucketed_table_gives_the_loss_gradient_and_update_of_the_image_table(
+    kind, camera_negatives
+):
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(12, 5)).astype(np.float32)
+    f = jnp.asarray(rng.normal(size=(len(INDICES), 5)).astype(np.float32))
+    params = {**PARAMS, "camera_negatives": camera_negatives}
+    results = {}
+    for layout in ("images", "buckets"):
+        memory = cluster_methods.build_memory(kind, bank, CAMERAS, LABELS, layout)
+        memory, loss = _jax_loss(kind, memory, INDICES, CAMERAS[INDICES], params=params)
+        (value, parts), grad = jax.value_and_grad(loss, has_aux=True)(
+            f, memory.prototypes, memory.instances
+        )
+        used = int(np.sum(memory.valid))
+        updated = cluster_methods.update_cluster_memory(
+            kind, memory, f, jnp.asarray(INDICES), momentum=0.2, mode="mean", instance_momentum=0.3
+        )
+        results[layout] = (value, parts, grad, updated, used, memory.prototypes.shape[0])
+    value, parts, grad, updated, used, rows = results["images"]
+    b_value, b_parts, b_grad, b_updated, b_used, b_rows = results["buckets"]
+    # 3 clusters -> 4 rows; self_paced's 3 + 2 outliers -> 8; cap's 9 proxies -> 16,
+    # capped at the 12 images.
+    expected_rows = {"self_paced": 8, "cap": 12}.get(kind, 4)
+    assert (rows, b_rows, b_used) == (12, expected_rows, used)
+    np.testing.assert_allclose(float(b_value), float(value), rtol=1e-6)
+    for name in parts:
+        np.testing.assert_allclose(float(b_parts[name]), float(parts[name]), rtol=1e-6)
+    np.testing.assert_allclose(b_grad, grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b_updated.prototypes[:used], updated.prototypes[:used], rtol=1e-6)
+    np.testing.assert_array_equal(b_updated.instances, updated.instances)
+    assert float(value) > 0 and np.abs(np.asarray(grad)).max() > 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_loss_value_and_gradient_match_numpy(kind):
     f, memory = _case(kind)
@@ -818,7 +862,7 @@ def test_cap_camera_negatives_match_numpy():
     )
 
 
-@pytest.mark.parametrize("kind", ["hhcl", "joint"])
+@pytest.mark.parametrize("kind", ["hhcl", "joint", "mgce"])
 def test_partial_extraction_takes_a_seeded_subset_and_the_rest_from_the_bank(tmp_path, kind):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(8, 16))
@@ -841,14 +885,21 @@ def test_partial_extraction_takes_a_seeded_subset_and_the_rest_from_the_bank(tmp
     assert asked == [None] and first.stats["cluster/extracted_fraction"] == 1.0
     # Epoch 1: 10 of 40 images, drawn from (seed, epoch); the other 30 rows of the
     # clustered features (the new bank) are the old bank's.
-    bank = np.asarray(first.memory.instances).copy()
+    def with_bank(memory, instances=None):  # mgce keeps the bank in memory.cluster
+        clusters = getattr(memory, "cluster", memory)
+        if instances is None:
+            return clusters.instances
+        clusters = clusters.replace(instances=instances)
+        return memory.replace(cluster=clusters) if kind == "mgce" else clusters
+
+    bank = np.asarray(with_bank(first.memory)).copy()
     bank[::3] = -bank[::3]  # as if training had moved these rows
-    memory = first.memory.replace(instances=jnp.asarray(bank))
+    memory = with_bank(first.memory, jnp.asarray(bank))
     second = method.start_epoch(1, train, memory, False)
     rows = asked[1]
     assert len(rows) == 10 and np.all(np.diff(rows) > 0)
     assert second.stats["cluster/extracted_fraction"] == 0.25
-    instances = np.asarray(second.memory.instances)  # re-normalised: 1-ulp changes
+    instances = np.asarray(with_bank(second.memory))  # re-normalised: 1-ulp changes
     np.testing.assert_allclose(instances[rows], fresh[rows], atol=1e-6)
     rest = np.setdiff1d(np.arange(40), rows)
     np.testing.assert_allclose(instances[rest], bank[rest], atol=1e-6)

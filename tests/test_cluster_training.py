@@ -12,6 +12,7 @@ import pytest
 from helpers import cluster_config, step_losses, tiny_data
 from recipes import RECIPE_METHODS
 
+from jaxreid.checkpoints import Checkpoints
 from jaxreid.methods.cluster import ClusteringError
 from jaxreid.train import TrainingInterrupted, train_and_evaluate
 
@@ -33,6 +34,15 @@ def test_cluster_contrast_resume_gives_the_same_run(tiny_root, tmp_path):
                 data,
                 log=lambda s: None,
             )
+    # The mid-epoch checkpoint's prototype table is the epoch's bucket (a power
+    # of two below N), not the placeholder's one row: the resume restores the
+    # memory in its saved shapes.
+    checkpoints = Checkpoints(interrupted)
+    latest = checkpoints.latest.latest_step()
+    saved = checkpoints.latest.item_metadata(latest)["state"].tree["memory"]
+    checkpoints.close()
+    table = saved["prototypes"].shape[0]
+    assert 1 < table < len(data.train.records) and table & (table - 1) == 0
     resumed = train_and_evaluate(config, interrupted, data, log=lambda s: None)
     np.testing.assert_allclose(
         step_losses(interrupted), step_losses(str(tmp_path / "a")), rtol=1e-6

@@ -2,12 +2,20 @@
 
 Every method shares one memory pytree, `ClusterMemory`, rebuilt on the host
 from the pseudo-labels after each re-clustering and carried through the
-compiled step. Its shapes are fixed for a training set of N images: the
-prototype table has N rows (an upper bound on clusters, (cluster, camera)
-proxies, or clusters + outliers), of which `valid` marks those in use. So the
-step compiles once, and a checkpoint restores into the same shapes whatever
-the number of clusters of its epoch. The unused rows cost one masked
-(B, N) matmul per step, no more than the instance bank of the hybrid methods.
+compiled step. Its prototype table has R rows (clusters, (cluster, camera)
+proxies, or clusters + outliers), of which `valid` marks those in use; R is
+`method.prototype_table`'s `table_rows`:
+
+  buckets  the power of two at or above the rows in use, at most N: the step
+           compiles once per bucket the run reaches (the cluster count
+           rarely spans more than two), and the unused rows cost at most as
+           many as those in use. At 10^6 images in clusters of 17, an N-row
+           table is 94% padding and makes cluster contrast's step 23x dearer
+           (docs/results/training_speed.md).
+  images   N rows, an upper bound on any count: one compile per run.
+
+Unused rows are masked out of every softmax, so both layouts give the same
+loss. A checkpoint restores the memory in the shapes it was saved with.
 
 Methods (each: build the memory, a pure loss, a pure update):
 
@@ -67,7 +75,7 @@ _NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
 
 
 class ClusterMemory(struct.PyTreeNode):
-    """prototypes:    (R, D) float32 unit rows; R = N (see the module doc).
+    """prototypes:    (R, D) float32 unit rows; R = `table_rows` (module doc).
     valid:         (R,) bool, rows in use.
     row_cluster:   (R,) int32 cluster id of each row (-1 unused; self_paced:
                    outlier rows get ids after the clusters).
@@ -124,14 +132,32 @@ def camera_proxy_rows(labels: np.ndarray, cameras: np.ndarray):
     return rows, len(unique), unique // stride, unique % stride
 
 
+TABLE_LAYOUTS = ("buckets", "images")
+
+
+def table_rows(num_rows: int, num_images: int, layout: str) -> int:
+    """Rows of the prototype table holding `num_rows` rows in use for a
+    training set of `num_images` (the module doc's layouts)."""
+    if layout == "images":
+        return num_images
+    if layout != "buckets":
+        raise ValueError(f"unknown prototype table layout {layout!r}; one of {TABLE_LAYOUTS}")
+    return min(num_images, 1 << max(num_rows - 1, 0).bit_length())
+
+
 def build_memory(
-    kind: str, features: np.ndarray, cameras: np.ndarray, labels: np.ndarray
+    kind: str,
+    features: np.ndarray,
+    cameras: np.ndarray,
+    labels: np.ndarray,
+    layout: str = "images",
 ) -> ClusterMemory:
-    """Host-side memory for `kind` from (N, D) features and DBSCAN labels.
+    """Host-side memory for `kind` from (N, D) features and DBSCAN labels,
+    its prototype table laid out as `layout` (`table_rows`).
 
     `labels` all -1 gives a memory with nothing valid (self_paced: one row
     per image, every image its own class); the training loop uses it as the
-    placeholder of the right shapes before the first clustering.
+    placeholder before the first clustering.
     """
     record = _kind(kind)
     f = l2_normalize(np.asarray(features, np.float32))
@@ -139,15 +165,16 @@ def build_memory(
     cameras = np.asarray(cameras, np.int32)
     labels = np.asarray(labels, np.int64)
     rows, num_rows, row_cluster_used, row_camera_used = record.rows(labels, cameras)
-    row_camera = np.full(n, -1, np.int32)
+    r = table_rows(num_rows, n, layout)
+    row_camera = np.full(r, -1, np.int32)
     if row_camera_used is not None:
         row_camera[:num_rows] = row_camera_used
-    prototypes = np.zeros((n, d), np.float32)
+    prototypes = np.zeros((r, d), np.float32)
     has_row = rows >= 0
     if num_rows:
         prototypes[:num_rows] = _segment_mean_rows(f[has_row], rows[has_row], num_rows)
-    valid = np.arange(n) < num_rows
-    row_cluster = np.full(n, -1, np.int32)
+    valid = np.arange(r) < num_rows
+    row_cluster = np.full(r, -1, np.int32)
     row_cluster[:num_rows] = row_cluster_used
     instances = f if record.instance_bank else np.zeros((1, d), np.float32)
     return ClusterMemory(
@@ -640,11 +667,13 @@ def recluster(
     train: TrainSet,
     epoch: int,
     previous_labels: np.ndarray | None = None,
+    layout: str = "images",
 ) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
-    """`cluster_training_set` and the memory of `kind` built from its labels:
-    (memory, labels, stats)."""
+    """`cluster_training_set` and the memory of `kind` built from its labels,
+    its prototype table laid out as `layout` (`table_rows`): (memory, labels,
+    stats)."""
     result = cluster_training_set(config, train, epoch, previous_labels=previous_labels)
-    memory = build_memory(kind, result.features, train.cameras, result.labels)
+    memory = build_memory(kind, result.features, train.cameras, result.labels, layout)
     return memory, result.labels, result.stats
 
 
@@ -695,6 +724,8 @@ def cluster_settings(kind: str) -> dict:
         # Contrast each sample only with memory rows of its own camera (besides
         # its positives); cap's inter-camera term takes its hard negatives there.
         camera_negatives=False,
+        # Prototype table rows: buckets | images (table_rows; same loss).
+        prototype_table="buckets",
     )
     settings.update(
         {
@@ -737,6 +768,8 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
         ],
     )
     problems += choice_problems(config, ("method.memory_update", UPDATE_MODES))
+    if "prototype_table" in m:
+        problems += choice_problems(config, ("method.prototype_table", TABLE_LAYOUTS))
     min_cameras = config.cluster.get("min_cameras", 1)
     if isinstance(min_cameras, bool) or not isinstance(min_cameras, int) or min_cameras < 1:
         problems.append(
@@ -760,7 +793,8 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         # A placeholder of the right shapes; the first epoch's clustering fills it.
         dim = train.output_shapes["global"]
         placeholder = np.zeros((train.num_images, *dim), np.float32)
-        return build_memory(kind, placeholder, train.cameras, np.full(train.num_images, -1))
+        unlabelled = np.full(train.num_images, -1)
+        return build_memory(kind, placeholder, train.cameras, unlabelled, m.prototype_table)
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:  # the checkpoint's memory holds this epoch's clustering
@@ -770,7 +804,9 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         fraction = float(m.get("extract_fraction", 1.0))
         if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
             train = partial_extraction(train, memory, fraction, seed=config.seed, epoch=epoch)
-        memory, labels, stats = recluster(kind, config, train, epoch, previous)
+        memory, labels, stats = recluster(
+            kind, config, train, epoch, previous, layout=m.prototype_table
+        )
         if fraction < 1.0:
             stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
         return EpochPlan(

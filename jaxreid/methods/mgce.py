@@ -47,6 +47,7 @@ from jaxreid.methods.cluster import (
     cluster_settings,
     cluster_training_set,
     clustering_summary,
+    partial_extraction,
     same_camera_rows,
     update_cluster_memory,
 )
@@ -210,6 +211,7 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
     m = config.method
     offsets = tuple(float(o) for o in m.eps_offsets)
     num_granularities = 1 + len(offsets)
+    layout = m.prototype_table
 
     def init_memory(train: TrainSet) -> MGCEMemory:
         check_neighbour_sizes(config, train.num_images)  # before any work
@@ -217,16 +219,23 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
         placeholder = np.zeros((train.num_images, *dim), np.float32)
         unlabelled = np.full(train.num_images, -1)
         return MGCEMemory(
-            cluster=build_memory("joint", placeholder, train.cameras, unlabelled),
+            cluster=build_memory("joint", placeholder, train.cameras, unlabelled, layout),
             granularities=np.full((num_granularities, train.num_images), -1, np.int32),
         )
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:  # the checkpoint's memory holds this epoch's clustering
             return EpochPlan(sampler_labels=np.asarray(memory.cluster.pseudo_labels))
+        fraction = float(m.extract_fraction)
+        if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
+            train = partial_extraction(
+                train, memory.cluster, fraction, seed=config.seed, epoch=epoch
+            )
         result = cluster_training_set(config, train, epoch, offsets)
+        if fraction < 1.0:
+            result.stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
         memory = MGCEMemory(
-            cluster=build_memory("joint", result.features, train.cameras, result.labels),
+            cluster=build_memory("joint", result.features, train.cameras, result.labels, layout),
             granularities=result.granularities.astype(np.int32),
         )
         stats, line = ensemble_stats(result.granularities, result.labels, result.eps_values)
