@@ -2,6 +2,7 @@
 
     python benchmarks/memory_scale.py                                   # 10^4, 10^5, 10^6 x 2048
     python benchmarks/memory_scale.py --sizes 1000000 --kinds hhcl --dim 512
+    python benchmarks/memory_scale.py --sizes 1000000 --tables buckets --dtypes float32,bfloat16
 
 Every method of jaxreid.methods.cluster carries a `ClusterMemory` with a
 prototype table (`method.prototype_table`, laid out by
@@ -11,8 +12,9 @@ compiled function doing what the train step does with the memory: the
 method's loss on a batch of features (forward + gradient with respect to
 the features) and its memory update, with the memory donated and the
 writes ordered after the gradient (`jaxreid.step.computed_after`), as the
-train step does. Rows, one per layout of the prototype table for the N / --images_per_cluster
-clusters present:
+train step does. Rows, one per layout of the prototype table for the
+N / --images_per_cluster clusters present and memory dtype (--dtypes:
+float32, bfloat16; `method.memory_dtype`):
 
 - `images`: N rows (one compile per run);
 - `buckets`: the power of two at or above the clusters (the default).
@@ -26,6 +28,7 @@ image is drawn uniformly, 18% outliers.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -56,10 +59,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list(
         "tables", list(cluster.TABLE_LAYOUTS), "prototype table layouts", flag_values=fv
     )
+    flags.DEFINE_list("dtypes", ["float32"], "memory dtypes (method.memory_dtype)", flag_values=fv)
 
 
-def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: int):
-    """A ClusterMemory of `kind` for n images whose prototype table has `rows` rows."""
+def random_memory(
+    kind: str, n: int, rows: int, dim: int, clusters: int, seed: int, dtype: str = "float32"
+):
+    """A ClusterMemory of `kind` for n images whose prototype table has `rows`
+    rows, its tables stored in `dtype`."""
     keys = jax.random.split(jax.random.key(seed), 3)
 
     def unit_rows(key, count):
@@ -72,7 +79,7 @@ def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: i
         def make(key):
             def one(k):
                 x = jax.random.normal(k, (chunk, dim), jnp.float32)
-                return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+                return (x / jnp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
 
             rows = jax.lax.map(one, jax.random.split(key, num_chunks))
             return rows.reshape(count, dim)
@@ -95,11 +102,13 @@ def random_memory(kind: str, n: int, rows: int, dim: int, clusters: int, seed: i
     )
 
 
-def memory_step(kind: str):
+def memory_step(kind: str, dtype: str = "float32"):
     """memory, features, indices, cameras -> (memory, loss, gradient) through
     the method's own hooks at its default settings: its loss and gradient,
     then its update."""
-    method = get_method(set_method(base_config(), kind))
+    config = set_method(base_config(), kind)
+    config.method.memory_dtype = dtype
+    method = get_method(config)
     phase = method.phases[0]
     key = jax.random.key(0)
 
@@ -118,14 +127,14 @@ def memory_step(kind: str):
     return jax.jit(step, donate_argnums=0)
 
 
-def time_memory(kind: str, n: int, rows: int, clusters: int, args) -> dict:
-    memory = random_memory(kind, n, rows, args.dim, clusters, seed=n)
+def time_memory(kind: str, n: int, rows: int, clusters: int, dtype: str, args) -> dict:
+    memory = random_memory(kind, n, rows, args.dim, clusters, seed=n, dtype=dtype)
     size_gib = sum(x.nbytes for x in jax.tree.leaves(memory)) / 2**30
     rng = np.random.default_rng(0)
     features = jnp.asarray(rng.standard_normal((args.batch, args.dim), np.float32))
     indices = jnp.asarray(rng.choice(n, args.batch, replace=False).astype(np.int32))
     cams = jnp.zeros((args.batch,), jnp.int32)
-    step = memory_step(kind)
+    step = memory_step(kind, dtype)
     times = []
     for call in range(2 + args.repeats):
         start = time.perf_counter()
@@ -148,19 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     configure_host()
     print(f"{machine_description()}; B = {args.batch}, D = {args.dim}")
     print(
-        "| kind | N | table | memory GiB | step ms (loss fwd + grad + update) | "
+        "| kind | N | table | dtype | memory GiB | step ms (loss fwd + grad + update) | "
         "similarity GFLOP / step |"
     )
-    print("|---|---:|---|---:|---:|---:|")
+    print("|---|---:|---|---|---:|---:|---:|")
     for n in (int(s) for s in args.sizes):
         for kind in args.kinds:
             clusters = max(1, n // args.images_per_cluster)
-            for name in args.tables:
+            for name, dtype in itertools.product(args.tables, args.dtypes):
                 rows = cluster.table_rows(clusters, n, name)
-                r = time_memory(kind, n, rows, clusters, args)
+                r = time_memory(kind, n, rows, clusters, dtype, args)
                 low, high = r["range"]
                 print(
-                    f"| {kind} | {n:,} | {name} ({rows:,} rows) | {r['gib']:.2f} | "
+                    f"| {kind} | {n:,} | {name} ({rows:,} rows) | {dtype} | {r['gib']:.2f} | "
                     f"{r['ms']:.1f} [{low:.1f}-{high:.1f}] | {r['gflop']:.1f} |"
                     + ("" if r["finite"] else " (loss not finite)"),
                     flush=True,

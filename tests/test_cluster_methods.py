@@ -339,6 +339,55 @@ def test_bucketed_table_gives_the_loss_gradient_and_update_of_the_image_table(
     assert float(value) > 0 and np.abs(np.asarray(grad)).max() > 0
 
 
+def test_memory_similarities_of_a_float32_table_are_the_plain_product():
+    rng = np.random.default_rng(0)
+    f = jnp.asarray(rng.normal(size=(6, 40)).astype(np.float32))
+    table = jnp.asarray(rng.normal(size=(33, 40)).astype(np.float32))
+    np.testing.assert_array_equal(cluster_methods.memory_similarities(f, table), f @ table.T)
+    half = cluster_methods.memory_similarities(f, table.astype(jnp.bfloat16))
+    assert half.dtype == jnp.float32
+    # Products of bfloat16-rounded operands, float32 sums.
+    rounded = (
+        np.asarray(f.astype(jnp.bfloat16), np.float32)
+        @ np.asarray(table.astype(jnp.bfloat16), np.float32).T
+    )
+    np.testing.assert_allclose(half, rounded, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(half) - np.asarray(f @ table.T)).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_memory_is_stored_in_bfloat16_and_trains_like_float32(kind):
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(12, 64)).astype(np.float32)
+    f = jnp.asarray(rng.normal(size=(len(INDICES), 64)).astype(np.float32))
+    params = {**PARAMS, "cross_camera_weight": 0.5} if kind == "hhcl" else PARAMS
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        memory = cluster_methods.build_memory(kind, bank, CAMERAS, LABELS, "buckets", dtype)
+        memory, loss = _jax_loss(kind, memory, INDICES, CAMERAS[INDICES], params=params)
+        (value, _), grad = jax.value_and_grad(loss, has_aux=True)(
+            f, memory.prototypes, memory.instances
+        )
+        updated = cluster_methods.update_cluster_memory(
+            kind, memory, f, jnp.asarray(INDICES), momentum=0.2, mode="mean", instance_momentum=0.3
+        )
+        results[dtype] = (memory, value, grad, updated)
+    memory, value, grad, updated = results["float32"]
+    h_memory, h_value, h_grad, h_updated = results["bfloat16"]
+    for name in ("prototypes", "instances"):
+        assert getattr(h_memory, name).dtype == getattr(h_updated, name).dtype == jnp.bfloat16
+        # Built: the float32 rows rounded; updated from its rounded rows: within
+        # bfloat16's resolution of the float32 update.
+        np.testing.assert_array_equal(
+            getattr(h_memory, name), getattr(memory, name).astype(jnp.bfloat16)
+        )
+        np.testing.assert_allclose(
+            np.asarray(getattr(h_updated, name), np.float32), getattr(updated, name), atol=4e-3
+        )
+    np.testing.assert_allclose(float(h_value), float(value), rtol=2e-2)
+    np.testing.assert_allclose(h_grad, grad, rtol=0.1, atol=0.05 * np.abs(grad).max())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cluster_loss_value_and_gradient_match_numpy(kind):
     f, memory = _case(kind)
@@ -883,6 +932,7 @@ def test_partial_extraction_takes_a_seeded_subset_and_the_rest_from_the_bank(tmp
     # Epoch 0 extracts every image: the bank is still a placeholder.
     first = method.start_epoch(0, train, method.init_memory(train), False)
     assert asked == [None] and first.stats["cluster/extracted_fraction"] == 1.0
+
     # Epoch 1: 10 of 40 images, drawn from (seed, epoch); the other 30 rows of the
     # clustered features (the new bank) are the old bank's.
     def with_bank(memory, instances=None):  # mgce keeps the bank in memory.cluster

@@ -47,7 +47,9 @@ def update_centroids(
         raise ValueError(f"mode must be one of {UPDATE_MODES}, got {mode!r}")
     centroids = jnp.asarray(centroids)
     num_clusters = centroids.shape[0]
-    f = jax.lax.stop_gradient(_normalize(jnp.asarray(features, centroids.dtype)))
+    # Computed in float32 whatever the table's dtype (a bfloat16 table is only
+    # stored in bfloat16: its rows are rounded once, when written).
+    f = jax.lax.stop_gradient(_normalize(jnp.asarray(features, jnp.float32)))
     labels = jnp.asarray(labels, jnp.int32)
     valid = labels >= 0
 
@@ -55,8 +57,8 @@ def update_centroids(
 
         def body(i, c):
             y = jnp.maximum(labels[i], 0)
-            new = _normalize(momentum * c[y] + (1.0 - momentum) * f[i])
-            return c.at[y].set(jnp.where(valid[i], new, c[y]))
+            new = _normalize(momentum * c[y].astype(jnp.float32) + (1.0 - momentum) * f[i])
+            return c.at[y].set(jnp.where(valid[i], new.astype(c.dtype), c[y]))
 
         return jax.lax.fori_loop(0, f.shape[0], body, centroids)
 
@@ -69,7 +71,7 @@ def update_centroids(
     same = valid[:, None] & valid[None, :] & (labels[:, None] == labels[None, :])
     segment = jnp.where(valid, jnp.argmax(same, axis=1), batch)  # outliers: dropped
     target = jnp.where(valid, labels, num_clusters)  # out of range: not written
-    old = centroids[jnp.minimum(target, num_clusters - 1)]
+    old = centroids[jnp.minimum(target, num_clusters - 1)].astype(jnp.float32)
     if mode == "mean":
         counts = jax.ops.segment_sum(valid.astype(f.dtype), segment, num_segments=batch + 1)
         sums = jax.ops.segment_sum(f, segment, num_segments=batch + 1)

@@ -75,7 +75,8 @@ _NEG = -1e9  # logit of an unused memory row (finite: keeps gradients clean)
 
 
 class ClusterMemory(struct.PyTreeNode):
-    """prototypes:    (R, D) float32 unit rows; R = `table_rows` (module doc).
+    """prototypes:    (R, D) unit rows, float32 (or bfloat16: method.memory_dtype);
+                   R = `table_rows` (module doc).
     valid:         (R,) bool, rows in use.
     row_cluster:   (R,) int32 cluster id of each row (-1 unused; self_paced:
                    outlier rows get ids after the clusters).
@@ -83,7 +84,7 @@ class ClusterMemory(struct.PyTreeNode):
     rows:          (N,) int32 the row each image is pulled towards (-1: none).
     pseudo_labels: (N,) int32 DBSCAN cluster of each image (-1 outlier).
     cameras:       (N,) int32 camera of each image.
-    instances:     (N, D) float32 instance bank (hhcl, joint), else a (1, D)
+    instances:     (N, D) instance bank (hhcl, joint; prototypes' dtype), else a (1, D)
                    unused placeholder (orbax cannot save empty arrays).
     """
 
@@ -133,6 +134,11 @@ def camera_proxy_rows(labels: np.ndarray, cameras: np.ndarray):
 
 
 TABLE_LAYOUTS = ("buckets", "images")
+# Storage of the prototypes and the instance bank (method.memory_dtype). The
+# losses read a bfloat16 table as stored, summing in float32
+# (memory_similarities); the updates compute in float32 and round once, when
+# they write (centroids.update_centroids).
+MEMORY_DTYPES = ("float32", "bfloat16")
 
 
 def table_rows(num_rows: int, num_images: int, layout: str) -> int:
@@ -151,9 +157,11 @@ def build_memory(
     cameras: np.ndarray,
     labels: np.ndarray,
     layout: str = "images",
+    dtype: str = "float32",
 ) -> ClusterMemory:
     """Host-side memory for `kind` from (N, D) features and DBSCAN labels,
-    its prototype table laid out as `layout` (`table_rows`).
+    its prototype table laid out as `layout` (`table_rows`), its prototypes
+    and instances stored in `dtype` (MEMORY_DTYPES).
 
     `labels` all -1 gives a memory with nothing valid (self_paced: one row
     per image, every image its own class); the training loop uses it as the
@@ -176,20 +184,31 @@ def build_memory(
     valid = np.arange(r) < num_rows
     row_cluster = np.full(r, -1, np.int32)
     row_cluster[:num_rows] = row_cluster_used
+    if dtype not in MEMORY_DTYPES:
+        raise ValueError(f"unknown memory dtype {dtype!r}; one of {MEMORY_DTYPES}")
+    stored = jnp.dtype(dtype)
     instances = f if record.instance_bank else np.zeros((1, d), np.float32)
     return ClusterMemory(
-        prototypes=prototypes,
+        prototypes=prototypes.astype(stored),
         valid=valid,
         row_cluster=row_cluster,
         row_camera=row_camera,
         rows=rows.astype(np.int32),
         pseudo_labels=labels.astype(np.int32),
         cameras=cameras,
-        instances=np.array(instances, np.float32),
+        instances=np.asarray(instances, stored),
     )
 
 
 # ---------------------------------------------------------------- losses
+
+
+def memory_similarities(features: jax.Array, table: jax.Array) -> jax.Array:
+    """(B, R) float32 similarities of float32 features to the rows of a memory
+    table (a constant). A bfloat16 table is read as it is stored, products in
+    bfloat16 and sums in float32, never copied whole to float32."""
+    table = jax.lax.stop_gradient(table)
+    return jnp.dot(features.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
 
 
 def _mean_over(values: jax.Array, use: jax.Array) -> jax.Array:
@@ -215,7 +234,7 @@ def masked_nce(
     """Mean over samples with target >= 0 of CE(f . P^T / tau, target), rows
     outside `row_mask` ((R,) or (B, R)) excluded from the softmax."""
     f = l2_normalize(features.astype(jnp.float32))
-    logits = f @ jax.lax.stop_gradient(prototypes).T / temperature
+    logits = memory_similarities(f, prototypes) / temperature
     logits = jnp.where(row_mask, logits, _NEG)
     use = targets >= 0
     t = jnp.maximum(targets, 0)
@@ -237,7 +256,7 @@ def cap_inter_camera_loss(
     most similar proxies of other clusters (among those `negatives_used` (B, R)
     marks, when given)."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = f @ jax.lax.stop_gradient(memory.prototypes).T / temperature
+    s = memory_similarities(f, memory.prototypes) / temperature
     positive = memory.valid[None, :] & (memory.row_cluster[None, :] == clusters[:, None])
     negative = memory.valid[None, :] & ~positive
     if negatives_used is not None:
@@ -272,7 +291,7 @@ def hard_instance_loss(
     belong to no cluster and take no part; with `negatives_used` (B, N) only
     the marked instances give negatives. Samples with label < 0 are skipped."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = f @ jax.lax.stop_gradient(instances).T / temperature  # (B, N)
+    s = memory_similarities(f, instances) / temperature  # (B, N)
     n = instances.shape[0]
     # Cluster ids are < N; outlier instances go to a dropped segment.
     segment = jnp.where(instance_labels >= 0, instance_labels, n)
@@ -303,7 +322,7 @@ def multi_positive_instance_loss(
     and the instances it marks), Pos(i) = the instances of i's cluster (or i
     itself when i is an outlier)."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = f @ jax.lax.stop_gradient(instances).T / temperature
+    s = memory_similarities(f, instances) / temperature
     columns = jnp.arange(instances.shape[0])[None, :]
     positive = jnp.where(
         labels[:, None] >= 0,
@@ -338,9 +357,11 @@ def cross_camera_loss(
         & (labels[:, None] >= 0)
     )  # (B, N)
     bank = jax.lax.stop_gradient(memory.instances)
-    centre = l2_normalize(others.astype(jnp.float32) @ bank)
+    centre = l2_normalize(
+        jnp.dot(others.astype(bank.dtype), bank, preferred_element_type=jnp.float32)
+    )
     positive = jnp.sum(f * centre, axis=1) / temperature
-    negatives = f @ jax.lax.stop_gradient(memory.prototypes).T / temperature
+    negatives = memory_similarities(f, memory.prototypes) / temperature
     target_row = memory.rows[indices]
     row_ids = jnp.arange(negatives.shape[1])[None, :]
     negatives = jnp.where(rows_used & (row_ids != target_row[:, None]), negatives, _NEG)
@@ -668,12 +689,12 @@ def recluster(
     epoch: int,
     previous_labels: np.ndarray | None = None,
     layout: str = "images",
+    dtype: str = "float32",
 ) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
-    """`cluster_training_set` and the memory of `kind` built from its labels,
-    its prototype table laid out as `layout` (`table_rows`): (memory, labels,
-    stats)."""
+    """`cluster_training_set` and the memory of `kind` built from its labels
+    (`build_memory`'s `layout` and `dtype`): (memory, labels, stats)."""
     result = cluster_training_set(config, train, epoch, previous_labels=previous_labels)
-    memory = build_memory(kind, result.features, train.cameras, result.labels, layout)
+    memory = build_memory(kind, result.features, train.cameras, result.labels, layout, dtype)
     return memory, result.labels, result.stats
 
 
@@ -726,6 +747,9 @@ def cluster_settings(kind: str) -> dict:
         camera_negatives=False,
         # Prototype table rows: buckets | images (table_rows; same loss).
         prototype_table="buckets",
+        # Storage of prototypes and instance bank: float32 | bfloat16 (half the
+        # memory; the rows are rounded to bfloat16).
+        memory_dtype="float32",
     )
     settings.update(
         {
@@ -770,6 +794,8 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems += choice_problems(config, ("method.memory_update", UPDATE_MODES))
     if "prototype_table" in m:
         problems += choice_problems(config, ("method.prototype_table", TABLE_LAYOUTS))
+    if "memory_dtype" in m:
+        problems += choice_problems(config, ("method.memory_dtype", MEMORY_DTYPES))
     min_cameras = config.cluster.get("min_cameras", 1)
     if isinstance(min_cameras, bool) or not isinstance(min_cameras, int) or min_cameras < 1:
         problems.append(
@@ -794,7 +820,9 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         dim = train.output_shapes["global"]
         placeholder = np.zeros((train.num_images, *dim), np.float32)
         unlabelled = np.full(train.num_images, -1)
-        return build_memory(kind, placeholder, train.cameras, unlabelled, m.prototype_table)
+        return build_memory(
+            kind, placeholder, train.cameras, unlabelled, m.prototype_table, m.memory_dtype
+        )
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:  # the checkpoint's memory holds this epoch's clustering
@@ -805,7 +833,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
             train = partial_extraction(train, memory, fraction, seed=config.seed, epoch=epoch)
         memory, labels, stats = recluster(
-            kind, config, train, epoch, previous, layout=m.prototype_table
+            kind, config, train, epoch, previous, m.prototype_table, m.memory_dtype
         )
         if fraction < 1.0:
             stats["extracted_fraction"] = fraction if epoch > 0 else 1.0

@@ -47,6 +47,7 @@ from jaxreid.methods.cluster import (
     cluster_settings,
     cluster_training_set,
     clustering_summary,
+    memory_similarities,
     partial_extraction,
     same_camera_rows,
     update_cluster_memory,
@@ -139,7 +140,7 @@ def priority_hybrid_loss(
     rows_used = m.valid[None, :]
     if camera_negatives:
         rows_used = rows_used & same_camera_rows(m, cams)
-    logits = f @ jax.lax.stop_gradient(m.prototypes).T / temperature
+    logits = memory_similarities(f, m.prototypes) / temperature
     logits = jnp.where(rows_used, logits, _NEG)
     target = jnp.maximum(m.rows[indices], 0)
     ce = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, target[:, None], 1)[:, 0]
@@ -147,7 +148,7 @@ def priority_hybrid_loss(
     used = jnp.maximum(jnp.sum(clustered), 1)
     cluster = jnp.sum(jnp.where(clustered, firmness * ce, 0.0)) / used
     # Instance level: priority-weighted multi-positive NCE over the bank.
-    s = f @ jax.lax.stop_gradient(m.instances).T / temperature
+    s = memory_similarities(f, m.instances) / temperature
     if camera_negatives:
         s = jnp.where(positive | (m.cameras[None, :] == cams[:, None]), s, _NEG)
     log_p = s - jax.nn.logsumexp(s, axis=1, keepdims=True)
@@ -211,7 +212,7 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
     m = config.method
     offsets = tuple(float(o) for o in m.eps_offsets)
     num_granularities = 1 + len(offsets)
-    layout = m.prototype_table
+    layout, dtype = m.prototype_table, m.memory_dtype
 
     def init_memory(train: TrainSet) -> MGCEMemory:
         check_neighbour_sizes(config, train.num_images)  # before any work
@@ -219,7 +220,7 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
         placeholder = np.zeros((train.num_images, *dim), np.float32)
         unlabelled = np.full(train.num_images, -1)
         return MGCEMemory(
-            cluster=build_memory("joint", placeholder, train.cameras, unlabelled, layout),
+            cluster=build_memory("joint", placeholder, train.cameras, unlabelled, layout, dtype),
             granularities=np.full((num_granularities, train.num_images), -1, np.int32),
         )
 
@@ -235,7 +236,9 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
         if fraction < 1.0:
             result.stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
         memory = MGCEMemory(
-            cluster=build_memory("joint", result.features, train.cameras, result.labels, layout),
+            cluster=build_memory(
+                "joint", result.features, train.cameras, result.labels, layout, dtype
+            ),
             granularities=result.granularities.astype(np.int32),
         )
         stats, line = ensemble_stats(result.granularities, result.labels, result.eps_values)
