@@ -251,3 +251,41 @@ def test_resume_changes_split_breaking_from_allowed(tmp_path):
         assert word in str(error.value)
     assert "train.ema_decay 0.0 -> 0.99" in str(error.value)
     assert (tmp_path / "config.json").read_text() == json.dumps(stored)
+
+
+def test_the_memory_comes_back_in_its_saved_shapes_and_nothing_else_does(tmp_path):
+    import jax.numpy as jnp
+    from flax import struct
+
+    from jaxreid.checkpoints import Checkpoints
+
+    class State(struct.PyTreeNode):
+        step: jnp.ndarray
+        params: dict
+        memory: dict
+
+    saved = State(
+        step=jnp.int32(7),
+        params={"w": jnp.arange(6.0).reshape(2, 3)},
+        memory={"table": jnp.arange(12.0).reshape(4, 3).astype(jnp.bfloat16)},
+    )
+
+    def resume(template):
+        checkpoints = Checkpoints(str(tmp_path))
+        try:
+            return checkpoints.resume(template)
+        finally:
+            checkpoints.close()
+
+    checkpoints = Checkpoints(str(tmp_path))
+    checkpoints.save(checkpoints.latest, saved, {"history": []})
+    checkpoints.close()
+    # A fresh process's template: the memory of another epoch (one float32 row).
+    state, meta = resume(saved.replace(memory={"table": jnp.zeros((1, 3), jnp.float32)}))
+    assert state.memory["table"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(state.memory["table"], saved.memory["table"])
+    np.testing.assert_array_equal(state.params["w"], saved.params["w"])
+    assert int(state.step) == 7 and meta == {"history": []}
+    # Parameters of another shape are still refused, naming the checkpoint.
+    with pytest.raises(UserError, match="cannot be restored"):
+        resume(saved.replace(params={"w": jnp.zeros((3, 3))}))
