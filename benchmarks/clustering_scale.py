@@ -2,6 +2,7 @@
 
     python benchmarks/clustering_scale.py --sizes 10000 100000 --dim 2048
     python benchmarks/clustering_scale.py --sizes 1000000 --dim 2048 --knn ivf
+    python benchmarks/clustering_scale.py --features=/tmp/cuhk03.npz --knn exact ivf hnsw
 
 For each N and kNN index (exact, ivf, hnsw; `jaxreid.pseudo_labels.neighbors`) one fresh
 subprocess runs the clustering pipeline of training (k1 = 30 kNN -> sparse k-reciprocal Jaccard
@@ -23,6 +24,13 @@ unit direction times a noise level drawn from [0.6, 1.3], L2-normalised. Generat
 (N, dim, seed) in 16,384-row chunks straight into a .npy memory map under --data-dir (float32,
 or float16 with --float16 / automatically when N * dim * 4 bytes exceeds --max-f32-gib), with
 the identities beside it; the subprocesses map the file, never copy it whole.
+
+Real features: --features names a `python -m jaxreid.extract` .npz of a
+Market-1501-layout folder (e.g. a model's features of CUHK03's train, query
+and gallery images); its `global` rows are clustered instead (--sizes and
+--dim do not apply), and the identities, for the scores only, come from the
+file names (train and test identities kept apart; junk -1 and distractor 0
+images count as outliers).
 """
 
 from __future__ import annotations
@@ -86,6 +94,28 @@ def generate(n: int, dim: int, seed: int, path: str, truth_path: str, dtype) -> 
     del out
     os.replace(path + ".tmp", path)
     np.save(truth_path, truth)
+
+
+def real_features(npz: str, data_dir: str) -> tuple[str, str]:
+    """(feature .npy, identity .npy) under `data_dir` of a jaxreid.extract .npz
+    (module doc): float32 rows, identity -1 for junk and distractors."""
+    from jaxreid.data.datasets import parse_market_name
+
+    stem = os.path.join(data_dir, "real-" + os.path.splitext(os.path.basename(npz))[0])
+    with np.load(npz) as z:
+        features = np.asarray(z["global"], np.float32)
+        paths = [str(p) for p in z["paths"]]
+    keys = []
+    for path in paths:
+        folder, name = os.path.split(path)
+        pid, _ = parse_market_name(name, folder)
+        keys.append(None if pid <= 0 else ("train" in folder, pid))
+    ids = {k: i for i, k in enumerate(sorted({k for k in keys if k is not None}))}
+    identity = np.array([-1 if k is None else ids[k] for k in keys], np.int64)
+    np.save(stem + ".npy", features)
+    np.save(stem + "-identity.npy", identity)
+    print(f"{npz}: {len(paths):,} x {features.shape[1]}, {len(ids):,} identities", flush=True)
+    return stem + ".npy", stem + "-identity.npy"
 
 
 def _sample(n: int) -> np.ndarray:
@@ -213,6 +243,12 @@ def define_flags(fv: flags.FlagValues) -> None:
         "data_dir", "/tmp/jaxreid-clustering-scale", "feature files", flag_values=fv
     )
     flags.DEFINE_bool("float16", False, "store the features as float16", flag_values=fv)
+    flags.DEFINE_string(
+        "features",
+        None,
+        "a jaxreid.extract .npz of a Market-layout folder: cluster its features instead",
+        flag_values=fv,
+    )
     flags.DEFINE_float(
         "max_f32_gib", 4.0, "store float16 when float32 would exceed this", flag_values=fv
     )
@@ -221,6 +257,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("child", None, "internal: the measuring subprocess", flag_values=fv)
     flags.DEFINE_string("child_data", None, "internal: its feature file", flag_values=fv)
     flags.DEFINE_string("child_out", None, "internal: its output prefix", flag_values=fv)
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _table(rows: list[dict]) -> None:
@@ -235,7 +275,7 @@ def _table(rows: list[dict]) -> None:
         ari_exact = "-" if r["ari_exact"] is None else f"{r['ari_exact']:.4f}"
         print(
             f"| {r['n']:,} x {r['dim']} | {r['dtype']} | {r['knn']} | {r['recall']:.4f} | "
-            f"{r['recall_identity']:.4f} / {r['recall_outlier']:.4f} | "
+            f"{r['recall_identity']:.4f} / {_number(r['recall_outlier'])} | "
             f"{ari_exact} | {r['ari_truth']:.4f} | {r['knn_s']:.1f} | {r['jaccard_s']:.1f} | "
             f"{r['dbscan_s']:.1f} | {r['total_s']:.1f} | {r['peak_gib']:.2f} | "
             f"{r['base_gib']:.2f} | {r['clusters']:,} | {r['outliers']:,} | {r['load']} |"
@@ -256,25 +296,32 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"# clustering at scale: k1={K1}, k2={K2}, eps={EPS}, min_samples={MIN_SAMPLES}, "
-        f"dim={args.dim}, auto = exact up to {neighbors.AUTO_EXACT_MAX:,} rows, "
+        f"features {args.features or f'generated, dim={args.dim}'}, "
+        f"auto = exact up to {neighbors.AUTO_EXACT_MAX:,} rows, "
         f"{neighbors.AUTO_INDEX} above",
         flush=True,
     )
     print(machine_description(), flush=True)
     os.makedirs(args.data_dir, exist_ok=True)
     rows = []
-    for n in args.sizes:
-        path, truth_path = _paths(args.data_dir, n, args.dim, args.seed)
-        f16 = args.float16 or n * args.dim * 4 / 2**30 > args.max_f32_gib
-        if f16:
-            path = path.replace(".npy", "-f16.npy")
-        if not os.path.exists(path):
-            need = n * args.dim * (2 if f16 else 4) / 2**30
-            print(f"generating {n:,} x {args.dim} ({need:.1f} GiB) -> {path}", flush=True)
-            tick = time.perf_counter()
-            generate(n, args.dim, args.seed, path, truth_path, np.float16 if f16 else np.float32)
-            print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
+    sets = [real_features(args.features, args.data_dir)] if args.features else args.sizes
+    for n in sets:
+        if args.features:
+            path, truth_path = n
+        else:
+            path, truth_path = _paths(args.data_dir, n, args.dim, args.seed)
+            f16 = args.float16 or n * args.dim * 4 / 2**30 > args.max_f32_gib
+            if f16:
+                path = path.replace(".npy", "-f16.npy")
+            if not os.path.exists(path):
+                need = n * args.dim * (2 if f16 else 4) / 2**30
+                print(f"generating {n:,} x {args.dim} ({need:.1f} GiB) -> {path}", flush=True)
+                tick = time.perf_counter()
+                dtype = np.float16 if f16 else np.float32
+                generate(n, args.dim, args.seed, path, truth_path, dtype)
+                print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
         features = np.load(path, mmap_mode="r")
+        n, dim = features.shape
         identity = np.load(truth_path)
         truth = _singletons(identity)
         sample = _sample(n)
@@ -288,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             if index == "exact" and n > args.exact_max:
                 print(f"exact skipped at N={n:,} (--exact_max {args.exact_max:,})")
                 continue
-            prefix = os.path.join(args.data_dir, f"out-{n}x{args.dim}-{index}")
+            prefix = os.path.join(args.data_dir, f"out-{n}x{dim}-{index}")
             print(f"{index} N={n:,} (available {_available_gib():.1f} GiB)", flush=True)
             result = _run_child(index, path, prefix, args)
             if result is None:
@@ -300,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             result["recall"] = float(hits.mean())
             result["recall_identity"] = float(hits[~is_outlier].mean())
-            result["recall_outlier"] = float(hits[is_outlier].mean())
+            result["recall_outlier"] = float(hits[is_outlier].mean()) if is_outlier.any() else None
             if index == "exact":
                 exact_labels = _singletons(labels)
             result["ari_exact"] = (

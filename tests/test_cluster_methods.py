@@ -960,3 +960,16 @@ def test_partial_extraction_takes_a_seeded_subset_and_the_rest_from_the_bank(tmp
     assert not np.array_equal(asked[3], rows)
     config.method.extract_fraction = 0.0
     assert [p for p in config_problems(config) if p.startswith("method.extract_fraction")]
+
+
+def test_a_bfloat16_memory_on_the_cpu_is_warned_about(tmp_path, caplog):
+    train = TrainSet(np.arange(40) % 2, np.zeros(40, int), None, {"global": (16,)})
+    for dtype, warned in (("float32", False), ("bfloat16", True)):
+        caplog.clear()
+        config = cluster_config(str(tmp_path), "hhcl", **{"method.memory_dtype": dtype})
+        assert not config_problems(config)
+        memory = get_method(config).init_memory(train)
+        assert memory.instances.dtype == jnp.dtype(dtype)
+        assert ("memory_dtype = bfloat16 on the CPU" in caplog.text) == warned
+    config.method.memory_dtype = "float16"
+    assert [p for p in config_problems(config) if p.startswith("method.memory_dtype")]

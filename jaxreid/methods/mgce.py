@@ -51,6 +51,7 @@ from jaxreid.methods.cluster import (
     partial_extraction,
     same_camera_rows,
     update_cluster_memory,
+    warn_cpu_bfloat16,
 )
 from jaxreid.utils import l2_normalize
 
@@ -216,6 +217,7 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
 
     def init_memory(train: TrainSet) -> MGCEMemory:
         check_neighbour_sizes(config, train.num_images)  # before any work
+        warn_cpu_bfloat16(dtype)
         dim = train.output_shapes["global"]
         placeholder = np.zeros((train.num_images, *dim), np.float32)
         unlabelled = np.full(train.num_images, -1)
