@@ -662,13 +662,20 @@ def clustering_summary(epoch: int, stats: dict[str, float]) -> str:
 
 def partial_extraction(
     train: TrainSet, memory: ClusterMemory, fraction: float, *, seed: int, epoch: int
-) -> TrainSet:
-    """`train` whose extraction runs the model on round(fraction N) images only,
-    a random subset drawn from (seed, epoch), and takes every other image's
-    feature from the instance bank (its latest training feature, or its last
-    extracted one). At 10^6 images a full extraction is most of an epoch's
+) -> tuple[TrainSet, dict[str, float]]:
+    """(training set, stats) that epoch `epoch` clusters, for
+    method.extract_fraction = `fraction`. Below 1, from epoch 1 on (at epoch 0
+    the bank is still a placeholder), `train` whose extraction runs the model
+    on round(fraction N) images only, a random subset drawn from (seed, epoch),
+    and takes every other image's feature from the instance bank (its latest
+    training feature, or its last extracted one); the stats record the
+    fraction extracted. At 10^6 images a full extraction is most of an epoch's
     host time; the bank is part of the checkpoint, so a resumed run draws and
-    mixes the same features."""
+    mixes the same features. At 1: `train` and no stats."""
+    if fraction >= 1.0:
+        return train, {}
+    if epoch == 0:
+        return train, {"extracted_fraction": 1.0}
     n = train.num_images
     rows = np.random.default_rng([seed, epoch]).choice(n, max(1, round(fraction * n)), False)
     rows.sort()
@@ -680,7 +687,7 @@ def partial_extraction(
         features[rows] = train.extract(rows)["global"]
         return {"global": features}
 
-    return dataclasses.replace(train, extract=extract)
+    return dataclasses.replace(train, extract=extract), {"extracted_fraction": fraction}
 
 
 def recluster(
@@ -845,13 +852,13 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         # Bottom-up merging continues from the last epoch's clusters.
         previous = np.asarray(memory.pseudo_labels)
         fraction = float(m.get("extract_fraction", 1.0))
-        if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
-            train = partial_extraction(train, memory, fraction, seed=config.seed, epoch=epoch)
+        train, extraction = partial_extraction(
+            train, memory, fraction, seed=config.seed, epoch=epoch
+        )
         memory, labels, stats = recluster(
             kind, config, train, epoch, previous, m.prototype_table, m.memory_dtype
         )
-        if fraction < 1.0:
-            stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
+        stats.update(extraction)
         return EpochPlan(
             memory=memory,
             # Outliers are never drawn. self_paced keeps them in its memory as

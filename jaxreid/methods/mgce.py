@@ -229,14 +229,11 @@ def mgce_method(config: ml_collections.ConfigDict) -> Method:
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
         if resumed:  # the checkpoint's memory holds this epoch's clustering
             return EpochPlan(sampler_labels=np.asarray(memory.cluster.pseudo_labels))
-        fraction = float(m.extract_fraction)
-        if fraction < 1.0 and epoch > 0:  # from epoch 1 the bank holds every image
-            train = partial_extraction(
-                train, memory.cluster, fraction, seed=config.seed, epoch=epoch
-            )
+        train, extraction = partial_extraction(
+            train, memory.cluster, float(m.extract_fraction), seed=config.seed, epoch=epoch
+        )
         result = cluster_training_set(config, train, epoch, offsets)
-        if fraction < 1.0:
-            result.stats["extracted_fraction"] = fraction if epoch > 0 else 1.0
+        result.stats.update(extraction)
         memory = MGCEMemory(
             cluster=build_memory(
                 "joint", result.features, train.cameras, result.labels, layout, dtype
