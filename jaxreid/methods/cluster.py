@@ -169,6 +169,8 @@ def build_memory(
     placeholder before the first clustering.
     """
     record = _kind(kind)
+    if dtype not in MEMORY_DTYPES:
+        raise ValueError(f"unknown memory dtype {dtype!r}; one of {MEMORY_DTYPES}")
     f = l2_normalize(np.asarray(features, np.float32))
     n, d = f.shape
     cameras = np.asarray(cameras, np.int32)
@@ -185,8 +187,6 @@ def build_memory(
     valid = np.arange(r) < num_rows
     row_cluster = np.full(r, -1, np.int32)
     row_cluster[:num_rows] = row_cluster_used
-    if dtype not in MEMORY_DTYPES:
-        raise ValueError(f"unknown memory dtype {dtype!r}; one of {MEMORY_DTYPES}")
     stored = jnp.dtype(dtype)
     instances = f if record.instance_bank else np.zeros((1, d), np.float32)
     return ClusterMemory(
@@ -206,8 +206,9 @@ def build_memory(
 
 def memory_similarities(features: jax.Array, table: jax.Array) -> jax.Array:
     """(B, R) float32 similarities of float32 features to the rows of a memory
-    table (a constant). A bfloat16 table is read as it is stored, products in
-    bfloat16 and sums in float32, never copied whole to float32."""
+    table (a constant): bfloat16 products with float32 sums for a bfloat16
+    table. How the backend runs them is its own: XLA:CPU widens the table to
+    float32 for each product (warn_cpu_bfloat16)."""
     table = jax.lax.stop_gradient(table)
     return jnp.dot(features.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
 
