@@ -118,6 +118,23 @@ def real_features(npz: str, data_dir: str) -> tuple[str, str]:
     return stem + ".npy", stem + "-identity.npy"
 
 
+def synthetic_features(n: int, args) -> tuple[str, str]:
+    """(feature .npy, identity .npy) of N generated features under --data_dir,
+    generated first where missing (float16 with --float16 or above
+    --max_f32_gib)."""
+    path, truth_path = _paths(args.data_dir, n, args.dim, args.seed)
+    f16 = args.float16 or n * args.dim * 4 / 2**30 > args.max_f32_gib
+    if f16:
+        path = path.replace(".npy", "-f16.npy")
+    if not os.path.exists(path):
+        need = n * args.dim * (2 if f16 else 4) / 2**30
+        print(f"generating {n:,} x {args.dim} ({need:.1f} GiB) -> {path}", flush=True)
+        tick = time.perf_counter()
+        generate(n, args.dim, args.seed, path, truth_path, np.float16 if f16 else np.float32)
+        print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
+    return path, truth_path
+
+
 def _sample(n: int) -> np.ndarray:
     return np.linspace(0, n - 1, min(n, RECALL_QUERIES)).astype(np.int64)
 
@@ -304,22 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_description(), flush=True)
     os.makedirs(args.data_dir, exist_ok=True)
     rows = []
-    sets = [real_features(args.features, args.data_dir)] if args.features else args.sizes
-    for n in sets:
-        if args.features:
-            path, truth_path = n
-        else:
-            path, truth_path = _paths(args.data_dir, n, args.dim, args.seed)
-            f16 = args.float16 or n * args.dim * 4 / 2**30 > args.max_f32_gib
-            if f16:
-                path = path.replace(".npy", "-f16.npy")
-            if not os.path.exists(path):
-                need = n * args.dim * (2 if f16 else 4) / 2**30
-                print(f"generating {n:,} x {args.dim} ({need:.1f} GiB) -> {path}", flush=True)
-                tick = time.perf_counter()
-                dtype = np.float16 if f16 else np.float32
-                generate(n, args.dim, args.seed, path, truth_path, dtype)
-                print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
+    if args.features:
+        feature_sets = [real_features(args.features, args.data_dir)]
+    else:  # generated when its turn comes
+        feature_sets = (synthetic_features(n, args) for n in args.sizes)
+    for path, truth_path in feature_sets:
         features = np.load(path, mmap_mode="r")
         n, dim = features.shape
         identity = np.load(truth_path)
