@@ -3,6 +3,8 @@
     python benchmarks/memory_scale.py                                   # 10^4, 10^5, 10^6 x 2048
     python benchmarks/memory_scale.py --sizes 1000000 --kinds hhcl --dim 512
     python benchmarks/memory_scale.py --sizes 1000000 --tables buckets --dtypes float32,bfloat16
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/memory_scale.py \
+        --kinds hhcl --tables buckets --instance_shards 0,8 --devices 1,8
 
 Every method of jaxreid.methods.cluster carries a `ClusterMemory` with a
 prototype table (`method.prototype_table`, laid out by
@@ -19,7 +21,15 @@ float32, bfloat16; `method.memory_dtype`):
 - `images`: N rows (one compile per run);
 - `buckets`: the power of two at or above the clusters (the default).
 
-Columns: the memory's size (all its arrays), median and [min-max] ms of
+With --instance_shards K > 0 (hhcl / joint; `method.instance_shards`) the
+instance bank is stored in K row chunks spread over --devices devices (each
+count a divisor of K; on a CPU, simulated with XLA's
+--xla_force_host_platform_device_count, all sharing its cores): the loss runs
+inside a shard_map over them, each device on B / devices of the batch, as the
+train step runs its groups.
+
+Columns: the memory's size (all its arrays) and the part of it on one
+device, median and [min-max] ms of
 --repeats calls after two warm-up calls, and the floating-point work of the
 (B, rows) similarity products per step (forward and gradient). The memory is
 random unit rows made on the device (no host copy); the cluster of every
@@ -36,12 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxreid import parallel
 from jaxreid.command_line import parse, run
 from jaxreid.config_base import base_config
 from jaxreid.host import configure_host
 from jaxreid.methods import Batch, cluster, get_method, set_method
-from jaxreid.step import computed_after
+from jaxreid.step import computed_after, memory_partition, place_memory
 from jaxreid.utils import machine_description
 
 PROG = "benchmarks/memory_scale.py"
@@ -60,13 +73,27 @@ def define_flags(fv: flags.FlagValues) -> None:
         "tables", list(cluster.TABLE_LAYOUTS), "prototype table layouts", flag_values=fv
     )
     flags.DEFINE_list("dtypes", ["float32"], "memory dtypes (method.memory_dtype)", flag_values=fv)
+    flags.DEFINE_list(
+        "instance_shards", ["0"], "method.instance_shards (hhcl / joint)", flag_values=fv
+    )
+    flags.DEFINE_list("devices", ["1"], "devices the loss runs on", flag_values=fv)
 
 
 def random_memory(
-    kind: str, n: int, rows: int, dim: int, clusters: int, seed: int, dtype: str = "float32"
+    kind: str,
+    n: int,
+    rows: int,
+    dim: int,
+    clusters: int,
+    seed: int,
+    dtype: str = "float32",
+    shards: int = 0,
+    mesh: Mesh | None = None,
 ):
     """A ClusterMemory of `kind` for n images whose prototype table has `rows`
-    rows, its tables stored in `dtype`."""
+    rows, its tables stored in `dtype`; with `shards`, its instance bank padded
+    to `shards` chunks and its rows spread over `mesh` (each device makes its
+    own rows: no device ever holds the whole bank)."""
     keys = jax.random.split(jax.random.key(seed), 3)
 
     def unit_rows(key, count):
@@ -90,6 +117,18 @@ def random_memory(
     outlier = jax.random.uniform(jax.random.fold_in(keys[2], 1), (n,)) < OUTLIER_SHARE
     labels = jnp.where(outlier, -1, labels)
     instance_bank = cluster.KIND_RECORDS[kind].instance_bank
+    if instance_bank and shards:
+        devices = list(mesh.devices.flat)
+        per_device = parallel.padded_rows(n, shards) // len(devices)
+        parts = [
+            unit_rows(jax.device_put(jax.random.fold_in(keys[1], i), d), per_device)
+            for i, d in enumerate(devices)
+        ]
+        instances = jax.make_array_from_single_device_arrays(
+            (per_device * len(devices), dim), NamedSharding(mesh, P(parallel.AXIS)), parts
+        )
+    else:
+        instances = unit_rows(keys[1], n if instance_bank else 1)
     return cluster.ClusterMemory(
         prototypes=unit_rows(keys[0], rows),
         valid=jnp.arange(rows) < clusters,
@@ -98,43 +137,84 @@ def random_memory(
         rows=labels,
         pseudo_labels=jnp.copy(labels),  # its own buffer: the memory is donated
         cameras=jnp.zeros((n,), jnp.int32),
-        instances=unit_rows(keys[1], n if instance_bank else 1),
+        instances=instances,
     )
 
 
-def memory_step(kind: str, dtype: str = "float32"):
-    """memory, features, indices, cameras -> (memory, loss, gradient) through
-    the method's own hooks at its default settings: its loss and gradient,
-    then its update."""
+def kind_method(kind: str, dtype: str = "float32", shards: int = 0):
+    """The method `kind` at its default settings, its memory in `dtype`, its
+    instance bank (hhcl / joint) in `shards` chunks."""
     config = set_method(base_config(), kind)
     config.method.memory_dtype = dtype
-    method = get_method(config)
+    if shards:
+        config.method.instance_shards = shards
+    return get_method(config)
+
+
+def memory_step(method, memory, mesh: Mesh):
+    """memory, features, indices, cameras -> (memory, loss, gradient) through
+    the method's own hooks: its loss and gradient (inside a shard_map over
+    `mesh`, each device on its slice of the batch and its rows of the
+    memory), then its update."""
     phase = method.phases[0]
     key = jax.random.key(0)
+    specs = memory_partition(method, memory)
 
-    def step(memory, features, indices, cams):
+    def local(memory, features, indices, cams):
         batch = Batch(indices=indices, cameras=cams)
 
         def loss(f):
             return method.loss({"global": f}, memory, batch, key, phase)[0]
 
         value, grad = jax.value_and_grad(loss)(features)
+        return value[None], grad
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(specs, P(parallel.AXIS), P(parallel.AXIS), P(parallel.AXIS)),
+        out_specs=(P(parallel.AXIS), P(parallel.AXIS)),
+        check_vma=False,
+    )
+
+    def step(memory, features, indices, cams):
+        values, grad = sharded(memory, features, indices, cams)
         # As the train step: the writes wait for the gradient, so XLA updates
         # the donated memory in place instead of copying it first.
         outputs = {"global": computed_after(features, grad)}
-        return method.update(memory, outputs, batch, None, phase), value, grad
+        batch = Batch(indices=indices, cameras=cams)
+        return method.update(memory, outputs, batch, None, phase), jnp.mean(values), grad
 
-    return jax.jit(step, donate_argnums=0)
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated, replicated))
 
 
-def time_memory(kind: str, n: int, rows: int, clusters: int, dtype: str, args) -> dict:
-    memory = random_memory(kind, n, rows, args.dim, clusters, seed=n, dtype=dtype)
+def time_memory(
+    kind: str, n: int, rows: int, clusters: int, dtype: str, args, shards=0, devices=1
+) -> dict:
+    mesh = parallel.make_mesh(devices)
+    method = kind_method(kind, dtype, shards)
+    memory = random_memory(kind, n, rows, args.dim, clusters, n, dtype, shards, mesh)
+    specs = memory_partition(method, memory)
+    # The shards already sit where they belong; the rest is replicated.
+    memory = place_memory(memory, specs, mesh)
     size_gib = sum(x.nbytes for x in jax.tree.leaves(memory)) / 2**30
+    first = mesh.devices.flat[0]
+    on_device = sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(memory)
+        for s in x.addressable_shards
+        if s.device == first
+    )
     rng = np.random.default_rng(0)
-    features = jnp.asarray(rng.standard_normal((args.batch, args.dim), np.float32))
-    indices = jnp.asarray(rng.choice(n, args.batch, replace=False).astype(np.int32))
-    cams = jnp.zeros((args.batch,), jnp.int32)
-    step = memory_step(kind, dtype)
+    replicated = NamedSharding(mesh, P())
+    features = jax.device_put(rng.standard_normal((args.batch, args.dim), np.float32), replicated)
+    indices = jax.device_put(rng.choice(n, args.batch, replace=False).astype(np.int32), replicated)
+    cams = jax.device_put(np.zeros((args.batch,), np.int32), replicated)
+    step = memory_step(method, memory, mesh)
     times = []
     for call in range(2 + args.repeats):
         start = time.perf_counter()
@@ -145,6 +225,7 @@ def time_memory(kind: str, n: int, rows: int, clusters: int, dtype: str, args) -
     similarity_rows = rows + (n if cluster.KIND_RECORDS[kind].instance_bank else 0)
     return {
         "gib": size_gib,
+        "device_gib": on_device / 2**30,
         "ms": 1000 * statistics.median(times),
         "range": (1000 * min(times), 1000 * max(times)),
         "gflop": 2 * 2 * args.batch * similarity_rows * args.dim / 1e9,
@@ -157,19 +238,25 @@ def main(argv: list[str] | None = None) -> None:
     configure_host()
     print(f"{machine_description()}; B = {args.batch}, D = {args.dim}")
     print(
-        "| kind | N | table | dtype | memory GiB | step ms (loss fwd + grad + update) | "
-        "similarity GFLOP / step |"
+        "| kind | N | table | dtype | instance shards | devices | memory GiB | on one device "
+        "GiB | step ms (loss fwd + grad + update) | similarity GFLOP / step |"
     )
-    print("|---|---:|---|---|---:|---:|---:|")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    settings = list(itertools.product(args.tables, args.dtypes, args.instance_shards, args.devices))
     for n in (int(s) for s in args.sizes):
         for kind in args.kinds:
             clusters = max(1, n // args.images_per_cluster)
-            for name, dtype in itertools.product(args.tables, args.dtypes):
+            bank = cluster.KIND_RECORDS[kind].instance_bank
+            for name, dtype, shards, devices in settings:
+                shards, devices = int(shards), int(devices)
+                if (shards and not bank) or (not shards and devices > 1) or shards % devices:
+                    continue  # no bank to shard; a replicated bank is timed on one device
                 rows = cluster.table_rows(clusters, n, name)
-                r = time_memory(kind, n, rows, clusters, dtype, args)
+                r = time_memory(kind, n, rows, clusters, dtype, args, shards, devices)
                 low, high = r["range"]
                 print(
-                    f"| {kind} | {n:,} | {name} ({rows:,} rows) | {dtype} | {r['gib']:.2f} | "
+                    f"| {kind} | {n:,} | {name} ({rows:,} rows) | {dtype} | {shards} | "
+                    f"{devices} | {r['gib']:.2f} | {r['device_gib']:.2f} | "
                     f"{r['ms']:.1f} [{low:.1f}-{high:.1f}] | {r['gflop']:.1f} |"
                     + ("" if r["finite"] else " (loss not finite)"),
                     flush=True,

@@ -12,6 +12,7 @@ over the mesh axis `AXIS`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -138,3 +139,107 @@ def start_distributed(
     if all(value is None for value in settings.values()):
         settings = torchrun_settings(os.environ) or settings
     jax.distributed.initialize(**settings)
+
+
+# ------------------------------------------------ a table sharded by rows
+
+
+def _stacked_pairs(count: int, pair, shape: tuple[int, ...], dtype) -> jax.Array:
+    """(count, *shape): pair(p) for p = 0 .. count-1, one after the other.
+    Every product is computed alone with the same shapes whatever the device
+    count; the trip count is hidden from XLA, which otherwise inlines a loop
+    of one trip and fuses it differently (group_step's loop does the same)."""
+    trips = jax.lax.optimization_barrier(jnp.int32(count))
+
+    def body(p, out):
+        return out.at[p].set(pair(p))
+
+    return jax.lax.fori_loop(0, trips, body, jnp.zeros((count, *shape), dtype))
+
+
+def _sharded_layout(shard: jax.Array, chunks: int) -> tuple[int, int, int]:
+    """(devices n, chunks per device, rows per chunk) of a row-sharded table."""
+    n = jax.lax.axis_size(AXIS)
+    if chunks % n:
+        raise UserError(
+            f"a memory table in {chunks} row chunks cannot be shared by {n} devices: set the "
+            f"method's instance_shards to a multiple of {n}, or run on a number of devices "
+            f"that divides {chunks}"
+        )
+    local = chunks // n
+    if shard.shape[0] % local:
+        raise ValueError(f"{shard.shape[0]} rows on this device are not {local} equal chunks")
+    return n, local, shard.shape[0] // local
+
+
+def row_sharded_similarities(
+    features: jax.Array, shard: jax.Array, chunks: int, rows: int
+) -> jax.Array:
+    """(b, rows) float32 similarities of this device's (b, D) features to every
+    row of a (chunks * c, D) table whose rows are sharded over AXIS: `shard`
+    is this device's slice, chunks / n consecutive chunks of c rows (rows past
+    `rows` are padding). Inside shard_map; the table is a constant (no
+    gradient reaches it).
+
+    The table never leaves its device: the features are gathered, each device
+    computes its chunks' products for every device's features, and an
+    all_to_all returns each device its rows of the result. The gradient with
+    respect to the features is one partial product per chunk, moved back by
+    an all_to_all and summed in a pairwise order fixed by `chunks` alone, so
+    any device count that divides `chunks` gives the same bits. (It differs
+    in the last bits from a single product over the whole table.)"""
+    table = jax.lax.stop_gradient(shard)
+    return _row_sharded_similarities(features, table, chunks, rows)
+
+
+def _similarities_forward(features, table, chunks, rows):
+    n, local, c = _sharded_layout(table, chunks)
+    b, d = features.shape
+    blocks = table.reshape(local, c, d)
+    everyone = jax.lax.all_gather(features.astype(table.dtype), AXIS)  # (n, b, D)
+
+    def pair(p):
+        return jnp.dot(
+            everyone[p // local], blocks[p % local].T, preferred_element_type=jnp.float32
+        )
+
+    products = _stacked_pairs(n * local, pair, (b, c), jnp.float32).reshape(n, local, b, c)
+    # Device j receives every device's chunks of its own features, in chunk order.
+    mine = jax.lax.all_to_all(products, AXIS, split_axis=0, concat_axis=0, tiled=True)
+    out = jnp.moveaxis(mine.reshape(chunks, b, c), 1, 0).reshape(b, chunks * c)
+    return out[:, :rows], (features, table)
+
+
+def _similarities_backward(chunks, rows, residuals, grad):
+    features, table = residuals
+    n, local, c = _sharded_layout(table, chunks)
+    b, d = features.shape
+    blocks = table.reshape(local, c, d)
+    grad = jnp.pad(grad, ((0, 0), (0, chunks * c - rows)))
+    grad = jnp.moveaxis(grad.reshape(b, n, local, c), 0, 2)  # (n, local, b, c)
+    # Device d receives every device's gradient over its own chunks.
+    theirs = jax.lax.all_to_all(grad, AXIS, split_axis=0, concat_axis=0, tiled=True)
+
+    def pair(p):
+        g = theirs[p // local, p % local].astype(table.dtype)
+        return jnp.dot(g, blocks[p % local], preferred_element_type=jnp.float32)
+
+    partials = _stacked_pairs(n * local, pair, (b, d), jnp.float32).reshape(n, local, b, d)
+    # Back to the features' device: every chunk's partial, in chunk order.
+    partials = jax.lax.all_to_all(partials, AXIS, split_axis=0, concat_axis=0, tiled=True)
+    total = pairwise_sum(partials.reshape(chunks, b, d))
+    # The table is a constant (stop_gradient): its zero cotangent is dropped.
+    return total.astype(features.dtype), jnp.zeros_like(table)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _row_sharded_similarities(features, table, chunks, rows):
+    return _similarities_forward(features, table, chunks, rows)[0]
+
+
+_row_sharded_similarities.defvjp(_similarities_forward, _similarities_backward)
+
+
+def padded_rows(rows: int, chunks: int) -> int:
+    """Rows of a table of `rows` rows stored in `chunks` equal chunks."""
+    return chunks * -(-rows // chunks)

@@ -147,6 +147,7 @@ def make_train_step(
     tx,
     method: Method,
     mesh: Mesh,
+    memory_specs: Any = None,
 ) -> Callable:
     """The compiled step: (state, train arrays, epoch batches, i, phase) ->
     (state, metrics), training on batch `i` of the epoch's (steps, B) index
@@ -163,6 +164,10 @@ def make_train_step(
     (jaxreid.parallel), so 1, 2, 4 or 8 devices give the same bits. The
     optimizer and the memory update then run replicated on the whole batch.
     Running the groups in sequence also bounds activation memory by one group.
+
+    `memory_specs`: the memory's PartitionSpecs (`memory_partition`; None:
+    every leaf replicated). A leaf sharded by rows stays so across the step:
+    the loss sees this device's rows, the update the whole (sharded) leaf.
     """
     options = augment.AugmentOptions.from_config(config.augment)
     replicated = NamedSharding(mesh, P())
@@ -234,10 +239,24 @@ def make_train_step(
             whole,
         )
 
+    memory_specs = P() if memory_specs is None else memory_specs
+    memory_shardings = jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), memory_specs, is_leaf=_is_spec
+    )
+    state_shardings = TrainState(
+        step=replicated,
+        params=replicated,
+        batch_stats=replicated,
+        opt_state=replicated,
+        memory=memory_shardings,
+        rng=replicated,
+        nonfinite_step=replicated,
+        ema=replicated,
+    )
     sharded_step = jax.shard_map(
         group_step,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(), P(None, parallel.AXIS), P(), P()),
+        in_specs=(P(), P(), memory_specs, P(), P(), P(None, parallel.AXIS), P(), P()),
         out_specs=P(),
         check_vma=False,
     )
@@ -297,8 +316,34 @@ def make_train_step(
     return jax.jit(
         step_fn,
         donate_argnums=(0,),
-        out_shardings=(replicated, replicated),
+        out_shardings=(state_shardings, replicated),
     )
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def memory_partition(method: Method, memory: Any) -> Any:
+    """The PartitionSpecs of a method's memory (Method.memory_specs; without
+    it, P() for every leaf: replicated)."""
+    if method.memory_specs is None:
+        return jax.tree.map(lambda _: P(), memory)
+    return method.memory_specs(memory)
+
+
+def place_memory(memory: Any, specs: Any, mesh: Mesh) -> Any:
+    """`memory` (host or device arrays) on the mesh's devices as `specs` say."""
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+    return jax.device_put(memory, shardings)
+
+
+def place_state(state: TrainState, specs: Any, mesh: Mesh) -> TrainState:
+    """The state (host arrays, or arrays on the mesh) on the mesh: replicated,
+    its memory as `specs` say."""
+    replicated = NamedSharding(mesh, P())
+    rest = jax.device_put(state.replace(memory=None), replicated)
+    return rest.replace(memory=place_memory(state.memory, specs, mesh))
 
 
 def _domains(arrays: TrainArrays, indices: jax.Array) -> jax.Array:

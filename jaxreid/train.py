@@ -52,8 +52,11 @@ from jaxreid.step import (
     batch_groups,
     make_optimizer,
     make_train_step,
+    memory_partition,
     model_variables,
     phase_index,
+    place_memory,
+    place_state,
     put_epoch_batches,
 )
 from jaxreid.utils import UserError
@@ -221,9 +224,11 @@ def train_and_evaluate(
         if config.train.ema_decay
         else None,
     )
-    # Through the host: in a multi-process run the replicated state spans the
+    # The memory's layout on the devices (Method.memory_specs); the rest
+    # replicated. Through the host: in a multi-process run the state spans the
     # devices of every process.
-    state = jax.device_put(jax.device_get(state), replicated)
+    memory_specs = memory_partition(method, state.memory)
+    state = place_state(jax.device_get(state), memory_specs, mesh)
     del params, batch_stats
 
     checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
@@ -234,7 +239,7 @@ def train_and_evaluate(
         checkpoints.close()
         raise
     if restored is not None:
-        state = jax.device_put(restored, replicated)
+        state = place_state(restored, memory_specs, mesh)
         meta = restored_meta
         log(f"resumed from step {int(state.step)} of {total_steps}")
     # Unlabelled folders without data.eval_root have no query / gallery.
@@ -254,7 +259,7 @@ def train_and_evaluate(
             raise TrainingInterrupted(
                 f"stopped at step {int(state.step)}; run the same command to resume"
             )
-        train_step = make_train_step(config, graphdef, tx, method, mesh)  # every phase
+        train_step = make_train_step(config, graphdef, tx, method, mesh, memory_specs)
         step = int(state.step)
         first_step = step
         while step < total_steps:
@@ -262,7 +267,7 @@ def train_and_evaluate(
             current["variables"] = model_variables(state)
             plan = method.start_epoch(epoch, train_set, state.memory, in_epoch > 0)
             if plan.memory is not None:
-                state = state.replace(memory=jax.device_put(plan.memory, replicated))
+                state = state.replace(memory=place_memory(plan.memory, memory_specs, mesh))
             if plan.stats:
                 writer.write(step, plan.stats)
             if plan.summary:

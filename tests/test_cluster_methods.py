@@ -339,6 +339,71 @@ def test_bucketed_table_gives_the_loss_gradient_and_update_of_the_image_table(
     assert float(value) > 0 and np.abs(np.asarray(grad)).max() > 0
 
 
+@pytest.mark.parametrize("camera_negatives", [False, True], ids=["all", "own_camera"])
+@pytest.mark.parametrize("kind", ["hhcl", "joint"])
+def test_sharded_instance_bank_gives_the_loss_gradient_and_update_of_the_whole_bank(
+    kind, camera_negatives
+):
+    # method.instance_shards = 5 on one device: the bank padded to 15 rows in
+    # 5 chunks, the loss inside a shard_map as the train step runs it.
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(4)
+    bank = rng.normal(size=(12, 5)).astype(np.float32)
+    f = jnp.asarray(rng.normal(size=(len(INDICES), 5)).astype(np.float32))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    results = {}
+    for shards in (0, 5):
+        params = {**PARAMS, "camera_negatives": camera_negatives, "instance_shards": shards}
+        memory = cluster_methods.build_memory(
+            kind, bank, CAMERAS, LABELS, "buckets", instance_shards=shards
+        )
+        memory, loss = _jax_loss(kind, memory, INDICES, CAMERAS[INDICES], params=params)
+
+        def value_and_grad(f, memory, loss=loss):
+            (value, _), grad = jax.value_and_grad(loss, has_aux=True)(
+                f, memory.prototypes, memory.instances
+            )
+            return value, grad
+
+        specs = jax.tree.map(lambda _: P(), memory)
+        specs = specs.replace(instances=P("data")) if shards else specs
+        value, grad = jax.jit(
+            jax.shard_map(
+                value_and_grad,
+                mesh=mesh,
+                in_specs=(P(), specs),
+                out_specs=P(),
+                check_vma=False,
+            )
+        )(f, memory)
+        updated = cluster_methods.update_cluster_memory(
+            kind, memory, f, jnp.asarray(INDICES), momentum=0.2, mode="mean", instance_momentum=0.3
+        )
+        results[shards] = (value, grad, updated.instances, memory.instances.shape[0])
+    value, grad, instances, rows = results[0]
+    s_value, s_grad, s_instances, s_rows = results[5]
+    assert (rows, s_rows) == (12, 15)
+    np.testing.assert_allclose(float(s_value), float(value), rtol=1e-6)
+    # The chunked gradient sums in another order: equal to float32 rounding.
+    np.testing.assert_allclose(s_grad, grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(s_instances[:12], instances)
+    np.testing.assert_array_equal(s_instances[12:], 0.0)  # the padding is never written
+    assert float(value) > 0 and np.abs(np.asarray(grad)).max() > 0
+
+
+def test_instance_shards_problems_name_the_setting_and_the_fix():
+    config = cluster_config("/nowhere", "hhcl")
+    config.method.instance_shards = -2
+    assert any("method.instance_shards = -2" in p for p in config_problems(config))
+    config.method.instance_shards, config.method.cross_camera_weight = 4, 0.5
+    problems = config_problems(config)
+    assert any("method.cross_camera_weight = 0" in p for p in problems), problems
+    config.method.cross_camera_weight = 0.0
+    assert not any("instance_shards" in p for p in config_problems(config))
+
+
 def test_memory_similarities_of_a_float32_table_are_the_plain_product():
     rng = np.random.default_rng(0)
     f = jnp.asarray(rng.normal(size=(6, 40)).astype(np.float32))

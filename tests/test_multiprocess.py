@@ -14,6 +14,10 @@ from helpers import step_losses, tiny_main_command
 
 
 def _command(root: str, workdir: str, method: str) -> list[str]:
+    # "hhcl_sharded": hhcl with its instance bank in 2 row chunks, one per
+    # device (method.instance_shards): each process holds half of the bank.
+    sharded = method == "hhcl_sharded"
+    method = "hhcl" if sharded else method
     args = [
         *tiny_main_command(root, workdir, method),
         "--config.model.bn_group_size=4",  # two groups: one per device
@@ -34,6 +38,8 @@ def _command(root: str, workdir: str, method: str) -> list[str]:
             "--config.cluster.min_samples=2",
             "--config.cluster.eps=0.45",
         ]
+    if sharded:
+        args.append("--config.method.instance_shards=2")
     return args
 
 
@@ -50,9 +56,16 @@ def _free_port() -> int:
 
 # SCL across processes is the slow variant (2 min cold): the transport is
 # method-agnostic, and SCL's device-count invariance has its own fast test
-# (test_train.py::test_scl_same_bits_on_1_and_4_devices).
+# (test_train.py::test_scl_same_bits_on_1_and_4_devices). So is hhcl with a
+# sharded bank (its fast variant: test_train.py::test_hhcl_with_a_sharded_
+# instance_bank_same_bits_on_1_and_4_devices_and_resumed).
 @pytest.mark.parametrize(
-    "method", [pytest.param("scl", marks=pytest.mark.slow), "cluster_contrast"]
+    "method",
+    [
+        pytest.param("scl", marks=pytest.mark.slow),
+        "cluster_contrast",
+        pytest.param("hhcl_sharded", marks=pytest.mark.slow),
+    ],
 )
 def test_two_processes_match_one_process_on_two_devices(tiny_root, tmp_path, method):
     single = str(tmp_path / "single")

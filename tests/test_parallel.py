@@ -79,3 +79,71 @@ def test_mean_gradients_same_bits_on_1_2_4_8_devices():
         assert result[str(n)] == result["1"], n
     # ... and it is the mean: float32 rounding of values up to ~1e4.
     assert max(result["ref1"].values()) < 1e-2
+
+
+_SHARDED_TABLE_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxreid import parallel
+rng = np.random.default_rng(1)
+rows, dim, group, chunks = 37, 6, 3, 8
+padded = parallel.padded_rows(rows, chunks)
+table = np.zeros((padded, dim), np.float32)
+table[:rows] = rng.normal(size=(rows, dim)) * 10.0 ** rng.integers(-3, 3, (rows, 1))
+features = rng.normal(size=(8, group, dim)).astype(np.float32)  # 8 groups
+weights = rng.normal(size=(8, group, rows)).astype(np.float32)
+out = {}
+for n in (1, 2, 4, 8):
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    def f(feats, w, shard):
+        sims, grads = [], []
+        for g in range(feats.shape[0]):  # this device's groups
+            def loss(x):
+                s = parallel.row_sharded_similarities(x, shard, chunks, rows)
+                return jnp.sum(w[g] * s), s
+            (_, s), grad = jax.value_and_grad(loss, has_aux=True)(feats[g])
+            sims.append(s)
+            grads.append(grad)
+        return parallel.gather_groups((jnp.stack(sims), jnp.stack(grads)))
+    fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data"), P("data"), P("data")),
+                               out_specs=P(), check_vma=False))
+    sims, grads = jax.device_get(fn(features, weights, table))
+    out[n] = [sims.tobytes().hex(), grads.tobytes().hex()]
+    t = table[:rows].astype(np.float64)
+    out[f"ref{n}"] = [
+        float(np.abs(sims - features.astype(np.float64) @ t.T).max() / np.abs(t).max()),
+        float(np.abs(grads - weights.astype(np.float64) @ t).max() / np.abs(t).max()),
+    ]
+try:
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    jax.jit(jax.shard_map(lambda x, t: parallel.row_sharded_similarities(x[0], t, 4, rows),
+                          mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"),
+                          check_vma=False))(features, table)
+    out["error"] = ""
+except Exception as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_row_sharded_table_gives_its_products_and_gradient_with_the_same_bits_on_1_to_8_devices():
+    env = simulated_devices_env(8)
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_TABLE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for n in (2, 4, 8):
+        assert result[str(n)] == result["1"], n
+    # The products and the features' gradient (weights @ table) of every group,
+    # against float64; rows span six orders of magnitude, so the bound is
+    # relative to the largest.
+    for n in (1, 8):
+        assert max(result[f"ref{n}"]) < 1e-5, result[f"ref{n}"]
+    # 4 chunks cannot be shared by 8 devices: the setting is named.
+    assert "instance_shards to a multiple of 8" in result["error"]

@@ -146,6 +146,28 @@ def test_cluster_contrast_same_bits_on_1_and_8_devices(tiny_root, tmp_path):
     assert eight["final"] == one["final"]
 
 
+def test_hhcl_with_a_sharded_instance_bank_same_bits_on_1_and_4_devices_and_resumed(
+    tiny_root, tmp_path
+):
+    # The instance bank in 4 row chunks: all four on one device, or one on
+    # each of 4 devices, which also stops after 2 steps and resumes in the
+    # middle of the epoch (the sharded bank goes through the checkpoint).
+    run = {**CLUSTER_DEVICE_RUN, "method.name": "hhcl", "method.instance_shards": 4}
+    run.update({"train.epochs": 1, "train.steps_per_epoch": 4})
+    one = run_on_devices(1, tiny_root, str(tmp_path / "one"), run)
+    four = run_on_devices(
+        4, tiny_root, str(tmp_path / "four"), {**run, "train.stop_after_steps": 2}
+    )
+    assert four["attempts"] == 2  # a stop, then the end
+    one_losses, four_losses = (
+        step_losses(str(tmp_path / "one")),
+        step_losses(str(tmp_path / "four")),
+    )
+    assert len(one_losses) == 4
+    assert four_losses == one_losses
+    assert four["final"] == one["final"]
+
+
 def test_main_writes_results_and_evaluates_checkpoint(tiny_root, tmp_path):
     workdir = str(tmp_path / "main")
     common = [

@@ -161,6 +161,11 @@ class Method:
     # Trains on a labelled source beside the target (data.source_root): True
     # for the cross-domain methods, which also need it set.
     two_domain: bool = False
+    # memory -> a pytree of PartitionSpec over it (a prefix will do): a leaf
+    # whose spec is P(parallel.AXIS) has its rows spread over the devices, and
+    # `loss` sees this device's rows of it (`update` sees the whole leaf).
+    # None: every leaf on every device.
+    memory_specs: Callable[[Any], Any] | None = None
 
 
 def keep_memory(epoch: int, train: TrainSet, memory: Any, resumed: bool) -> EpochPlan:

@@ -59,7 +59,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
+from jaxreid import parallel
 from jaxreid.methods import (
     Batch,
     EpochPlan,
@@ -86,7 +88,10 @@ class ClusterMemory(struct.PyTreeNode):
     pseudo_labels: (N,) int32 DBSCAN cluster of each image (-1 outlier).
     cameras:       (N,) int32 camera of each image.
     instances:     (N, D) instance bank (hhcl, joint; prototypes' dtype), else a (1, D)
-                   unused placeholder (orbax cannot save empty arrays).
+                   unused placeholder (orbax cannot save empty arrays). With
+                   method.instance_shards = K > 0, (K ceil(N / K), D): zero rows
+                   pad it to K equal chunks, and its rows are sharded over the
+                   devices (`memory_specs`).
     """
 
     prototypes: jax.Array
@@ -159,10 +164,12 @@ def build_memory(
     labels: np.ndarray,
     layout: str = "images",
     dtype: str = "float32",
+    instance_shards: int = 0,
 ) -> ClusterMemory:
     """Host-side memory for `kind` from (N, D) features and DBSCAN labels,
     its prototype table laid out as `layout` (`table_rows`), its prototypes
-    and instances stored in `dtype` (MEMORY_DTYPES).
+    and instances stored in `dtype` (MEMORY_DTYPES), its instance bank padded
+    to `instance_shards` equal chunks (0: not padded).
 
     `labels` all -1 gives a memory with nothing valid (self_paced: one row
     per image, every image its own class); the training loop uses it as the
@@ -189,6 +196,9 @@ def build_memory(
     row_cluster[:num_rows] = row_cluster_used
     stored = jnp.dtype(dtype)
     instances = f if record.instance_bank else np.zeros((1, d), np.float32)
+    if record.instance_bank and instance_shards:
+        padding = parallel.padded_rows(n, instance_shards) - n
+        instances = np.concatenate([f, np.zeros((padding, d), np.float32)])
     return ClusterMemory(
         prototypes=prototypes.astype(stored),
         valid=valid,
@@ -211,6 +221,18 @@ def memory_similarities(features: jax.Array, table: jax.Array) -> jax.Array:
     float32 for each product (warn_cpu_bfloat16)."""
     table = jax.lax.stop_gradient(table)
     return jnp.dot(features.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
+
+
+def instance_similarities(
+    features: jax.Array, instances: jax.Array, num_images: int, shards: int
+) -> jax.Array:
+    """(B, N) float32 similarities of features to the instance bank: one
+    product over the whole bank, or with `shards` > 0 (method.instance_shards;
+    inside the step's shard_map, `instances` this device's rows)
+    parallel.row_sharded_similarities."""
+    if not shards:
+        return memory_similarities(features, instances)
+    return parallel.row_sharded_similarities(features, instances, shards, num_images)
 
 
 def _mean_over(values: jax.Array, use: jax.Array) -> jax.Array:
@@ -285,16 +307,18 @@ def hard_instance_loss(
     instance_labels: jax.Array,
     temperature: float,
     negatives_used: jax.Array | None = None,
+    shards: int = 0,
 ) -> jax.Array:
     """HHCL's instance term (the release's `CMhybrid_v2`): a softmax over the
     clusters whose logit for the sample's own cluster is its hardest positive
     (the least similar instance of that cluster) and for every other cluster
     its hardest negative (the most similar instance of it). Outlier instances
     belong to no cluster and take no part; with `negatives_used` (B, N) only
-    the marked instances give negatives. Samples with label < 0 are skipped."""
+    the marked instances give negatives. Samples with label < 0 are skipped.
+    `shards`: instance_similarities."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = memory_similarities(f, instances) / temperature  # (B, N)
-    n = instances.shape[0]
+    n = instance_labels.shape[0]
+    s = instance_similarities(f, instances, n, shards) / temperature  # (B, N)
     # Cluster ids are < N; outlier instances go to a dropped segment.
     segment = jnp.where(instance_labels >= 0, instance_labels, n)
     usable = s if negatives_used is None else jnp.where(negatives_used, s, -jnp.inf)
@@ -318,14 +342,16 @@ def multi_positive_instance_loss(
     indices: jax.Array,
     temperature: float,
     negatives_used: jax.Array | None = None,
+    shards: int = 0,
 ) -> jax.Array:
     """Joint memory's instance term: -mean_{j in Pos(i)} log softmax_j(f . I^T / tau)
     over the whole instance bank (or, with `negatives_used` (B, N), over Pos(i)
     and the instances it marks), Pos(i) = the instances of i's cluster (or i
-    itself when i is an outlier)."""
+    itself when i is an outlier). `shards`: instance_similarities."""
     f = l2_normalize(features.astype(jnp.float32))
-    s = memory_similarities(f, instances) / temperature
-    columns = jnp.arange(instances.shape[0])[None, :]
+    n = instance_labels.shape[0]
+    s = instance_similarities(f, instances, n, shards) / temperature
+    columns = jnp.arange(n)[None, :]
     positive = jnp.where(
         labels[:, None] >= 0,
         instance_labels[None, :] == labels[:, None],
@@ -387,6 +413,9 @@ class LossSettings:
     camera_negatives: bool = False
     # hhcl: weight of `cross_camera_loss` (0 = off).
     cross_camera_weight: float = 0.0
+    # hhcl / joint: the instance bank in this many row chunks sharded over the
+    # devices (instance_similarities; 0 = the whole bank on every device).
+    instance_shards: int = 0
 
 
 def _cluster_term(f, memory: ClusterMemory, indices, cams, s: LossSettings):
@@ -419,6 +448,7 @@ def hhcl_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
         memory.pseudo_labels,
         s.temperature,
         negatives_used=instances_used,
+        shards=s.instance_shards,
     )
     total = cluster + s.instance_weight * instance
     metrics = {"loss_cluster": cluster, "loss_instance": instance}
@@ -440,6 +470,7 @@ def joint_loss(f, memory: ClusterMemory, indices, cams, s: LossSettings):
         indices,
         s.temperature,
         negatives_used=instances_used,
+        shards=s.instance_shards,
     )
     total = cluster + s.instance_weight * instance
     return total, {"loss_cluster": cluster, "loss_instance": instance}
@@ -684,7 +715,7 @@ def partial_extraction(
     def extract(subset: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if subset is not None:
             raise ValueError("partial_extraction: a subset of a partial extraction")
-        features = np.array(memory.instances, np.float32)
+        features = np.array(memory.instances[:n], np.float32)  # without padding rows
         features[rows] = train.extract(rows)["global"]
         return {"global": features}
 
@@ -699,11 +730,15 @@ def recluster(
     previous_labels: np.ndarray | None = None,
     layout: str = "images",
     dtype: str = "float32",
+    instance_shards: int = 0,
 ) -> tuple[ClusterMemory, np.ndarray, dict[str, float]]:
     """`cluster_training_set` and the memory of `kind` built from its labels
-    (`build_memory`'s `layout` and `dtype`): (memory, labels, stats)."""
+    (`build_memory`'s `layout`, `dtype` and `instance_shards`): (memory,
+    labels, stats)."""
     result = cluster_training_set(config, train, epoch, previous_labels=previous_labels)
-    memory = build_memory(kind, result.features, train.cameras, result.labels, layout, dtype)
+    memory = build_memory(
+        kind, result.features, train.cameras, result.labels, layout, dtype, instance_shards
+    )
     return memory, result.labels, result.stats
 
 
@@ -746,7 +781,12 @@ def cluster_settings(kind: str) -> dict:
     mean. The instance-bank members (hhcl, joint) also have extract_fraction:
     at each re-clustering after the first, extract only this fraction of the
     training images (`partial_extraction`) and take the rest from the bank;
-    1.0 (the published recipe) extracts every image every epoch."""
+    1.0 (the published recipe) extracts every image every epoch. And
+    instance_shards: 0 keeps the whole bank on every device; K > 0 stores it
+    in K equal row chunks spread over the devices (K a multiple of the device
+    count), each device holding N / devices rows instead of N; the run's bits
+    are then the same on any device count dividing K, and differ in the last
+    bits from K = 0's (parallel.row_sharded_similarities)."""
     settings = dict(
         temperature=0.05,
         momentum=0.1,
@@ -777,8 +817,11 @@ def cluster_settings(kind: str) -> dict:
                 # cluster's instances from the other cameras (cross_camera_loss).
                 cross_camera_weight=0.0,
                 extract_fraction=1.0,
+                instance_shards=0,
             ),
-            "joint": dict(instance_weight=0.5, instance_momentum=0.2, extract_fraction=1.0),
+            "joint": dict(
+                instance_weight=0.5, instance_momentum=0.2, extract_fraction=1.0, instance_shards=0
+            ),
         }[kind]
     )
     return settings
@@ -805,6 +848,18 @@ def cluster_problems(config: ml_collections.ConfigDict) -> list[str]:
         problems += choice_problems(config, ("method.prototype_table", TABLE_LAYOUTS))
     if "memory_dtype" in m:
         problems += choice_problems(config, ("method.memory_dtype", MEMORY_DTYPES))
+    shards = m.get("instance_shards", 0)
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
+        problems.append(
+            f"method.instance_shards = {shards!r}: must be a whole number >= 0 (0 = the whole "
+            "instance bank on every device; K = K row chunks shared by the devices)"
+        )
+    elif shards and m.get("cross_camera_weight", 0.0):
+        problems.append(
+            f"method.instance_shards = {shards}: the cross-camera term (method."
+            "cross_camera_weight) reads the whole bank on every device; set "
+            "method.instance_shards = 0 or method.cross_camera_weight = 0"
+        )
     min_cameras = config.cluster.get("min_cameras", 1)
     if isinstance(min_cameras, bool) or not isinstance(min_cameras, int) or min_cameras < 1:
         problems.append(
@@ -835,6 +890,12 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
     kind = m.name
     fields = {f.name for f in dataclasses.fields(LossSettings)}
     settings = LossSettings(**{k: v for k, v in m.items() if k in fields})
+    shards = m.get("instance_shards", 0)  # hhcl / joint only
+
+    def memory_specs(memory: ClusterMemory) -> ClusterMemory:
+        # The instance bank's rows spread over the devices; the rest on each.
+        specs = jax.tree.map(lambda _: P(), memory)
+        return specs.replace(instances=P(parallel.AXIS)) if shards else specs
 
     def init_memory(train: TrainSet) -> ClusterMemory:
         check_neighbour_sizes(config, train.num_images)  # before any work
@@ -844,7 +905,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         placeholder = np.zeros((train.num_images, *dim), np.float32)
         unlabelled = np.full(train.num_images, -1)
         return build_memory(
-            kind, placeholder, train.cameras, unlabelled, m.prototype_table, m.memory_dtype
+            kind, placeholder, train.cameras, unlabelled, m.prototype_table, m.memory_dtype, shards
         )
 
     def start_epoch(epoch: int, train: TrainSet, memory, resumed: bool) -> EpochPlan:
@@ -857,7 +918,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
             train, memory, fraction, seed=config.seed, epoch=epoch
         )
         memory, labels, stats = recluster(
-            kind, config, train, epoch, previous, m.prototype_table, m.memory_dtype
+            kind, config, train, epoch, previous, m.prototype_table, m.memory_dtype, shards
         )
         stats.update(extraction)
         return EpochPlan(
@@ -899,6 +960,7 @@ def cluster_method(config: ml_collections.ConfigDict) -> Method:
         update,
         feature_keys=("global",),
         problems=cluster_problems,
+        memory_specs=memory_specs,
     )
 
 

@@ -171,6 +171,8 @@ def mgce_settings() -> dict:
     """The joint member's settings (centroids + instance bank, jaxreid.methods.
     cluster) and the granularities."""
     settings = cluster_settings("joint")
+    # Its instance bank stays whole on every device (its loss reads it directly).
+    del settings["instance_shards"]
     settings.update(
         instance_weight=1.0,
         # The other granularities: DBSCAN at cluster.eps + each offset (finer
