@@ -54,7 +54,7 @@ from jaxreid.command_line import parse, run
 from jaxreid.config_base import base_config
 from jaxreid.host import configure_host
 from jaxreid.methods import Batch, cluster, get_method, set_method
-from jaxreid.step import computed_after, memory_partition, place_memory
+from jaxreid.step import computed_after, memory_partition, place_memory, spec_shardings
 from jaxreid.utils import machine_description
 
 PROG = "benchmarks/memory_scale.py"
@@ -185,11 +185,9 @@ def memory_step(method, memory, mesh: Mesh):
         batch = Batch(indices=indices, cameras=cams)
         return method.update(memory, outputs, batch, None, phase), jnp.mean(values), grad
 
-    shardings = jax.tree.map(
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated, replicated))
+    shardings = (spec_shardings(specs, mesh), replicated, replicated)
+    return jax.jit(step, donate_argnums=0, out_shardings=shardings)
 
 
 def time_memory(

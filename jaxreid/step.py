@@ -240,15 +240,12 @@ def make_train_step(
         )
 
     memory_specs = P() if memory_specs is None else memory_specs
-    memory_shardings = jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec), memory_specs, is_leaf=_is_spec
-    )
     state_shardings = TrainState(
         step=replicated,
         params=replicated,
         batch_stats=replicated,
         opt_state=replicated,
-        memory=memory_shardings,
+        memory=spec_shardings(memory_specs, mesh),
         rng=replicated,
         nonfinite_step=replicated,
         ema=replicated,
@@ -332,10 +329,14 @@ def memory_partition(method: Method, memory: Any) -> Any:
     return method.memory_specs(memory)
 
 
+def spec_shardings(specs: Any, mesh: Mesh) -> Any:
+    """The NamedShardings on `mesh` of a pytree of PartitionSpecs."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+
+
 def place_memory(memory: Any, specs: Any, mesh: Mesh) -> Any:
     """`memory` (host or device arrays) on the mesh's devices as `specs` say."""
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
-    return jax.device_put(memory, shardings)
+    return jax.device_put(memory, spec_shardings(specs, mesh))
 
 
 def place_state(state: TrainState, specs: Any, mesh: Mesh) -> TrainState:
